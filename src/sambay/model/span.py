@@ -1,0 +1,40 @@
+"""Where the tokens of one forward call sit: per-row start positions, valid lengths and absolute positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Span:
+    """Positions of the new tokens of a (possibly ragged, right-padded) batch.
+
+    Row r holds ``lengths[r]`` valid tokens at absolute positions ``start[r] .. start[r] + lengths[r] - 1``;
+    the remaining columns are padding whose outputs are never read and never reach any cache.
+    """
+
+    start: Tensor  # (b,) int64 tokens already in the cache before this call
+    lengths: Tensor | None  # (b,) int64 valid new tokens; None: every row uses all t columns
+    q_pos: Tensor  # (b, t) int64 absolute position of each new token
+
+    @staticmethod
+    def make(start: Tensor, t: int, lengths: Tensor | None) -> Span:
+        q_pos = start.view(-1, 1) + torch.arange(t, device=start.device).view(1, -1)  # (b, t)
+        return Span(start=start, lengths=lengths, q_pos=q_pos)
+
+    @property
+    def end(self) -> Tensor:
+        """(b,) position after each row's last valid token."""
+        return self.start + (self.q_pos.shape[1] if self.lengths is None else self.lengths)
+
+    def last(self) -> tuple[Tensor, Span]:
+        """Column index of each row's last valid token, (b,), and the span of those tokens alone."""
+        t = self.q_pos.shape[1]
+        if self.lengths is None:
+            idx = torch.full_like(self.start, t - 1)
+        else:
+            idx = (self.lengths - 1).clamp(min=0)
+        return idx, Span(start=self.start + idx, lengths=None, q_pos=self.q_pos.gather(1, idx.view(-1, 1)))

@@ -1,0 +1,98 @@
+"""Attention references: differential attention (the release) and plain GQA attention (Transformer++).
+
+Masks are described by positions, not materialised by the caller, so one signature serves a full
+causal prefill, a sliding window, a ring-buffer cache whose slots are out of order (attention has no
+position encoding of its own, so the order of keys is irrelevant), a decode step and cross-attention
+over the shared KV, and a fast kernel can rebuild the mask tile by tile:
+    query i of row r sees key j  ⇔  0 <= k_pos[r, j] <= q_pos[r, i]  and  k_pos[r, j] > q_pos[r, i] - window
+A query that sees no key at all returns zeros.
+
+Differential attention (Ye et al., arXiv 2410.05258, §2.1; SambaY paper §3) as the release computes it
+(spec §3.6): heads are split by parity (even heads form group 1, odd heads group 2) and GQA maps query
+pair j to key/value pair j // (n_heads / n_kv_heads); each group attends with its own keys to the values
+of *both* groups, concatenated on the feature axis, so one softmax per group yields [A11 | A12] and
+[A21 | A22]; the output is RMSNorm(O1 - λ O2) · (1 - λ_init), interleaved back into the original heads.
+All math is fp32; the output is rounded once to the dtype of ``q``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def visibility(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """Boolean (b, t, s) mask: which keys each query sees (see the module docstring)."""
+    q = q_pos.unsqueeze(-1)  # (b, t, 1)
+    k = k_pos.unsqueeze(-2)  # (b, 1, s)
+    seen = (k >= 0) & (k <= q)
+    if window is not None:
+        seen &= k > q - window
+    return seen
+
+
+def _grouped_attention(q: Tensor, k: Tensor, v: Tensor, seen: Tensor) -> Tensor:
+    """softmax(q kᵀ / sqrt(hd)) v in fp32, GQA by reshaping queries into their key groups.
+
+    q: (b, hq, t, hd) with hq a multiple of hk; k: (b, hk, s, hd); v: (b, hk, s, dv); seen: (b, t, s).
+    Returns (b, hq, t, dv) fp32; rows with no visible key are 0.
+    """
+    b, hq, t, hd = q.shape
+    hk = k.shape[1]
+    group = hq // hk
+    qg = q.float().reshape(b, hk, group * t, hd)  # query head h lives in key group h // group
+    mask = seen.unsqueeze(1).repeat(1, 1, group, 1)  # (b, 1, group * t, s)
+    out = F.scaled_dot_product_attention(qg, k.float(), v.float(), attn_mask=mask, scale=hd**-0.5)
+    out = out.reshape(b, hq, t, v.shape[-1])
+    return torch.where(seen.any(-1).view(b, 1, t, 1), out, 0.0)
+
+
+def diff_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    window: int | None,
+    lambda_full: Tensor,
+    lambda_init: float,
+    subln_weight: Tensor,
+    eps: float,
+) -> Tensor:
+    """Differential attention with the release's even/odd head pairing and sub-layer RMSNorm.
+
+    Args:
+        q: (b, n_heads, t, head_dim).
+        k, v: (b, n_kv_heads, s, head_dim).
+        q_pos: (b, t) int64 absolute positions of the queries.
+        k_pos: (b, s) int64 absolute positions of the keys; negative = empty slot.
+        window: sliding-window size (None = full causal).
+        lambda_full: 0-d fp32, λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init.
+        lambda_init: the layer's λ_init = 0.8 - 0.6 exp(-0.3 · layer_index).
+        subln_weight: (2 * head_dim,) RMSNorm weight over the concatenated value halves.
+        eps: RMSNorm epsilon.
+
+    Returns:
+        (b, t, n_heads, head_dim) in ``q.dtype``.
+    """
+    b, n_heads, t, hd = q.shape
+    seen = visibility(q_pos, k_pos, window)
+    v_pairs = torch.cat([v[:, 0::2], v[:, 1::2]], dim=-1)  # (b, n_kv/2, s, 2hd): [v1 | v2]
+    o1 = _grouped_attention(q[:, 0::2], k[:, 0::2], v_pairs, seen)  # (b, n_heads/2, t, 2hd): [A11 | A12]
+    o2 = _grouped_attention(q[:, 1::2], k[:, 1::2], v_pairs, seen)  # [A21 | A22]
+    o = o1 - lambda_full.float() * o2
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * subln_weight.float() * (1.0 - lambda_init)
+    return o.transpose(1, 2).reshape(b, t, n_heads, hd).to(q.dtype)  # pair j -> heads 2j, 2j+1
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """Plain softmax attention with GQA (query head h reads key head h // (n_heads / n_kv_heads)).
+
+    Args: as `diff_attention_ref` (q: (b, n_heads, t, hd); k, v: (b, n_kv_heads, s, hd)).
+
+    Returns:
+        (b, t, n_heads, head_dim) in ``q.dtype``.
+    """
+    seen = visibility(q_pos, k_pos, window)
+    return _grouped_attention(q, k, v, seen).transpose(1, 2).to(q.dtype)
