@@ -1,0 +1,150 @@
+"""Checkpoint I/O in the released format: round trips, name mapping, and errors that name the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sambay
+from sambay.checkpoint import from_hf_state_dict, to_hf_state_dict
+from tests.conftest import TINY_FIXTURE, random_model, small_config
+
+CHECKPOINT = TINY_FIXTURE / "checkpoint"
+RELEASED_DTYPES = TINY_FIXTURE / "released-dtypes" / "checkpoint"
+
+
+def _copy(tmp_path, src=CHECKPOINT):
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _tensors(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("src", [CHECKPOINT, RELEASED_DTYPES])
+def test_load_save_load_is_the_identity(tmp_path, src):
+    model = sambay.load_model(src, progress=False)
+    sambay.save_model(model, tmp_path / "saved", max_shard_bytes=400_000)  # forces several shards
+    saved, original = _tensors(tmp_path / "saved"), _tensors(src)
+    assert saved.keys() == original.keys()
+    for name, tensor in original.items():
+        assert saved[name].dtype == tensor.dtype and torch.equal(saved[name], tensor), name
+    index = json.loads((tmp_path / "saved" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in original.values())
+    again = sambay.load_model(tmp_path / "saved", progress=False)
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["torch_dtype"] == (
+        json.loads((src / "config.json").read_text())["torch_dtype"])
+
+
+def test_single_file_checkpoint_loads(tmp_path):
+    dst = tmp_path / "single"
+    dst.mkdir()
+    shutil.copy(CHECKPOINT / "config.json", dst)
+    save_file(_tensors(CHECKPOINT), dst / "model.safetensors")
+    ids = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(sambay.load_model(dst, progress=False)(ids),
+                           sambay.load_model(CHECKPOINT, progress=False)(ids))
+
+
+def test_hf_named_state_dict_round_trip_is_identity_on_random_weights():
+    model = random_model(small_config(), seed=3)
+    state = {k: v.clone() for k, v in to_hf_state_dict(model).items()}
+    other = random_model(small_config(), seed=4)
+    from_hf_state_dict(other, state)
+    assert all(torch.equal(state[k], v) for k, v in to_hf_state_dict(other).items())
+
+
+def test_load_goes_to_requested_dtype_and_device():
+    model = sambay.load_model(RELEASED_DTYPES, dtype=torch.float32, device="cpu", progress=False)
+    assert model.dtype == torch.float32 and not model.training
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def _rewrite_shard(path, edit):
+    shard = path / "model-00002-of-00002.safetensors"
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = _copy(tmp_path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name = next(k for k, v in index["weight_map"].items() if v.endswith("00002.safetensors"))
+    del index["weight_map"][name]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"1 missing tensors: {name}"):
+        sambay.load_model(path, progress=False)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    path = _copy(tmp_path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.99.attn.bogus"] = "model-00002-of-00002.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="unexpected tensors: model.layers.99.attn.bogus"):
+        sambay.load_model(path, progress=False)
+
+
+def test_misshaped_tensor_is_named(tmp_path):
+    path = _copy(tmp_path)
+    name = next(iter(load_file(path / "model-00002-of-00002.safetensors")))
+    _rewrite_shard(path, lambda t: t.__setitem__(name, torch.zeros(3, 3)))
+    with pytest.raises(ValueError, match=f"tensor {name} has shape \\[3, 3\\]"):
+        sambay.load_model(path, progress=False)
+
+
+def test_missing_shard_is_named(tmp_path):
+    path = _copy(tmp_path)
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        sambay.load_model(path, progress=False)
+
+
+def test_unsupported_model_type(tmp_path):
+    path = _copy(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
+        sambay.load_model(path, progress=False)
+
+
+def test_pickles_are_never_loaded(tmp_path):
+    path = tmp_path / "pickled"
+    path.mkdir()
+    shutil.copy(CHECKPOINT / "config.json", path)
+    torch.save({"x": torch.zeros(1)}, path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="never pickled"):
+        sambay.load_model(path, progress=False)
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        sambay.load_model(tmp_path / "nowhere", progress=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        sambay.load_model(tmp_path / "bad", progress=False)
+
+
+def test_tied_lm_head_in_checkpoint_is_accepted(tmp_path):
+    path = _copy(tmp_path)
+    _rewrite_shard(path, lambda t: t.__setitem__("lm_head.weight", torch.zeros(256, 64)))
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = "model-00002-of-00002.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    sambay.load_model(path, progress=False)
