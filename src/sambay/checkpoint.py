@@ -347,16 +347,46 @@ def load_model(
     with _progress_bar(progress) as bar:
         task = bar.add_task(f"loading {Path(path).name}", total=total)
         for file, names in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for hf in names:
-                    target = params[pairs[hf]]
-                    _check_shape(hf, tuple(f.get_slice(hf).get_shape()), tuple(target.shape))
-                    value = f.get_tensor(hf)
-                    if not value.is_floating_point():
-                        raise ValueError(f"tensor {hf} in {file.name} has non-float dtype {value.dtype}")
-                    _assign(model, pairs[hf], value.to(device=device, dtype=target.dtype))
-                    bar.advance(task, target.numel() * target.element_size())
+            for hf, value in _read_tensors(file, names, {hf: params[pairs[hf]].shape for hf in names}):
+                target = params[pairs[hf]]
+                _assign(model, pairs[hf], value.to(device=device, dtype=target.dtype))
+                bar.advance(task, target.numel() * target.element_size())
     return model.eval()
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _read_tensors(file: Path, names: list[str], shapes: dict[str, torch.Size]):
+    """Yield (name, CPU tensor) for ``names`` of one safetensors file, reading each with plain file I/O.
+
+    The format is an 8-byte little-endian header length, a JSON header of {name: dtype, shape,
+    data_offsets}, then the raw bytes. Reading with ``readinto`` rather than through a memory map keeps
+    file pages out of the process's resident set, so peak memory stays at the model plus one tensor.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if not 0 < header_len <= size - 8:
+            raise ValueError(f"{file.name} is not a safetensors file (bad header length)")
+        header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        for name in names:
+            entry = header.get(name)
+            if entry is None:
+                raise ValueError(f"tensor {name} is listed in the index but absent from {file.name}")
+            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name} in {file.name} has unsupported dtype {entry['dtype']}")
+            _check_shape(name, tuple(entry["shape"]), tuple(shapes[name]))
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=dtype)
+            if end - begin != tensor.numel() * tensor.element_size() or base + end > size:
+                raise ValueError(f"tensor {name} in {file.name} has inconsistent data offsets (truncated file?)")
+            f.seek(base + begin)
+            if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ValueError(f"{file.name} is truncated while reading {name}")
+            yield name, tensor
 
 
 def _assign(model: nn.Module, name: str, value: Tensor) -> None:

@@ -149,3 +149,11 @@ def test_tied_lm_head_in_checkpoint_is_accepted(tmp_path):
     index["weight_map"]["lm_head.weight"] = "model-00002-of-00002.safetensors"
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     sambay.load_model(path, progress=False)
+
+
+def test_truncated_shard_is_an_error(tmp_path):
+    path = _copy(tmp_path)
+    shard = path / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        sambay.load_model(path, progress=False)
