@@ -208,3 +208,88 @@ PRESETS: dict[str, SambaYConfig] = {
     "phi4-mini-flash": PHI4_MINI_FLASH,
     "tiny": TINY,
 }
+
+
+# ---- the paper's architecture family as presets ------------------------------------------------------
+#
+# The SambaY paper (arXiv 2507.06607, §4 and Table 2) compares five architectures trained by the same
+# recipe. Each is a plan plus two attention switches, so all of them run through the same model code:
+#
+#   preset suffix    plan                                   differential  rope
+#   sambay-da        sambay_plan(n)                         yes           no (NoPE, the release)
+#   sambay           sambay_plan(n)                         no            no
+#   samba-yoco       sambay_plan(n, gmu=False)              no            no
+#   samba            samba_plan(n): Mamba / SWA alternating no            no
+#   transformer      transformer_plan(n): full attention    no            yes (Transformer++)
+
+
+def samba_plan(n_layers: int, mamba_every: int = 2) -> tuple[LayerKind, ...]:
+    """Samba (Ren et al. 2024): Mamba every ``mamba_every``-th layer, sliding-window attention elsewhere."""
+    if n_layers < 1 or mamba_every < 1:
+        raise ValueError(f"samba_plan needs n_layers >= 1 and mamba_every >= 1, got {n_layers}, {mamba_every}")
+    return tuple(LayerKind.MAMBA if i % mamba_every == 0 else LayerKind.SLIDING_ATTENTION for i in range(n_layers))
+
+
+def transformer_plan(n_layers: int) -> tuple[LayerKind, ...]:
+    """A dense Transformer++: every layer is causal full attention (pair it with ``rope_theta``)."""
+    if n_layers < 1:
+        raise ValueError(f"transformer_plan needs n_layers >= 1, got {n_layers}")
+    return (LayerKind.FULL_ATTENTION,) * n_layers
+
+
+def variant(
+    name: str, *, n_layers: int, d_model: int, n_heads: int, vocab_size: int, window: int, **sizes
+) -> SambaYConfig:
+    """One of the paper's five architectures (table above) at the given sizes.
+
+    Args:
+        name: "sambay-da", "sambay", "samba-yoco", "samba" or "transformer" (exact names).
+        n_layers, d_model, n_heads, vocab_size, window: sizes; ``n_kv_heads`` defaults to n_heads // 2,
+            ``d_ff`` to 4 * d_model, as in the release (GQA 2:1, d_ff = 4 d_model).
+        **sizes: any other SambaYConfig field.
+    """
+    plans = {
+        "sambay-da": (sambay_plan, True),
+        "sambay": (sambay_plan, False),
+        "samba-yoco": (lambda n: sambay_plan(n, gmu=False), False),
+        "samba": (samba_plan, False),
+        "transformer": (transformer_plan, False),
+    }
+    if name not in plans:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(plans)}")
+    build_plan, differential = plans[name]
+    fields = dict(
+        vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, n_kv_heads=max(n_heads // 2, 1),
+        d_ff=4 * d_model, plan=build_plan(n_layers), window=window, differential=differential,
+        rope_theta=10000.0 if name == "transformer" else None,
+    )
+    fields.update(sizes)
+    return SambaYConfig(**fields)
+
+
+ARCHITECTURES = ("sambay-da", "sambay", "samba-yoco", "samba", "transformer")
+
+# Research sizes. Depth 8 and 16 bracket the smallest models of the paper's scaling study (§4). The ratios
+# are the release's (head_dim 64, GQA 2:1, d_ff = 4 d_model, window 512, the o200k vocabulary of 200064
+# rows); the widths are ours. Totals with the tied embedding (154M / 307M of it): 230M and 900M.
+for _arch in ARCHITECTURES:
+    PRESETS[f"{_arch}-230m"] = variant(
+        _arch, n_layers=8, d_model=768, n_heads=12, vocab_size=200064, window=512, max_seq_len=65536
+    )
+    PRESETS[f"{_arch}-900m"] = variant(
+        _arch, n_layers=16, d_model=1536, n_heads=24, vocab_size=200064, window=512, max_seq_len=65536
+    )
+    # Tiny: the shape of TINY above (the golden fixture), for tests of every architecture.
+    PRESETS[f"{_arch}-tiny"] = variant(
+        _arch, n_layers=4, d_model=64, n_heads=4, vocab_size=256, window=8, max_seq_len=4096
+    )
+
+# The arithmetic demo (scripts/make_arithmetic_data.py): the release layout (SambaY-DA, NoPE, GMU,
+# differential attention) shrunk to 8 layers of width 192 for a 512-id tokenizer; GQA 3:1 and
+# d_ff = 2.67 d_model keep it at 3.7M parameters: 7.5 MB in bf16. A window of 128 tokens spans the
+# problem and the previous step of the worked solution.
+PRESETS["sambay-da-arith"] = variant(
+    "sambay-da", n_layers=8, d_model=192, n_heads=6, n_kv_heads=2, d_ff=512, vocab_size=512, window=128,
+    max_seq_len=4096,
+)
+del _arch

@@ -33,6 +33,7 @@ class SharedKV:
     k: Tensor  # (b, n_kv_heads, s, head_dim)
     v: Tensor  # (b, n_kv_heads, s, head_dim)
     k_pos: Tensor  # (b, s) int64 absolute positions; negative = not yet written for that row
+    kv_len: Tensor | None = None  # (b,) keys at index >= kv_len are never visible (a hint for kernels)
 
 
 def lambda_init(layer_index: int) -> float:
@@ -56,12 +57,14 @@ class DifferentialCore(nn.Module):
         """The λ vectors stay fp32 whatever the model dtype (the checkpoint stores them as F32)."""
         return [self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2]
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len=None
+    ) -> Tensor:
         lam1 = torch.exp((self.lambda_q1.float() * self.lambda_k1.float()).sum())
         lam2 = torch.exp((self.lambda_q2.float() * self.lambda_k2.float()).sum())
         lambda_full = lam1 - lam2 + self.lambda_init  # 0-d fp32
         return self.ops.diff_attention(
-            q, k, v, q_pos, k_pos, window, lambda_full, self.lambda_init, self.subln.weight, self.eps
+            q, k, v, q_pos, k_pos, window, lambda_full, self.lambda_init, self.subln.weight, self.eps, kv_len
         )
 
 
@@ -72,8 +75,10 @@ class PlainCore(nn.Module):
         super().__init__()
         self.ops = ops
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
-        return self.ops.attention(q, k, v, q_pos, k_pos, window)
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len=None
+    ) -> Tensor:
+        return self.ops.attention(q, k, v, q_pos, k_pos, window, kv_len)
 
 
 class Rotary(nn.Module):
@@ -135,8 +140,10 @@ class _SelfAttention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return self.rotary(q, span.q_pos), self.rotary(k, span.q_pos), v
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        out = self.core(q, k, v, q_pos, k_pos, self.window)  # (b, t, n_heads, head_dim)
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, kv_len: Tensor | None = None
+    ) -> Tensor:
+        out = self.core(q, k, v, q_pos, k_pos, self.window, kv_len)  # (b, t, n_heads, head_dim)
         return self.out_proj(out.flatten(2))
 
 
@@ -164,6 +171,14 @@ class SlidingWindowAttention(_SelfAttention):
         if cache is None:
             return self._attend(q, k, v, span.q_pos, span.q_pos), None
         size = cache.k.shape[2]
+        if span.is_decode:  # static shapes, no host sync: write the slot, attend over the ring
+            rows = torch.arange(h.shape[0], device=h.device)
+            slot = span.start % size
+            cache.k[rows, :, slot] = k[:, :, 0]
+            cache.v[rows, :, slot] = v[:, :, 0]
+            k_pos = ring_positions(span.start + 1, size)  # (b, size); slot j holds a position >= j
+            kv_len = torch.clamp(span.start + 1, max=size)
+            return self._attend(q, cache.k, cache.v, span.q_pos, k_pos, kv_len), None
         k_all = torch.cat([cache.k, k], dim=2)  # (b, n_kv_heads, size + t, hd): ring, then the new keys
         v_all = torch.cat([cache.v, v], dim=2)
         k_pos = torch.cat([ring_positions(span.start, size), span.q_pos], dim=1)  # (b, size + t)
@@ -175,7 +190,11 @@ class SlidingWindowAttention(_SelfAttention):
 
 
 class FullAttention(_SelfAttention):
-    """Causal self-attention over the whole context; hands its K/V on as the shared KV."""
+    """Causal self-attention over the whole context; hands its K/V on as the shared KV.
+
+    Prefill attends over [keys already cached | this call's keys], the layout the fast kernels expect
+    (the last t keys belong to the t queries, in order); decode attends over the static cache buffer.
+    """
 
     window = None
 
@@ -184,16 +203,27 @@ class FullAttention(_SelfAttention):
         q, k, v = self._project(h, span)
         if cache is None:
             shared = SharedKV(k=k, v=v, k_pos=span.q_pos)
+        elif span.is_decode:  # static shapes, no host sync
+            rows = torch.arange(h.shape[0], device=h.device)
+            cache.k[rows, :, span.start] = k[:, :, 0]
+            cache.v[rows, :, span.start] = v[:, :, 0]
+            end = span.start + 1
+            idx = torch.arange(cache.k.shape[2], device=h.device).view(1, -1)
+            k_pos = torch.where(idx < end.view(-1, 1), idx, -1)  # (b, max_length); slot j holds position j
+            shared = SharedKV(k=cache.k, v=cache.v, k_pos=k_pos, kv_len=end)
         else:
+            before = int(span.start.max())
+            idx = torch.arange(before, device=h.device).view(1, -1)
+            k_pos = torch.cat([torch.where(idx < span.start.view(-1, 1), idx, -1), span.q_pos], dim=1)
+            shared = SharedKV(
+                k=torch.cat([cache.k[:, :, :before], k], dim=2), v=torch.cat([cache.v[:, :, :before], v], dim=2),
+                k_pos=k_pos,
+            )
             rows, cols = _valid_cells(span)
             cache.k[rows, :, span.q_pos[rows, cols]] = k[rows, :, cols]
             cache.v[rows, :, span.q_pos[rows, cols]] = v[rows, :, cols]
-            end = span.end
-            s = int(end.max())
-            k_pos = torch.arange(s, device=h.device).expand(h.shape[0], s)
-            k_pos = torch.where(k_pos < end.view(-1, 1), k_pos, -1)  # (b, s)
-            shared = SharedKV(k=cache.k[:, :, :s], v=cache.v[:, :, :s], k_pos=k_pos)
-        return self._attend(q, shared.k, shared.v, span.q_pos, shared.k_pos), shared
+        out = self._attend(q, shared.k, shared.v, span.q_pos, shared.k_pos, shared.kv_len)
+        return out, shared
 
 
 class CrossAttention(nn.Module):
@@ -212,5 +242,5 @@ class CrossAttention(nn.Module):
         b, t, _ = h.shape
         q = self.q_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, n_heads, t, hd)
         q = self.rotary(q, span.q_pos)
-        out = self.core(q, shared.k, shared.v, span.q_pos, shared.k_pos, None)
+        out = self.core(q, shared.k, shared.v, span.q_pos, shared.k_pos, None, shared.kv_len)
         return self.out_proj(out.flatten(2)), None

@@ -176,6 +176,7 @@ class SambaY(nn.Module):
         *,
         lengths: Tensor | None = None,
         last_only: bool | None = None,
+        check_inputs: bool = True,
     ) -> Tensor:
         """Logits for new tokens, continuing the sequences held in ``cache``.
 
@@ -187,11 +188,18 @@ class SambaY(nn.Module):
             lengths: (b,) valid tokens per row (None: all t).
             last_only: return only each row's last valid position, (b, 1, vocab_size), running the
                 cross-decoder on that token alone. Default: True with a cache, False without.
+            check_inputs: validate ids, lengths and cache room (each check reads a value back to the
+                host). An engine that has already checked passes False, which makes a one-token decode
+                step free of host synchronisation and so capturable in a CUDA graph.
 
         Returns:
             (b, t, vocab_size) logits, or (b, 1, vocab_size) when ``last_only``; model dtype.
         """
-        span = self._span(tokens, cache, lengths)
+        if check_inputs:
+            span = self._span(tokens, cache, lengths)
+        else:
+            start = torch.zeros_like(tokens[:, 0]) if cache is None else cache.seqlens.clone()
+            span = Span.make(start, tokens.shape[1], lengths)
         last_only = cache is not None if last_only is None else last_only
         x = self.embed(tokens).float()  # (b, t, d_model) fp32 residual stream
         x, memory, shared = self.self_decoder(x, span, cache)

@@ -26,6 +26,11 @@ class Span:
         return Span(start=start, lengths=lengths, q_pos=q_pos)
 
     @property
+    def is_decode(self) -> bool:
+        """One token per row, every row valid: the static-shape, sync-free decode path applies."""
+        return self.lengths is None and self.q_pos.shape[1] == 1
+
+    @property
     def end(self) -> Tensor:
         """(b,) position after each row's last valid token."""
         return self.start + (self.q_pos.shape[1] if self.lengths is None else self.lengths)

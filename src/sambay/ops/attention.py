@@ -22,13 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def visibility(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+def visibility(q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len: Tensor | None = None) -> Tensor:
     """Boolean (b, t, s) mask: which keys each query sees (see the module docstring)."""
     q = q_pos.unsqueeze(-1)  # (b, t, 1)
     k = k_pos.unsqueeze(-2)  # (b, 1, s)
     seen = (k >= 0) & (k <= q)
     if window is not None:
         seen &= k > q - window
+    if kv_len is not None:
+        seen &= torch.arange(k_pos.shape[1], device=k_pos.device).view(1, 1, -1) < kv_len.view(-1, 1, 1)
     return seen
 
 
@@ -59,6 +61,7 @@ def diff_attention_ref(
     lambda_init: float,
     subln_weight: Tensor,
     eps: float,
+    kv_len: Tensor | None = None,
 ) -> Tensor:
     """Differential attention with the release's even/odd head pairing and sub-layer RMSNorm.
 
@@ -72,12 +75,17 @@ def diff_attention_ref(
         lambda_init: the layer's λ_init = 0.8 - 0.6 exp(-0.3 · layer_index).
         subln_weight: (2 * head_dim,) RMSNorm weight over the concatenated value halves.
         eps: RMSNorm epsilon.
+        kv_len: (b,) optional hint: keys at index >= kv_len[b] are never visible to row b, so a kernel
+            may stop there (decode over a static cache buffer).
+
+    Layout contract that fast kernels rely on: when t > 1, key ``s - t + i`` is the key of query ``i``
+    (the call's own keys come last, in order); the first ``s - t`` keys may be in any order.
 
     Returns:
         (b, t, n_heads, head_dim) in ``q.dtype``.
     """
     b, n_heads, t, hd = q.shape
-    seen = visibility(q_pos, k_pos, window)
+    seen = visibility(q_pos, k_pos, window, kv_len)
     v_pairs = torch.cat([v[:, 0::2], v[:, 1::2]], dim=-1)  # (b, n_kv/2, s, 2hd): [v1 | v2]
     o1 = _grouped_attention(q[:, 0::2], k[:, 0::2], v_pairs, seen)  # (b, n_heads/2, t, 2hd): [A11 | A12]
     o2 = _grouped_attention(q[:, 1::2], k[:, 1::2], v_pairs, seen)  # [A21 | A22]
@@ -86,7 +94,9 @@ def diff_attention_ref(
     return o.transpose(1, 2).reshape(b, t, n_heads, hd).to(q.dtype)  # pair j -> heads 2j, 2j+1
 
 
-def attention_ref(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+def attention_ref(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len: Tensor | None = None
+) -> Tensor:
     """Plain softmax attention with GQA (query head h reads key head h // (n_heads / n_kv_heads)).
 
     Args: as `diff_attention_ref` (q: (b, n_heads, t, hd); k, v: (b, n_kv_heads, s, hd)).
@@ -94,5 +104,5 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
     Returns:
         (b, t, n_heads, head_dim) in ``q.dtype``.
     """
-    seen = visibility(q_pos, k_pos, window)
+    seen = visibility(q_pos, k_pos, window, kv_len)
     return _grouped_attention(q, k, v, seen).transpose(1, 2).to(q.dtype)

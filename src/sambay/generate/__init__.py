@@ -1,0 +1,16 @@
+"""Text generation: sampling parameters and processors, the prefill/decode/sample loop, the Engine."""
+
+from sambay.generate.engine import Completion, Engine, SequenceDelta, TokenLogprob, decode_step, prefill
+from sambay.generate.sampling import REASONING_DEFAULTS, SamplingParams, sample
+
+__all__ = [
+    "REASONING_DEFAULTS",
+    "Completion",
+    "Engine",
+    "SamplingParams",
+    "SequenceDelta",
+    "TokenLogprob",
+    "decode_step",
+    "prefill",
+    "sample",
+]

@@ -1,0 +1,133 @@
+"""`TrainConfig`: the run's hyperparameters (never the architecture), read from TOML plus overrides.
+
+The architecture is named by `model` (a key of `sambay.config.PRESETS`) or read from `init_from`
+(a released-format directory, for fine-tuning); everything else a run needs is a field here. A TOML
+file holds any subset of the fields at top level; `load_train_config` applies overrides on top (the
+CLI turns `--max-steps 100` into ``{"max_steps": 100}``) and rejects unknown names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Hyperparameters of one training or fine-tuning run."""
+
+    # model
+    model: str = "sambay-da-tiny"  # preset name in sambay.config.PRESETS (ignored with init_from)
+    init_from: str | None = None  # released-format model directory to start from (SFT)
+    tokenizer: str | None = None  # directory with tokenizer.json / tokenizer_config.json (default: init_from)
+    # data
+    train_files: list[str] = field(default_factory=list)  # .txt (one document each) or .jsonl ({"text"} / {"messages"})
+    eval_files: list[str] = field(default_factory=list)  # held-out files; empty: hold out heldout_fraction of train
+    heldout_fraction: float = 0.01  # share of training documents held out when eval_files is empty
+    data_dir: str | None = None  # where token shards go (default: out_dir/data); reused when inputs are unchanged
+    seq_len: int = 512  # tokens per training sequence (documents are packed)
+    # batch: global batch = micro_batch_size * grad_accum * world size sequences
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    # optimiser (AdamW; weight decay on matrices only)
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr as a fraction of lr
+    schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm (0 disables)
+    # precision, speed, parallelism
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    dtype: str = "bfloat16"  # autocast dtype ("float32" disables autocast); parameters stay fp32
+    compile: bool = False  # torch.compile each block
+    activation_checkpointing: bool = False  # recompute each block in backward
+    parallel: str = "ddp"  # with several processes: "ddp" or "fsdp"
+    # evaluation, logging, checkpoints
+    out_dir: str = "runs/default"
+    eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
+    eval_batches: int = 8  # micro-batches of held-out data per evaluation
+    generate_eval: int = 0  # at the end: held-out chat examples scored by greedy exact match
+    max_new_tokens: int = 512  # generation budget of that evaluation
+    log_every: int = 10
+    tensorboard: bool = False  # also write TensorBoard events (needs the `tensorboard` package)
+    checkpoint_every: int = 100  # steps between training checkpoints (0: never)
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the latest checkpoint in out_dir/checkpoints if any
+    final_model_dir: str | None = None  # released-format output (default: out_dir/model)
+    save_dtype: str = "bfloat16"  # dtype of the released-format weights
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        choices = {"schedule": ("cosine", "wsd", "constant"), "parallel": ("ddp", "fsdp"),
+                   "device": ("auto", "cpu", "cuda"), "dtype": ("bfloat16", "float32"),
+                   "save_dtype": ("bfloat16", "float32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("seq_len", "micro_batch_size", "grad_accum", "max_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.out_dir) / "checkpoints"
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.final_model_dir or Path(self.out_dir) / "model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_types() -> dict[str, type]:
+    """Field name -> the plain type of its values (``str | None`` -> str, ``list[str]`` -> list)."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for name, hint in hints.items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        origin = typing.get_origin(hint)
+        out[name] = list if origin is list else (args[0] if args else hint)
+    return out
+
+
+def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A `TrainConfig` from a TOML file (optional) with ``overrides`` applied on top.
+
+    Relative paths in the file (``train_files``, ``eval_files``, ``tokenizer``, ``init_from``) are
+    resolved against the file's directory, so a config can sit next to its data.
+
+    Raises:
+        ValueError: an unknown field name, or a value of the wrong type.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        base = Path(path).resolve().parent
+        for name in ("train_files", "eval_files"):
+            if name in values:
+                values[name] = [str(base / p) for p in values[name]]
+        for name in ("tokenizer", "init_from"):
+            if values.get(name):
+                values[name] = str(base / values[name])
+    values.update(overrides or {})
+    types = field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+    for name, value in values.items():
+        expected = types[name]
+        ok = value is None or isinstance(value, expected) or (expected is float and isinstance(value, int))
+        if not ok or (expected is not bool and isinstance(value, bool)):
+            raise ValueError(f"TrainConfig.{name} must be {expected.__name__}, got {value!r}")
+    return TrainConfig(**values)

@@ -1,0 +1,102 @@
+"""The pieces a run is assembled from: process group, tokenizer, data, model. Each is one named function.
+
+Distributed runs are launched by ``torchrun`` (or anything that sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``): NCCL on CUDA, gloo on the CPU. One process per
+GPU; on the CPU every rank shares the host.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sambay.checkpoint import load_model
+from sambay.config import PRESETS
+from sambay.model.sambay import SambaY
+from sambay.tokenizer import Tokenizer, load_tokenizer
+from sambay.train.config import TrainConfig
+from sambay.train.data import PackedData, prepare_data
+from sambay.train.parallel import apply_ac, apply_compile, apply_ddp, apply_fsdp
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its rank among ``world`` and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(config: TrainConfig) -> Runtime:
+    """Joins the process group when launched with several processes; picks the device."""
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return Runtime(rank, world, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def build_tokenizer(config: TrainConfig) -> Tokenizer:
+    """The tokenizer of ``config.tokenizer`` (default: the directory of ``init_from``)."""
+    source = config.tokenizer or config.init_from
+    if source is None:
+        raise ValueError("set `tokenizer` (a directory with tokenizer.json) or `init_from`")
+    return load_tokenizer(source)
+
+
+def build_data(config: TrainConfig, tokenizer: Tokenizer, runtime: Runtime) -> tuple[PackedData, PackedData]:
+    """Tokenizes the inputs on rank 0 (once per input set), then opens the train and eval splits."""
+    if not config.train_files:
+        raise ValueError("no train_files")
+    data_dir = Path(config.data_dir or Path(config.out_dir) / "data")
+    if runtime.is_main:
+        prepare_data(config.train_files, tokenizer, data_dir, eval_files=config.eval_files,
+                     heldout_fraction=config.heldout_fraction)
+    barrier()
+    train = PackedData(data_dir, "train", config.seq_len, seed=config.seed)
+    held_out = PackedData(data_dir, "eval", config.seq_len, shuffle=False)
+    return train, held_out
+
+
+def build_model(config: TrainConfig, runtime: Runtime) -> SambaY:
+    """A fresh model of preset ``config.model`` or the weights of ``config.init_from``, fp32, on the device."""
+    if config.init_from:
+        model = load_model(config.init_from, dtype=torch.float32, backend="reference", progress=False)
+        return model.to(runtime.device).train()
+    if config.model not in PRESETS:
+        raise ValueError(f"unknown model preset {config.model!r}; choose from {sorted(PRESETS)}")
+    generator = torch.Generator().manual_seed(config.seed)  # same init on every rank
+    model = SambaY(PRESETS[config.model], backend="reference").init_weights(generator)
+    return model.to(runtime.device).train()
+
+
+def parallelize(model: SambaY, config: TrainConfig, runtime: Runtime) -> torch.nn.Module:
+    """Activation checkpointing, compile, then FSDP2 or DDP (torchtitan's order)."""
+    if config.activation_checkpointing:
+        apply_ac(model)
+    if config.compile:
+        apply_compile(model)
+    if runtime.world == 1:
+        return model
+    if config.parallel == "fsdp":
+        return apply_fsdp(model)
+    return apply_ddp(model, runtime.device)
