@@ -8,7 +8,9 @@ so; a named backend that is not available is an error, never a silent fallback.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,15 +61,85 @@ REFERENCE = Ops(
     swiglu=swiglu_ref,
 )
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_ops() -> Ops:
+    """The Triton table; raises RuntimeError when Triton or a device to run it on is missing."""
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
+    import torch
+
+    if not (torch.cuda.is_available() or _interpreting()):
+        raise RuntimeError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 for slow CPU tests)")
+    from sambay.ops.triton import attention, causal_conv1d, selective_scan, swiglu
+
+    return Ops(
+        name="triton",
+        selective_scan=selective_scan.selective_scan,
+        selective_state_update=selective_scan.selective_state_update,
+        causal_conv1d=causal_conv1d.causal_conv1d,
+        causal_conv1d_update=causal_conv1d.causal_conv1d_update,
+        diff_attention=attention.diff_attention,
+        attention=attention.attention,
+        swiglu=swiglu.swiglu,
+    )
+
+
+def _by_device(fast: Callable, ref: Callable) -> Callable:
+    """Run ``fast`` on CUDA tensors and ``ref`` elsewhere: "auto" follows the model to its device."""
+
+    def op(first, *args, **kwargs):
+        return (fast if first.is_cuda else ref)(first, *args, **kwargs)
+
+    op.__name__ = getattr(fast, "__name__", "op")
+    return op
+
+
+def _attention_by_device(fast: Callable, ref: Callable) -> Callable:
+    """As `_by_device`, and the reference for head sizes the Triton kernels do not handle."""
+
+    def op(q, *args, **kwargs):
+        usable = q.is_cuda and q.shape[-1] in (16, 32, 64, 128)
+        return (fast if usable else ref)(q, *args, **kwargs)
+
+    return op
 
 
 def resolve_backend(name: str = "auto") -> Ops:
-    """Return the op table for ``name`` ("auto" or "reference"); logged once per model build."""
+    """Return the op table for ``name``; the choice is logged once per model build.
+
+    - "reference": the pure-PyTorch references, on any device.
+    - "triton": the Triton kernels; an error if Triton or a CUDA device is missing.
+    - "auto": Triton kernels for CUDA tensors when Triton is installed and a GPU is present, the
+      references otherwise (CPU tensors, or unsupported head sizes); the resolution is reported.
+    """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
-    if name == "auto":
-        log.info("ops backend: reference (auto; no faster backend is available in this build)")
-    else:
+    if name == "reference":
         log.info("ops backend: reference (requested)")
-    return REFERENCE
+        return REFERENCE
+    if name == "triton":
+        ops = _triton_ops()
+        log.info("ops backend: triton (requested)")
+        return ops
+    try:
+        fast = _triton_ops()
+    except RuntimeError as e:
+        log.info("ops backend: reference (auto: %s)", e)
+        return REFERENCE
+    log.info("ops backend: auto (triton kernels on CUDA tensors, references on CPU tensors)")
+    return Ops(
+        name="auto",
+        selective_scan=_by_device(fast.selective_scan, REFERENCE.selective_scan),
+        selective_state_update=_by_device(fast.selective_state_update, REFERENCE.selective_state_update),
+        causal_conv1d=_by_device(fast.causal_conv1d, REFERENCE.causal_conv1d),
+        causal_conv1d_update=_by_device(fast.causal_conv1d_update, REFERENCE.causal_conv1d_update),
+        diff_attention=_attention_by_device(fast.diff_attention, REFERENCE.diff_attention),
+        attention=_attention_by_device(fast.attention, REFERENCE.attention),
+        swiglu=_by_device(fast.swiglu, REFERENCE.swiglu),
+    )

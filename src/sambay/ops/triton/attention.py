@@ -1,0 +1,346 @@
+"""Triton attention: differential (the release) and plain GQA, for prefill and for decode.
+
+Same signatures and semantics as `sambay.ops.attention` (masks come from positions; read its
+docstring for the differential-attention math and the layout contract).
+
+Prefill (`_prefill`, t > 1): flash-attention with an online softmax, one program per (query block,
+query unit, row). A differential unit is a head pair (2j, 2j+1): both halves are computed in the same
+program, each against its own keys (kv heads 2g and 2g+1) and the values of both, so one pass yields
+[A11 | A12] and [A21 | A22]; λ, the sub-layer RMSNorm and the head interleave are applied before the
+single store. Keys are visited in two ranges: every cached key before the call's own (masked by
+position), then only those of the call's own keys that the query block can see (causal, and the
+window), which is what makes a long sliding-window prefill linear in t.
+
+Decode (`_decode` + `_combine`, t = 1): split-K ("flash-decoding"). One program per (row, kv unit,
+split) reads each K and V block once and serves every query head that maps to it: for the
+differential release, the 2 query pairs of a kv pair, both halves, i.e. K1, K2, V1, V2 each read once
+(the reference's four-call formulation reads each twice). Splits divide each row's visible keys
+(`kv_len`, read on the device), so the grid is static and CUDA-graph safe. `_combine` merges the
+splits and applies λ and the RMSNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_M = 64  # queries per prefill program
+BLOCK_N = 64  # keys per prefill step
+BLOCK_N_DECODE = 32  # keys per decode step: (heads × 32 × head_dim) broadcast products stay in registers
+TARGET_PROGRAMS = 528  # decode grid target: 4 waves over the H200's 132 SMs
+
+
+@triton.jit
+def _online_update(q, k, m, denom, acc_a, acc_b, va, vb, seen, scale, TWO_V: tl.constexpr, PREC: tl.constexpr):
+    """One key block of an online softmax: scores q kᵀ, then acc_{a,b} += p v_{a,b} (rescaled)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    denom = denom * alpha + tl.sum(p, 1)
+    acc_a = acc_a * alpha[:, None] + tl.dot(p.to(va.dtype), va, input_precision=PREC)
+    if TWO_V:
+        acc_b = acc_b * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
+    return m_new, denom, acc_a, acc_b
+
+
+@triton.jit
+def _finish_and_store(
+    o1a, o1b, o2a, o2b, out_ptr, w_ptr, lam_ptr, lam_init, eps, rows, row_mask, s_oh, h_first,
+    HD: tl.constexpr, DIFF: tl.constexpr,
+):
+    """Differential: RMSNorm(O1 - λ O2) · (1 - λ_init) into heads h_first, h_first + 1; plain: O1 into h_first."""
+    offs_d = tl.arange(0, HD)
+    if DIFF:
+        lam = tl.load(lam_ptr)
+        oa = o1a - lam * o2a
+        ob = o1b - lam * o2b
+        r = tl.rsqrt((tl.sum(oa * oa, 1) + tl.sum(ob * ob, 1)) / (2 * HD) + eps)
+        scale = r[:, None] * (1.0 - lam_init)
+        oa = oa * scale * tl.load(w_ptr + offs_d).to(tl.float32)[None, :]
+        ob = ob * scale * tl.load(w_ptr + HD + offs_d).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] + h_first * s_oh + offs_d[None, :],
+                 oa.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+        tl.store(out_ptr + rows[:, None] + (h_first + 1) * s_oh + offs_d[None, :],
+                 ob.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    else:
+        tl.store(out_ptr + rows[:, None] + h_first * s_oh + offs_d[None, :],
+                 o1a.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.jit
+def _prefill(
+    q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, out_ptr, w_ptr, lam_ptr,  # pointers
+    T, S, n_prefix, window, lam_init, eps, scale,  # dimensions and scalars
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_ot, s_oh, s_qpb, s_kpb,  # strides
+    G: tl.constexpr, HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,  # meta-parameters
+    DIFF: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m, unit, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, HD)
+    mask_m = offs_m < T
+    qpos = tl.load(qpos_ptr + b * s_qpb + offs_m, mask=mask_m, other=-1)
+    if DIFF:  # unit = query pair (2u, 2u + 1); its kv pair is (2g, 2g + 1), g = u // G
+        h1 = 2 * unit
+        kh1 = 2 * (unit // G)
+    else:
+        h1 = unit
+        kh1 = unit // G
+    q_rows = q_ptr + b * s_qb + offs_m[:, None] * s_qt + offs_d[None, :]
+    q1 = tl.load(q_rows + h1 * s_qh, mask=mask_m[:, None], other=0.0)
+    q2 = q1
+    if DIFF:
+        q2 = tl.load(q_rows + (h1 + 1) * s_qh, mask=mask_m[:, None], other=0.0)
+    m1 = tl.full((BM,), float("-inf"), tl.float32)
+    m2 = tl.full((BM,), float("-inf"), tl.float32)
+    l1 = tl.zeros((BM,), tl.float32)
+    l2 = tl.zeros((BM,), tl.float32)
+    a1a = tl.zeros((BM, HD), tl.float32)
+    a1b = tl.zeros((BM, HD), tl.float32)
+    a2a = tl.zeros((BM, HD), tl.float32)
+    a2b = tl.zeros((BM, HD), tl.float32)
+    m_lo = pid_m * BM
+    own_lo = n_prefix
+    if HAS_WINDOW:
+        own_lo = n_prefix + tl.maximum(m_lo - window + 1, 0)
+    own_hi = n_prefix + tl.minimum(m_lo + BM, T)
+    n_prefix_blocks = tl.cdiv(n_prefix, BN)
+    n_own_blocks = tl.cdiv(own_hi - own_lo, BN)
+    for i in range(n_prefix_blocks + n_own_blocks):
+        in_prefix = i < n_prefix_blocks
+        start = tl.where(in_prefix, i * BN, own_lo + (i - n_prefix_blocks) * BN)
+        end = tl.where(in_prefix, n_prefix, own_hi)
+        kidx = start + tl.arange(0, BN)
+        kmask = kidx < end
+        kpos = tl.load(kpos_ptr + b * s_kpb + kidx, mask=kmask, other=-1)
+        seen = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
+        if HAS_WINDOW:
+            seen = seen & (kpos[None, :] > qpos[:, None] - window)
+        k_rows = k_ptr + b * s_kb + kidx[:, None] * s_ks + offs_d[None, :]
+        v_rows = v_ptr + b * s_vb + kidx[:, None] * s_vs + offs_d[None, :]
+        k1 = tl.load(k_rows + kh1 * s_kh, mask=kmask[:, None], other=0.0)
+        va = tl.load(v_rows + kh1 * s_vh, mask=kmask[:, None], other=0.0)
+        if DIFF:
+            k2 = tl.load(k_rows + (kh1 + 1) * s_kh, mask=kmask[:, None], other=0.0)
+            vb = tl.load(v_rows + (kh1 + 1) * s_vh, mask=kmask[:, None], other=0.0)
+            m1, l1, a1a, a1b = _online_update(q1, k1, m1, l1, a1a, a1b, va, vb, seen, scale, True, PREC)
+            m2, l2, a2a, a2b = _online_update(q2, k2, m2, l2, a2a, a2b, va, vb, seen, scale, True, PREC)
+        else:
+            m1, l1, a1a, a1b = _online_update(q1, k1, m1, l1, a1a, a1b, va, va, seen, scale, False, PREC)
+    inv1 = tl.where(l1 > 0, 1.0 / tl.where(l1 > 0, l1, 1.0), 0.0)[:, None]  # rows that saw no key give 0
+    inv2 = tl.where(l2 > 0, 1.0 / tl.where(l2 > 0, l2, 1.0), 0.0)[:, None]
+    rows = b * s_ob + offs_m * s_ot
+    _finish_and_store(a1a * inv1, a1b * inv1, a2a * inv2, a2b * inv2, out_ptr, w_ptr, lam_ptr, lam_init, eps,
+                      rows, mask_m, s_oh, h1, HD, DIFF)
+
+
+@triton.jit
+def _decode(
+    q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, kvlen_ptr, m_ptr, l_ptr, acc_ptr,  # pointers
+    S, window, scale,  # dimensions and scalars
+    s_qb, s_qh, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_kpb,  # strides
+    G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr,  # meta
+    DIFF: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KVLEN: tl.constexpr,
+):
+    g, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_kv_units = tl.num_programs(0)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, HD)
+    gmask = offs_g < G
+    if DIFF:  # kv pair g serves query pairs g*G .. g*G + G - 1: heads 2j (group 1) and 2j + 1 (group 2)
+        heads = 2 * (g * G + offs_g)
+        kh1 = 2 * g
+    else:
+        heads = g * G + offs_g
+        kh1 = g
+    q_rows = q_ptr + b * s_qb + heads[:, None] * s_qh + offs_d[None, :]
+    q1 = tl.load(q_rows, mask=gmask[:, None], other=0.0).to(tl.float32)
+    q2 = q1
+    if DIFF:
+        q2 = tl.load(q_rows + s_qh, mask=gmask[:, None], other=0.0).to(tl.float32)
+    qpos = tl.load(qpos_ptr + b)
+    n_keys = S
+    if HAS_KVLEN:
+        n_keys = tl.minimum(tl.load(kvlen_ptr + b), S)
+    per_split = tl.cdiv(n_keys, NSPLIT)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n_keys)
+    m1 = tl.full((GP,), float("-inf"), tl.float32)
+    m2 = tl.full((GP,), float("-inf"), tl.float32)
+    l1 = tl.zeros((GP,), tl.float32)
+    l2 = tl.zeros((GP,), tl.float32)
+    a1a = tl.zeros((GP, HD), tl.float32)
+    a1b = tl.zeros((GP, HD), tl.float32)
+    a2a = tl.zeros((GP, HD), tl.float32)
+    a2b = tl.zeros((GP, HD), tl.float32)
+    for start in range(lo, hi, BN):
+        kidx = start + tl.arange(0, BN)
+        kmask = kidx < hi
+        kpos = tl.load(kpos_ptr + b * s_kpb + kidx, mask=kmask, other=-1)
+        seen = (kpos >= 0) & (kpos <= qpos)
+        if HAS_WINDOW:
+            seen = seen & (kpos > qpos - window)
+        k_rows = k_ptr + b * s_kb + kidx[:, None] * s_ks + offs_d[None, :]
+        v_rows = v_ptr + b * s_vb + kidx[:, None] * s_vs + offs_d[None, :]
+        k1 = tl.load(k_rows + kh1 * s_kh, mask=kmask[:, None], other=0.0).to(tl.float32)
+        va = tl.load(v_rows + kh1 * s_vh, mask=kmask[:, None], other=0.0).to(tl.float32)
+        s1 = tl.where(seen[None, :], tl.sum(q1[:, None, :] * k1[None, :, :], 2) * scale, float("-inf"))
+        m1n = tl.maximum(m1, tl.max(s1, 1))
+        m1s = tl.where(m1n == float("-inf"), 0.0, m1n)
+        p1 = tl.exp(s1 - m1s[:, None])
+        al1 = tl.exp(m1 - m1s)
+        l1 = l1 * al1 + tl.sum(p1, 1)
+        a1a = a1a * al1[:, None] + tl.sum(p1[:, :, None] * va[None, :, :], 1)
+        m1 = m1n
+        if DIFF:
+            k2 = tl.load(k_rows + (kh1 + 1) * s_kh, mask=kmask[:, None], other=0.0).to(tl.float32)
+            vb = tl.load(v_rows + (kh1 + 1) * s_vh, mask=kmask[:, None], other=0.0).to(tl.float32)
+            a1b = a1b * al1[:, None] + tl.sum(p1[:, :, None] * vb[None, :, :], 1)
+            s2 = tl.where(seen[None, :], tl.sum(q2[:, None, :] * k2[None, :, :], 2) * scale, float("-inf"))
+            m2n = tl.maximum(m2, tl.max(s2, 1))
+            m2s = tl.where(m2n == float("-inf"), 0.0, m2n)
+            p2 = tl.exp(s2 - m2s[:, None])
+            al2 = tl.exp(m2 - m2s)
+            l2 = l2 * al2 + tl.sum(p2, 1)
+            a2a = a2a * al2[:, None] + tl.sum(p2[:, :, None] * va[None, :, :], 1)
+            a2b = a2b * al2[:, None] + tl.sum(p2[:, :, None] * vb[None, :, :], 1)
+            m2 = m2n
+    part = (b * n_kv_units + g) * NSPLIT + split  # partial-result slot of this program
+    ml = (part * GP + offs_g) * 2
+    tl.store(m_ptr + ml, m1)
+    tl.store(m_ptr + ml + 1, m2)
+    tl.store(l_ptr + ml, l1)
+    tl.store(l_ptr + ml + 1, l2)
+    acc = acc_ptr + ((part * GP + offs_g[:, None]) * 4) * HD + offs_d[None, :]
+    tl.store(acc, a1a)
+    tl.store(acc + HD, a1b)
+    tl.store(acc + 2 * HD, a2a)
+    tl.store(acc + 3 * HD, a2b)
+
+
+@triton.jit
+def _merge(m_ptr, l_ptr, acc_ptr, base, gp, grp, NSPLIT: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr):
+    """Merge the NSPLIT partial softmaxes of one query head (slot gp, group grp) → its (a, b) value halves."""
+    offs_s = tl.arange(0, NSPLIT)
+    offs_d = tl.arange(0, HD)
+    slot = (base + offs_s) * GP + gp  # (NSPLIT,) partial slots of this head
+    m = tl.load(m_ptr + slot * 2 + grp)
+    denom = tl.load(l_ptr + slot * 2 + grp)
+    m_all = tl.max(m, 0)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.exp(m - m_safe)  # 0 for empty splits (m = -inf)
+    total = tl.sum(w * denom, 0)
+    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+    rows = acc_ptr + (slot[:, None] * 4 + 2 * grp) * HD + offs_d[None, :]
+    oa = tl.sum(w[:, None] * tl.load(rows), 0) * inv
+    ob = tl.sum(w[:, None] * tl.load(rows + HD), 0) * inv
+    return oa, ob
+
+
+@triton.jit
+def _combine(
+    m_ptr, l_ptr, acc_ptr, out_ptr, w_ptr, lam_ptr,  # pointers
+    n_kv_units, lam_init, eps,  # dimensions and scalars
+    s_ob, s_oh,  # strides
+    G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, NSPLIT: tl.constexpr, DIFF: tl.constexpr,
+):
+    unit, b = tl.program_id(0), tl.program_id(1)
+    base = (b * n_kv_units + unit // G) * NSPLIT  # first partial slot of this unit's kv unit
+    gp = unit % G
+    o1a, o1b = _merge(m_ptr, l_ptr, acc_ptr, base, gp, 0, NSPLIT, GP, HD)
+    o2a, o2b = _merge(m_ptr, l_ptr, acc_ptr, base, gp, 1, NSPLIT, GP, HD)
+    row = b * s_ob + tl.zeros((1,), tl.int64)  # a one-row tile so the shared store helper applies
+    h_first = 2 * unit if DIFF else unit
+    _finish_and_store(o1a[None, :], o1b[None, :], o2a[None, :], o2b[None, :], out_ptr, w_ptr, lam_ptr,
+                      lam_init, eps, row, row >= 0, s_oh, h_first, HD, DIFF)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, diff: bool) -> None:
+    b, n_heads, _, hd = q.shape
+    n_kv = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != hd or n_heads % n_kv:
+        raise ValueError(f"attention: bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if hd not in (16, 32, 64, 128):
+        raise ValueError(f"the Triton attention kernels need head_dim in (16, 32, 64, 128), got {hd}")
+    if diff and (n_heads % 2 or n_kv % 2):
+        raise ValueError("differential attention needs even n_heads and n_kv_heads")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"attention: {name} must be contiguous in head_dim, got strides {x.stride()}")
+
+
+def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lam, lam_init, weight, eps) -> Tensor:
+    b, n_heads, t, hd = q.shape
+    s, n_kv = k.shape[2], k.shape[1]
+    _check(q, k, v, diff)
+    out = torch.empty(b, t, n_heads, hd, dtype=q.dtype, device=q.device)
+    q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
+    group = n_heads // n_kv  # query units per kv unit (pairs per pair for differential attention)
+    n_units = n_heads // 2 if diff else n_heads
+    w = weight if weight is not None else q
+    lam_t = lam.float().reshape(1) if lam is not None else q_pos
+    has_window = window is not None
+    if t > 1:
+        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        _prefill[(triton.cdiv(t, BLOCK_M), n_units, b)](
+            q, k, v, q_pos, k_pos, out, w, lam_t,
+            t, s, s - t, window or 0, lam_init, eps, hd**-0.5,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            q_pos.stride(0), k_pos.stride(0),
+            G=group, HD=hd, BM=BLOCK_M, BN=BLOCK_N, DIFF=diff, HAS_WINDOW=has_window, PREC=prec,
+            num_warps=8 if hd >= 64 else 4,
+        )
+        return out
+    n_kv_units = n_kv // 2 if diff else n_kv
+    gp = triton.next_power_of_2(group)
+    want = triton.cdiv(TARGET_PROGRAMS, b * n_kv_units)
+    nsplit = max(1, min(triton.next_power_of_2(want), triton.next_power_of_2(triton.cdiv(s, 4 * BLOCK_N_DECODE))))
+    slots = b * n_kv_units * nsplit * gp
+    m_buf = torch.empty(slots * 2, device=q.device)
+    l_buf = torch.empty(slots * 2, device=q.device)
+    acc = torch.empty(slots * 4 * hd, device=q.device)
+    kvl = kv_len.contiguous() if kv_len is not None else q_pos
+    _decode[(n_kv_units, nsplit, b)](
+        q, k, v, q_pos, k_pos, kvl, m_buf, l_buf, acc,
+        s, window or 0, hd**-0.5,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k_pos.stride(0),
+        G=group, GP=gp, HD=hd, BN=BLOCK_N_DECODE, NSPLIT=nsplit, DIFF=diff, HAS_WINDOW=has_window,
+        HAS_KVLEN=kv_len is not None, num_warps=4,
+    )
+    _combine[(n_units, b)](
+        m_buf, l_buf, acc, out, w, lam_t,
+        n_kv_units, lam_init, eps, out.stride(0), out.stride(2),
+        G=group, GP=gp, HD=hd, NSPLIT=nsplit, DIFF=diff, num_warps=1,
+    )
+    return out
+
+
+def diff_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    window: int | None,
+    lambda_full: Tensor,
+    lambda_init: float,
+    subln_weight: Tensor,
+    eps: float,
+    kv_len: Tensor | None = None,
+) -> Tensor:
+    """Triton differential attention; see `diff_attention_ref` for arguments, shapes and returns."""
+    return _run(q, k, v, q_pos, k_pos, window, kv_len, True, lambda_full, lambda_init, subln_weight, eps)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len: Tensor | None = None
+) -> Tensor:
+    """Triton plain GQA attention; see `attention_ref`."""
+    return _run(q, k, v, q_pos, k_pos, window, kv_len, False, None, 0.0, None, 0.0)
