@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,11 @@ from torch import nn
 
 from sambay import SambaY, SambaYConfig
 from sambay.config import sambay_plan
+
+# Without a GPU, Triton kernels run under Triton's interpreter (numpy on the CPU). It must be chosen
+# before any kernel module is imported, so it is set here, at collection time.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DATA = Path(__file__).parent / "data"
 TINY_FIXTURE = DATA / "phi4flash-tiny"

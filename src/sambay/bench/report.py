@@ -1,0 +1,72 @@
+"""Render a benchmark result: a Markdown table, the JSON record and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt(x, digits=0) -> str:
+    return "—" if x is None else f"{x:,.{digits}f}"
+
+
+def table(result: dict) -> str:
+    """Markdown tables of decode, prefill and long-generation rows."""
+    rows = result["rows"]
+    out = ["| system | batch | context | tokens/s | ms/step | limit tokens/s | % of limit |",
+           "|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r.get("kind") == "decode"):
+        if "error" in r:
+            out.append(f"| {r['system']} | {r.get('batch', '')} | {r.get('context', '')} | {r['error'][:60]} "
+                       "| | | |")
+            continue
+        frac = r.get("fraction_of_limit")
+        out.append(f"| {r['system']} | {r['batch']} | {r['context']} | {_fmt(r['tokens_per_s'], 1)} | "
+                   f"{_fmt(r['step_s'] * 1e3, 2)} | {_fmt(r.get('limit_tokens_per_s'), 1)} | "
+                   f"{_fmt(None if frac is None else 100 * frac, 1)} |")
+    out += ["", "| system | prompt tokens | seconds | tokens/s | % of bf16 matmul rate |", "|---|---|---|---|---|"]
+    for r in (r for r in rows if r.get("kind") == "prefill"):
+        frac = r.get("fraction_of_matmul_rate")
+        out.append(f"| {r['system']} | {r['context']} | {_fmt(r['seconds'], 3)} | {_fmt(r['tokens_per_s'], 0)} | "
+                   f"{_fmt(None if frac is None else 100 * frac, 1)} |")
+    for r in (r for r in rows if r.get("kind") == "long-generation"):
+        out += ["", f"Long generation ({r['system']}): batch {r['batch']}, {r['prompt']}-token prompt + "
+                f"{r['new_tokens']} new tokens: prefill {r['prefill_s']:.2f} s, decode {r['decode_s']:.1f} s, "
+                f"{r['tokens_per_s']:,.1f} tokens/s."]
+    return "\n".join(out)
+
+
+def plot(result: dict, path: Path) -> bool:
+    """Decode tokens/s against batch, one line per (system, context); False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in result["rows"] if r.get("kind") == "decode" and "tokens_per_s" in r and "batch" in r]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key in sorted({(r["system"], r["context"]) for r in rows}):
+        pts = sorted((r["batch"], r["tokens_per_s"]) for r in rows if (r["system"], r["context"]) == key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} @ {key[1]}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("decode tokens/s (aggregate)")
+    ax.set_title(f"Decode throughput, {result['hardware'].get('device', '')}")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def write(result: dict, out_dir: Path) -> str:
+    """Write bench.json, bench.md and bench.png into ``out_dir``; returns the Markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
+    md = table(result)
+    (out_dir / "bench.md").write_text(md + "\n")
+    plot(result, out_dir / "bench.png")
+    return md

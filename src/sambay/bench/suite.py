@@ -1,0 +1,149 @@
+"""The whole benchmark in one run: `run(BenchConfig) -> dict`, then `report.write` renders it.
+
+Systems measured side by side (random bf16 weights; nothing here depends on their values):
+- ``sambay``: our engine (Triton kernels, CUDA-graph decode) on the released 3.85B configuration;
+- ``sambay-reference``: the same model on the pure-PyTorch reference ops, eager;
+- ``transformer++``: a dense Transformer++ of the same dimensions (32 full-attention layers, RoPE,
+  plain attention) run by our engine: the architecture-only ratio;
+- ``hf-phi3-eager`` / ``hf-phi3-compile``: HF transformers Phi3ForCausalLM at Phi-4-mini-reasoning's
+  dimensions, each in a fresh process (`hf_baseline`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from sambay.bench import hardware, limits, runs
+from sambay.config import PHI4_MINI_FLASH, TINY, LayerKind, SambaYConfig
+from sambay.model.sambay import SambaY
+
+log = logging.getLogger("sambay.bench")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one benchmark run measures."""
+
+    batches: tuple[int, ...] = (1, 8, 32, 64)
+    largest_batch: int = 512  # "the largest that fits": 512 rows at 32K context need ~106 GB with the weights
+    contexts: tuple[int, ...] = (2048, 8192, 32768)
+    prefill_tokens: tuple[int, ...] = (2048, 8192, 32768)
+    decode_steps: int = 20
+    long_prompt: int = 2048
+    long_new_tokens: int = 32768
+    hf: bool = True
+    smoke: bool = False  # tiny model and sizes: a CPU check of the plumbing, not a measurement
+    reference_contexts: tuple[int, ...] = field(default=(2048,))
+
+
+def transformer_pp(config: SambaYConfig) -> SambaYConfig:
+    """A dense Transformer++ with the dimensions of ``config``: full attention everywhere, RoPE, no DA."""
+    return replace(config, plan=(LayerKind.FULL_ATTENTION,) * config.n_layers, differential=False,
+                   rope_theta=10000.0)
+
+
+def _build(config: SambaYConfig, backend: str) -> SambaY:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = SambaY(config, backend=backend).init_weights(torch.Generator(device).manual_seed(0))
+    return model.to_dtype(torch.bfloat16 if device == "cuda" else torch.float32).eval()
+
+
+def _weight_bytes(model: SambaY) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _fits(model: SambaY, batch: int, context: int) -> bool:
+    if not torch.cuda.is_available():
+        return True
+    need = model.new_cache(batch_size=batch, max_length=context + 64, device="meta").nbytes
+    free, _ = torch.cuda.mem_get_info()
+    return need * 1.1 + 2 * 2**30 < free
+
+
+def _decode_rows(system: str, model: SambaY, bench: BenchConfig, batches, contexts, bw, graphs=True) -> list[dict]:
+    rows, weights = [], _weight_bytes(model)
+    for context in contexts:
+        for batch in batches:
+            row = {"system": system, "kind": "decode", "batch": batch, "context": context}
+            if not _fits(model, batch, context):
+                rows.append({**row, "error": "out of memory"})
+                continue
+            seconds = runs.decode_step_seconds(model, batch, context, bench.decode_steps, graphs)
+            moved = limits.decode_bytes(model.config, weights, batch, context)
+            row.update(step_s=seconds, tokens_per_s=batch / seconds, bytes_per_step=moved)
+            if bw:
+                row.update(limit_tokens_per_s=batch * bw / moved, fraction_of_limit=moved / bw / seconds)
+            rows.append(row)
+            log.info("%s", row)
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def _prefill_rows(system: str, model: SambaY, tokens_list, rate) -> list[dict]:
+    rows = []
+    layers = [*model.self_decoder.layers, *model.cross_decoder.layers]
+    params_by_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    for tokens in tokens_list:
+        seconds = runs.prefill_seconds(model, tokens)
+        flops = limits.prefill_flops(model.config, params_by_layer, model.embed.weight.numel(), tokens)
+        row = {"system": system, "kind": "prefill", "batch": 1, "context": tokens, "seconds": seconds,
+               "tokens_per_s": tokens / seconds, "useful_flops": flops}
+        if rate:
+            row["fraction_of_matmul_rate"] = flops / seconds / rate
+        rows.append(row)
+        log.info("%s", row)
+    return rows
+
+
+def _hf_rows(bench: BenchConfig) -> list[dict]:
+    rows = []
+    for mode, batches in (("eager", [1, 8]), ("compile", [1, 8])):
+        cmd = [sys.executable, "-m", "sambay.bench.hf_baseline", "--mode", mode, "--context", "2048",
+               "--steps", "16" if mode == "eager" else "32", "--batch", *map(str, batches)]
+        if bench.smoke:
+            cmd += ["--tiny", "--context", "64", "--steps", "2"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        got = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or not got:
+            got = [{"system": f"hf-phi3-{mode}", "error": done.stderr[-2000:]}]
+        rows += [{**r, "kind": "decode"} for r in got]
+        log.info("%s", got)
+    return rows
+
+
+def run(bench: BenchConfig) -> dict:
+    """Measure everything; returns {"config", "hardware", "rows"} (rows: one dict per measurement)."""
+    hw = hardware.measure() if torch.cuda.is_available() else {"device": "cpu"}
+    bw, rate = hw.get("copy_bytes_per_s"), hw.get("bf16_flops_per_s")
+    config = TINY if bench.smoke else PHI4_MINI_FLASH
+    graphs = torch.cuda.is_available()
+    rows: list[dict] = []
+    model = _build(config, "auto")
+    batches = (*bench.batches, bench.largest_batch)
+    rows += _decode_rows("sambay", model, bench, batches, bench.contexts, bw, graphs)
+    rows += _prefill_rows("sambay", model, bench.prefill_tokens, rate)
+    if graphs:
+        long = runs.long_generation(model, 1, bench.long_prompt, bench.long_new_tokens)
+        rows.append({"system": "sambay", "kind": "long-generation", **long, "context": bench.long_prompt})
+    with torch.device("meta"):
+        reference = SambaY(config, backend="reference").eval()
+    reference.load_state_dict(model.state_dict(), assign=True)  # the same weights, shared, no copy
+    rows += _decode_rows("sambay-reference", reference, replace(bench, decode_steps=3), (1,),
+                         bench.reference_contexts, bw, graphs=False)
+    rows += _prefill_rows("sambay-reference", reference, bench.reference_contexts, rate)
+    del model, reference
+    torch.cuda.empty_cache() if graphs else None
+    dense = _build(transformer_pp(config), "auto")
+    rows += _decode_rows("transformer++", dense, bench, bench.batches, bench.contexts, bw, graphs)
+    del dense
+    torch.cuda.empty_cache() if graphs else None
+    if bench.hf:
+        rows += _hf_rows(bench)
+    return {"config": asdict(bench), "hardware": hw, "rows": rows}

@@ -1,0 +1,69 @@
+"""CUDA-graph decode: one captured graph per batch size replays a whole decode step without the host.
+
+A SambaY decode step launches a few hundred small kernels (32 layers × norms, projections, the scan
+and attention kernels); launched one by one from Python, launch latency, not memory bandwidth, would
+set the speed. The model's decode path has static shapes and never reads a value back to the host
+(`SambaY.forward(..., check_inputs=False)` with one token per row), so the whole step, and the
+sampling of the next token, can be captured once and replayed (gpt-fast applies `torch.compile` with
+CUDA graphs for the same reason).
+
+Sampling inside the graph: greedy where a row's temperature is 0, otherwise the exponential race
+(argmax of p / E with E ~ Exp(1), which draws from p) on the device's default generator. Per-request
+seeds and top-k / top-p / penalties are not captured: an engine that needs them samples eagerly from
+`GraphedDecoder.logits` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sambay.cache import SambaYCache
+from sambay.model.sambay import SambaY
+
+
+def sample_on_device(logits: Tensor, temperature: Tensor) -> Tensor:
+    """(b, V) logits, (b,) temperatures → (b,) token ids, without a host sync; 0 means greedy."""
+    greedy = logits.argmax(-1)
+    scaled = logits.float() / temperature.clamp(min=1e-5).unsqueeze(-1)
+    probs = torch.softmax(scaled, dim=-1)
+    race = (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+    return torch.where(temperature > 0, race, greedy)
+
+
+class GraphedDecoder:
+    """Replays a captured decode step for one static cache (one batch size).
+
+    Capturing runs warm-up steps that write into ``cache``, so the cache is reset afterwards: capture
+    first, then prefill. Each `step` feeds `tokens` (set them after the prefill) and leaves the next
+    tokens in `tokens` and their logits in `logits`, ready for the next replay.
+    """
+
+    def __init__(self, model: SambaY, cache: SambaYCache, *, warmup_steps: int = 2):
+        if cache.seqlens.device.type != "cuda":
+            raise ValueError("GraphedDecoder needs a model and cache on a CUDA device")
+        b, device = cache.batch_size, cache.seqlens.device
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)  # (b, 1) input of the next step
+        self.temperature = torch.zeros(b, device=device)  # (b,) 0 = greedy
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(warmup_steps):  # compiles kernels, creates cuBLAS handles, outside the capture
+                self._step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.logits = self._step()  # (b, vocab_size), a static output buffer
+        cache.reset()
+        self.tokens.zero_()
+
+    def _step(self) -> Tensor:
+        logits = self.model(self.tokens, self.cache, check_inputs=False)[:, -1]
+        self.tokens.copy_(sample_on_device(logits, self.temperature).view(-1, 1))
+        return logits
+
+    def step(self) -> Tensor:
+        """Run one decode step for every row; returns `tokens` (b, 1), the tokens just sampled."""
+        self.graph.replay()
+        return self.tokens
