@@ -56,7 +56,6 @@ def decode_step_seconds(model: SambaY, batch: int, context: int, steps: int, gra
         for _ in range(steps):
             run()
         seconds = time.perf_counter() - t0
-    del cache
     return seconds / steps
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from sambay.checkpoint import load_model
 from sambay.config import PRESETS
@@ -80,12 +81,12 @@ def build_data(config: TrainConfig, tokenizer: Tokenizer, runtime: Runtime) -> t
 def build_model(config: TrainConfig, runtime: Runtime) -> SambaY:
     """A fresh model of preset ``config.model`` or the weights of ``config.init_from``, fp32, on the device."""
     if config.init_from:
-        model = load_model(config.init_from, dtype=torch.float32, backend="reference", progress=False)
+        model = load_model(config.init_from, dtype=torch.float32, backend="auto", progress=False)
         return model.to(runtime.device).train()
     if config.model not in PRESETS:
         raise ValueError(f"unknown model preset {config.model!r}; choose from {sorted(PRESETS)}")
     generator = torch.Generator().manual_seed(config.seed)  # same init on every rank
-    model = SambaY(PRESETS[config.model], backend="reference").init_weights(generator)
+    model = SambaY(PRESETS[config.model], backend="auto").init_weights(generator)
     return model.to(runtime.device).train()
 
 
@@ -98,5 +99,5 @@ def parallelize(model: SambaY, config: TrainConfig, runtime: Runtime) -> torch.n
     if runtime.world == 1:
         return model
     if config.parallel == "fsdp":
-        return apply_fsdp(model)
+        return apply_fsdp(model, init_device_mesh(runtime.device.type, (runtime.world,)))
     return apply_ddp(model, runtime.device)
