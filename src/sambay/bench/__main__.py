@@ -23,7 +23,8 @@ def main() -> int:
                                   smoke=True, reference_contexts=(16,))
     else:
         bench = suite.BenchConfig(hf=not args.no_hf, long_new_tokens=args.long_new_tokens)
-    print(report.write(suite.run(bench), args.out))
+    result = suite.run(bench, checkpoint=lambda partial: report.write(partial, args.out))
+    print(report.write(result, args.out))
     return 0
 
 

@@ -118,8 +118,12 @@ def _hf_rows(bench: BenchConfig) -> list[dict]:
     return rows
 
 
-def run(bench: BenchConfig) -> dict:
-    """Measure everything; returns {"config", "hardware", "rows"} (rows: one dict per measurement)."""
+def run(bench: BenchConfig, checkpoint=None) -> dict:
+    """Measure everything; returns {"config", "hardware", "rows"} (rows: one dict per measurement).
+
+    ``checkpoint(result)``, when given, is called after each section with the results so far, so a run
+    cut short still leaves its numbers behind.
+    """
     hw = hardware.measure() if torch.cuda.is_available() else {"device": "cpu"}
     bw, rate = hw.get("copy_bytes_per_s"), hw.get("bf16_flops_per_s")
     config = TINY if bench.smoke else PHI4_MINI_FLASH
@@ -128,7 +132,11 @@ def run(bench: BenchConfig) -> dict:
     model = _build(config, "auto")
     batches = (*bench.batches, bench.largest_batch)
     rows += _decode_rows("sambay", model, bench, batches, bench.contexts, bw, graphs)
+    _save = (lambda: checkpoint({"config": asdict(bench), "hardware": hw, "rows": rows})) if checkpoint else (
+        lambda: None)
+    _save()
     rows += _prefill_rows("sambay", model, bench.prefill_tokens, rate)
+    _save()
     if graphs:
         long = runs.long_generation(model, 1, bench.long_prompt, bench.long_new_tokens)
         rows.append({"system": "sambay", "kind": "long-generation", **long, "context": bench.long_prompt})
@@ -138,10 +146,12 @@ def run(bench: BenchConfig) -> dict:
     rows += _decode_rows("sambay-reference", reference, replace(bench, decode_steps=3), (1,),
                          bench.reference_contexts, bw, graphs=False)
     rows += _prefill_rows("sambay-reference", reference, bench.reference_contexts, rate)
+    _save()
     del model, reference
     torch.cuda.empty_cache() if graphs else None
     dense = _build(transformer_pp(config), "auto")
     rows += _decode_rows("transformer++", dense, bench, bench.batches, bench.contexts, bw, graphs)
+    _save()
     del dense
     torch.cuda.empty_cache() if graphs else None
     if bench.hf:

@@ -17,6 +17,9 @@ differential release, the 2 query pairs of a kv pair, both halves, i.e. K1, K2, 
 (the reference's four-call formulation reads each twice). Splits divide each row's visible keys
 (`kv_len`, read on the device), so the grid is static and CUDA-graph safe. `_combine` merges the
 splits and applies λ and the RMSNorm.
+
+Row (batch) program ids are widened to int64 before they scale a stride: a 32K-token cache of 64 rows
+holds more than 2^31 elements, and int32 offsets would wrap.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def _prefill(
     G: tl.constexpr, HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,  # meta-parameters
     DIFF: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m, unit, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, unit, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, HD)
     mask_m = offs_m < T
@@ -147,7 +150,7 @@ def _decode(
     G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr,  # meta
     DIFF: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KVLEN: tl.constexpr,
 ):
-    g, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     n_kv_units = tl.num_programs(0)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, HD)
@@ -249,7 +252,7 @@ def _combine(
     s_ob, s_oh,  # strides
     G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, NSPLIT: tl.constexpr, DIFF: tl.constexpr,
 ):
-    unit, b = tl.program_id(0), tl.program_id(1)
+    unit, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     base = (b * n_kv_units + unit // G) * NSPLIT  # first partial slot of this unit's kv unit
     gp = unit % G
     o1a, o1b = _merge(m_ptr, l_ptr, acc_ptr, base, gp, 0, NSPLIT, GP, HD)

@@ -5,6 +5,9 @@ Same signatures and semantics as `sambay.ops.causal_conv1d`. Prefill: each progr
 previous tile's rows or, at the start of the chunk, from the carried conv state; channels are the
 contiguous axis of x (b, t, d), so every load is coalesced. The new conv state (the last w - 1 valid
 inputs of each row) is gathered with a few small torch ops.
+
+Row (batch) program ids are widened to int64 before they scale a stride: a 32K-token cache of 64 rows
+holds more than 2^31 elements, and int32 offsets would wrap.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def _conv_fwd(
     s_xb, s_xt, s_sb, s_sd, s_ob, s_ot,  # strides (channels contiguous in x and out)
     W: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,  # meta-parameters
 ):
-    pid_b, pid_t, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, pid_t, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_d = pid_d * BD + tl.arange(0, BD)
     mask_d = offs_d < D
@@ -84,7 +87,7 @@ def _conv_update(
     s_x, s_o,  # row strides
     W: tl.constexpr, HAS_BIAS: tl.constexpr, BD: tl.constexpr,  # meta-parameters
 ):
-    pid_b, pid_d = tl.program_id(0), tl.program_id(1)
+    pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs_d = pid_d * BD + tl.arange(0, BD)
     mask = offs_d < D
     x = tl.load(x_ptr + pid_b * s_x + offs_d, mask=mask, other=0.0)

@@ -12,6 +12,9 @@ Prefill runs in three launches so that a long sequence fills the GPU even at bat
 A sequence of at most one chunk skips 1 and 2. Every program keeps its (BLOCK_D, d_state) state in
 registers in fp32; the time loop inside a chunk is sequential, the parallelism is rows × channel
 blocks × chunks.
+
+Row (batch) program ids are widened to int64 before they scale a stride: a 32K-token cache of 64 rows
+holds more than 2^31 elements, and int32 offsets would wrap.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def _chunk_state(
     s_ub, s_ut, s_dtb, s_dtt, s_bb, s_bt,  # strides (u/delta channels and B states are contiguous)
     N: tl.constexpr, BLOCK: tl.constexpr, CHUNK_T: tl.constexpr,  # meta-parameters
 ):
-    pid_b, pid_d, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, pid_d, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
     offs_n = tl.arange(0, N)
     mask_d = offs_d < D
@@ -79,7 +82,7 @@ def _chunk_combine(
     D, n_chunks,  # dimensions
     N: tl.constexpr, BLOCK: tl.constexpr,  # meta-parameters
 ):
-    pid_b, pid_d = tl.program_id(0), tl.program_id(1)
+    pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
     offs_n = tl.arange(0, N)
     mask = (offs_d < D)[:, None]
@@ -98,7 +101,7 @@ def _chunk_output(
     s_ub, s_ut, s_dtb, s_dtt, s_bb, s_bt, s_cb, s_ct, s_zb, s_zt, s_yb, s_yt,  # strides
     N: tl.constexpr, BLOCK: tl.constexpr, CHUNK_T: tl.constexpr, HAS_Z: tl.constexpr,  # meta-parameters
 ):
-    pid_b, pid_d, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, pid_d, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
     offs_n = tl.arange(0, N)
     mask_d = offs_d < D
@@ -188,7 +191,7 @@ def _state_update(
     s_u, s_dt, s_b, s_c, s_z, s_y,  # row strides
     N: tl.constexpr, BLOCK: tl.constexpr, HAS_Z: tl.constexpr,  # meta-parameters
 ):
-    pid_b, pid_d = tl.program_id(0), tl.program_id(1)
+    pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
     offs_n = tl.arange(0, N)
     mask_d = offs_d < D

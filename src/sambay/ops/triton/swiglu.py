@@ -2,6 +2,9 @@
 
 Same signature as `sambay.ops.swiglu.swiglu_ref`. Used by the MLP, the GMU and the memory Mamba,
 where torch would launch two kernels and write an intermediate.
+
+Row (batch) program ids are widened to int64 before they scale a stride: a 32K-token cache of 64 rows
+holds more than 2^31 elements, and int32 offsets would wrap.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ BLOCK = 1024
 
 @triton.jit
 def _swiglu(g_ptr, u_ptr, o_ptr, n_cols, s_g, s_u, s_o, BLOCK_C: tl.constexpr):
-    row, pid = tl.program_id(0), tl.program_id(1)
+    row, pid = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < n_cols
     g = tl.load(g_ptr + row * s_g + cols, mask=mask, other=0.0).to(tl.float32)
