@@ -279,9 +279,9 @@ for _arch in ARCHITECTURES:
     PRESETS[f"{_arch}-900m"] = variant(
         _arch, n_layers=16, d_model=1536, n_heads=24, vocab_size=200064, window=512, max_seq_len=65536
     )
-    # Tiny: the shape of TINY above (the golden fixture), for tests of every architecture.
+    # Tiny: the shape of TINY above (the golden fixture) with room for a 512-id test tokenizer.
     PRESETS[f"{_arch}-tiny"] = variant(
-        _arch, n_layers=4, d_model=64, n_heads=4, vocab_size=256, window=8, max_seq_len=4096
+        _arch, n_layers=4, d_model=64, n_heads=4, vocab_size=512, window=8, max_seq_len=4096
     )
 
 # The arithmetic demo (scripts/make_arithmetic_data.py): the release layout (SambaY-DA, NoPE, GMU,

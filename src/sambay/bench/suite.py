@@ -137,9 +137,6 @@ def run(bench: BenchConfig, checkpoint=None) -> dict:
     _save()
     rows += _prefill_rows("sambay", model, bench.prefill_tokens, rate)
     _save()
-    if graphs:
-        long = runs.long_generation(model, 1, bench.long_prompt, bench.long_new_tokens)
-        rows.append({"system": "sambay", "kind": "long-generation", **long, "context": bench.long_prompt})
     with torch.device("meta"):
         reference = SambaY(config, backend="reference").eval()
     reference.load_state_dict(model.state_dict(), assign=True)  # the same weights, shared, no copy
@@ -147,8 +144,7 @@ def run(bench: BenchConfig, checkpoint=None) -> dict:
                          bench.reference_contexts, bw, graphs=False)
     rows += _prefill_rows("sambay-reference", reference, bench.reference_contexts, rate)
     _save()
-    del model, reference
-    torch.cuda.empty_cache() if graphs else None
+    del reference
     dense = _build(transformer_pp(config), "auto")
     rows += _decode_rows("transformer++", dense, bench, bench.batches, bench.contexts, bw, graphs)
     _save()
@@ -156,4 +152,8 @@ def run(bench: BenchConfig, checkpoint=None) -> dict:
     torch.cuda.empty_cache() if graphs else None
     if bench.hf:
         rows += _hf_rows(bench)
+        _save()
+    if graphs:  # last: the longest single measurement
+        long = runs.long_generation(model, 1, bench.long_prompt, bench.long_new_tokens)
+        rows.append({"system": "sambay", "kind": "long-generation", **long, "context": bench.long_prompt})
     return {"config": asdict(bench), "hardware": hw, "rows": rows}

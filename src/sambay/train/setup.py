@@ -79,14 +79,17 @@ def build_data(config: TrainConfig, tokenizer: Tokenizer, runtime: Runtime) -> t
 
 
 def build_model(config: TrainConfig, runtime: Runtime) -> SambaY:
-    """A fresh model of preset ``config.model`` or the weights of ``config.init_from``, fp32, on the device."""
+    """A fresh model of preset ``config.model`` or the weights of ``config.init_from``, fp32, on the device.
+
+    The ops backend is "reference": the Triton kernels are inference-only (no backward).
+    """
     if config.init_from:
-        model = load_model(config.init_from, dtype=torch.float32, backend="auto", progress=False)
+        model = load_model(config.init_from, dtype=torch.float32, backend="reference", progress=False)
         return model.to(runtime.device).train()
     if config.model not in PRESETS:
         raise ValueError(f"unknown model preset {config.model!r}; choose from {sorted(PRESETS)}")
     generator = torch.Generator().manual_seed(config.seed)  # same init on every rank
-    model = SambaY(PRESETS[config.model], backend="auto").init_weights(generator)
+    model = SambaY(PRESETS[config.model], backend="reference").init_weights(generator)
     return model.to(runtime.device).train()
 
 

@@ -56,6 +56,8 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    if not state:  # ranks other than 0 receive nothing with cpu_offload
+        return {}, []
     tensors = {f"{name}/{key}": torch.as_tensor(value).cpu() for name, entry in state["state"].items()
                for key, value in entry.items()}
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state["param_groups"]]
