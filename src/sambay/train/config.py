@@ -104,7 +104,7 @@ def field_types() -> dict[str, type]:
 def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A `TrainConfig` from a TOML file (optional) with ``overrides`` applied on top.
 
-    Relative paths in the file (``train_files``, ``eval_files``, ``tokenizer``, ``init_from``) are
+    Relative paths in the file (data files, tokenizer, init_from and the output directories) are
     resolved against the file's directory, so a config can sit next to its data.
 
     Raises:
@@ -116,10 +116,10 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
         base = Path(path).resolve().parent
         for name in ("train_files", "eval_files"):
             if name in values:
-                values[name] = [str(base / p) for p in values[name]]
-        for name in ("tokenizer", "init_from"):
+                values[name] = [str((base / p).resolve()) for p in values[name]]
+        for name in ("tokenizer", "init_from", "out_dir", "data_dir", "final_model_dir"):
             if values.get(name):
-                values[name] = str(base / values[name])
+                values[name] = str((base / values[name]).resolve())
     values.update(overrides or {})
     types = field_types()
     unknown = sorted(set(values) - set(types))

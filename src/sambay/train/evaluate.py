@@ -95,7 +95,7 @@ def greedy_generate(
 
 def exact_match(
     model: SambaY, tokenizer: Tokenizer, examples: Sequence[dict], *, max_new_tokens: int = 512,
-    batch_size: int = 64,
+    batch_size: int = 128,
 ) -> dict[str, float]:
     """Accuracy of greedy answers on chat examples whose last message is the reference reply.
 

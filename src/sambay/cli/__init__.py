@@ -1,0 +1,1 @@
+"""Command-line interface: `sambay generate`, `sambay chat` (see `sambay.cli.__main__`)."""

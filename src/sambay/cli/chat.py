@@ -1,0 +1,116 @@
+"""`sambay chat`: an interactive conversation with a model, in the terminal.
+
+    sambay chat --model DIR [--system TEXT] [sampling flags]
+
+Each reply streams as it is generated: the reasoning dimmed, then the answer, then the token count and
+speed. The history keeps the answers only (not the reasoning), as reasoning-model servers send it back.
+Commands: `/reset` forgets the conversation, `/system <text>` sets the system message (and resets),
+`/exit` (or Ctrl-D) quits. Ctrl-C stops the reply being generated and drops that turn.
+
+Every turn re-reads the whole conversation (the cache is not kept between turns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import closing
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from sambay.cli._common import (
+    StreamTimer,
+    add_model_arguments,
+    add_sampling_arguments,
+    load_engine,
+    model_options,
+    prompt_ids,
+    sampling_params,
+)
+from sambay.cli._output import REASONING_STYLE, ReplyPrinter, make_console
+from sambay.generate import Engine, SamplingParams
+
+HELP = "chat with a model interactively"
+COMMANDS_HELP = "commands: /reset, /system <text>, /exit (Ctrl-D); Ctrl-C stops a reply"
+
+
+@dataclass
+class Conversation:
+    """The system message and the turns so far."""
+
+    system: str | None = None
+    turns: list[dict] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, *self.turns]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", metavar="TEXT", help="the system message")
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    options = model_options(args)
+    params = sampling_params(args)
+    console = make_console()
+    engine = load_engine(options, make_console(stderr=True))
+    console.print(COMMANDS_HELP, style=REASONING_STYLE)
+    conversation = Conversation(system=args.system)
+    while (line := _read_line(console)) is not None:
+        if line.startswith("/"):
+            if not _command(line, conversation, console):
+                return 0
+        elif line:
+            _turn(engine, params, conversation, line, console)
+    return 0
+
+
+def _read_line(console: Console) -> str | None:
+    """The next input line, stripped; None at end of input. Ctrl-C here only prints a hint."""
+    while True:
+        try:
+            return input("> " if sys.stdin.isatty() else "").strip()
+        except EOFError:
+            console.print()
+            return None
+        except KeyboardInterrupt:
+            console.print("\n(/exit or Ctrl-D to quit)", style=REASONING_STYLE)
+
+
+def _command(line: str, conversation: Conversation, console: Console) -> bool:
+    """Run a /command; False means exit."""
+    name, _, rest = line.partition(" ")
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/reset":
+        conversation.turns.clear()
+        console.print("(conversation reset)", style=REASONING_STYLE)
+    elif name == "/system":
+        conversation.system, conversation.turns = rest.strip() or None, []
+        console.print(f"(system message {'set' if rest.strip() else 'cleared'}; conversation reset)",
+                      style=REASONING_STYLE)
+    else:
+        console.print(f"unknown command {name}; {COMMANDS_HELP}", style=REASONING_STYLE)
+    return True
+
+
+def _turn(engine: Engine, params: SamplingParams, conversation: Conversation, text: str, console: Console) -> None:
+    """Generate and print one reply; on Ctrl-C drop the turn."""
+    conversation.turns.append({"role": "user", "content": text})
+    printer, timer = ReplyPrinter(console), StreamTimer()
+    try:
+        with closing(engine.stream([prompt_ids(engine, conversation.messages())], params)) as stream:
+            for step in timer.run(stream):
+                printer.feed("".join(d.text for d in step))
+    except KeyboardInterrupt:
+        printer.finish()
+        conversation.turns.pop()
+        console.print("(reply interrupted)", style=REASONING_STYLE)
+        return
+    reply = printer.finish()
+    conversation.turns.append({"role": "assistant", "content": reply.content})
+    console.print(f"({timer.tokens} tokens, {timer.tokens_per_s:.1f} tokens/s)", style=REASONING_STYLE)

@@ -1,0 +1,166 @@
+"""The training loop, readable top to bottom (nanoGPT's shape): lr, eval, checkpoint, micro-steps, clip, step, log.
+
+One function, `train`, runs pretraining (text), supervised fine-tuning (chat JSONL with an
+assistant-only loss mask, usually with ``init_from``), on one process or many (DDP / FSDP2 under
+``torchrun``). Batches are defined globally: step s reads windows ``[s·G, (s+1)·G)`` of the data
+order, G = micro_batch_size · grad_accum · world, rank r taking its own slice of each micro-step,
+and the loss is normalised by the number of loss tokens in the *global* batch. So the same global
+batch gives the same update on any number of processes, and a resumed run reads exactly the batches
+the interrupted one would have read.
+
+Dtype policy: parameters and optimiser state fp32; forward under bf16 autocast (CPU or CUDA) unless
+``dtype = "float32"``; the loss in fp32. Released-format weights are written at the end in
+``save_dtype`` with `sambay.save_model`, with the tokenizer files copied alongside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sambay.checkpoint import save_model
+from sambay.model.sambay import SambaY
+from sambay.train.config import TrainConfig
+from sambay.train.data import PackedData
+from sambay.train.evaluate import eval_loss, exact_match, summarize, token_nll
+from sambay.train.metrics import MetricLogger
+from sambay.train.optim import build_optimizer, lr_at, set_lr
+from sambay.train.parallel import no_sync
+from sambay.train.setup import Runtime, build_data, build_model, build_tokenizer, parallelize, setup_distributed
+from sambay.train.state import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    """Sums ``values`` over ranks (float64)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train(config: TrainConfig) -> dict:
+    """Runs (or resumes) one training run; returns the final metrics (on every rank)."""
+    rt = setup_distributed(config)
+    torch.manual_seed(config.seed)
+    tokenizer = build_tokenizer(config)
+    train_data, eval_data = build_data(config, tokenizer, rt)
+    model = parallelize(build_model(config, rt), config, rt)
+    optimizer = build_optimizer(model, config)
+    log = MetricLogger(config.out_dir, enabled=rt.is_main, tensorboard=config.tensorboard)
+    micro, accum = config.micro_batch_size, config.grad_accum
+    global_batch = micro * accum * rt.world
+    step, last = 0, {}
+    checkpoint = latest_checkpoint(config.checkpoint_dir) if config.resume else None
+    if checkpoint is not None:
+        step = load_checkpoint(checkpoint, model, optimizer)["step"]
+    t0, tokens_seen = time.perf_counter(), 0
+    while step < config.max_steps:
+        lr = lr_at(step, config)
+        set_lr(optimizer, lr)
+        if config.eval_every and step % config.eval_every == 0 and step > 0:
+            last = run_eval(model, eval_data, config, rt)
+            log.log(step, "eval", **last)
+        # the global batch of this step: every rank reads its slices, all agree on the loss-token count
+        first = step * global_batch
+        batches = [train_data.batch(first + (m * rt.world + rt.rank) * micro, micro).to(rt.device)
+                   for m in range(accum)]
+        n_loss = _all_reduce([float(sum(int(b.mask.sum()) for b in batches))], rt.device)[0]
+        loss_sum = 0.0
+        for m, batch in enumerate(batches):
+            with no_sync(model, skip=m < accum - 1), _autocast(config, rt.device):
+                nll = (token_nll(model, batch.inputs, batch.targets) * batch.mask).sum()
+            # gradients are averaged over ranks by DDP / FSDP: scale back up to a global token mean
+            (nll * rt.world / max(n_loss, 1.0)).backward()
+            loss_sum += float(nll.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += global_batch * config.seq_len
+        if step % config.log_every == 0 or step == config.max_steps:
+            loss = _all_reduce([loss_sum], rt.device)[0] / max(n_loss, 1.0)
+            elapsed = time.perf_counter() - t0
+            log.log(step, "train", loss=loss, lr=lr, grad_norm=float(_full(grad_norm)),
+                    tokens_per_s=tokens_seen / elapsed, elapsed_s=elapsed)
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            save_checkpoint(config.checkpoint_dir, step, model, optimizer,
+                            {"samples_seen": step * global_batch, "config": config.to_dict()},
+                            keep=config.keep_checkpoints)
+    last = run_eval(model, eval_data, config, rt)
+    final = {**last, **finish(model, tokenizer, eval_data, config, rt)}
+    log.log(step, "final", **final)
+    log.close()
+    return final
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (FSDP's gradient norm), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def run_eval(model: torch.nn.Module, data: PackedData, config: TrainConfig, rt: Runtime) -> dict:
+    """Held-out loss and bits per byte over ``eval_batches`` micro-batches per rank, reduced over ranks."""
+    model.eval()
+    n = min(config.eval_batches * config.micro_batch_size * rt.world, data.n_windows)
+    per_rank = -(-n // rt.world)
+    mine = range(rt.rank * per_rank, min((rt.rank + 1) * per_rank, n))
+    batches = [data.batch(i, min(config.micro_batch_size, mine.stop - i)).to(rt.device)
+               for i in range(mine.start, mine.stop, config.micro_batch_size)]
+    totals = eval_loss(model, batches, data.token_bytes, _autocast(config, rt.device))
+    if not batches and dist.is_initialized() and config.parallel == "fsdp":
+        raise ValueError("too few held-out windows to give every rank one (FSDP needs all ranks in every forward)")
+    reduced = _all_reduce(list(totals.values()), rt.device)
+    model.train()
+    return summarize(dict(zip(totals, reduced, strict=True)))
+
+
+def finish(model: torch.nn.Module, tokenizer, eval_data: PackedData, config: TrainConfig, rt: Runtime) -> dict:
+    """Writes the released-format model on rank 0 (and scores greedy exact match if asked)."""
+    state = full_model_state(model)  # collective under FSDP
+    out: dict = {}
+    if rt.is_main:
+        plain = SambaY(model_config(model), backend="auto")
+        plain.load_state_dict(state)
+        plain.to(rt.device).eval()
+        if config.generate_eval:
+            examples = _held_out_chats(config)[: config.generate_eval]
+            with _autocast(config, rt.device):
+                out = exact_match(plain, tokenizer, examples, max_new_tokens=config.max_new_tokens)
+        dtype = torch.bfloat16 if config.save_dtype == "bfloat16" else torch.float32
+        save_model(plain.to_dtype(dtype), config.model_dir)
+        source = Path(config.tokenizer or config.init_from)
+        for name in TOKENIZER_FILES:
+            if (source / name).exists():
+                shutil.copyfile(source / name, config.model_dir / name)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def model_config(model: torch.nn.Module):
+    """The SambaYConfig of a possibly wrapped model."""
+    return getattr(model, "module", model).config
+
+
+def _held_out_chats(config: TrainConfig) -> list[dict]:
+    """Chat examples of the eval files, in file order."""
+    examples = []
+    for path in config.eval_files:
+        with open(path, encoding="utf-8") as f:
+            examples += [json.loads(line) for line in f if line.strip()]
+    return [e for e in examples if "messages" in e]
