@@ -63,7 +63,9 @@ def test_hidden_states_of_every_layer_match_reference():
     captured = []
     blocks = [*model.self_decoder.layers, *model.cross_decoder.layers]
     hooks = [b.register_forward_pre_hook(lambda m, args: captured.append(args[0].clone())) for b in blocks]
-    hooks.append(model.norm.register_forward_hook(lambda m, args, out: captured.append(out.clone())))
+    norm = model.norm  # the final LayerNorm, applied to the last block's output
+    hooks.append(blocks[-1].register_forward_hook(lambda m, args, out: captured.append(
+        torch.nn.functional.layer_norm(out[0], (out[0].shape[-1],), norm.weight, norm.bias, norm.eps))))
     with torch.no_grad():
         model(ids)
     for h in hooks:

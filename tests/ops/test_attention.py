@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sambay.ops import attention_ref, diff_attention_ref
+from sambay.ops.attention import lambda_value
 from tests.tolerances import FP32, assert_close
 
 
@@ -61,18 +62,19 @@ def test_diff_attention_matches_four_call_oracle(b, h, hk, t, s_extra, hd, windo
     q_pos = torch.arange(s_extra, s).expand(b, t)
     k_pos = torch.randperm(s, generator=g).expand(b, s).clone()  # ring buffers hold keys out of order
     k = k[:, :, k_pos[0]]  # keep k/v consistent with the permuted positions (content is random anyway)
-    lam, lam_init = torch.tensor(0.37), 0.5
+    lambdas, lam_init = [torch.randn(hd, generator=g) * 0.3 for _ in range(4)], 0.5
     w = torch.randn(2 * hd, generator=g)
-    out = diff_attention_ref(q, k, v, q_pos, k_pos, window, lam, lam_init, w, 1e-5)
-    ref = _diff_oracle(q, k, v, q_pos, k_pos, window, lam.double(), lam_init, w, 1e-5)
+    out = diff_attention_ref(q, k, v, q_pos, k_pos, window, *lambdas, lam_init, w, 1e-5)
+    lam = lambda_value(*lambdas, lam_init).double()
+    ref = _diff_oracle(q, k, v, q_pos, k_pos, window, lam, lam_init, w, 1e-5)
     assert_close(out, ref, **FP32, what="diff attention")
 
 
 def test_query_that_sees_no_key_returns_zeros():
     q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
     k_pos = torch.tensor([[-1, -1, 5]])  # two empty slots; the third key is in the future of query 0
-    out = diff_attention_ref(q, k, v, torch.tensor([[0, 5]]), k_pos, None, torch.tensor(0.3), 0.5,
-                             torch.ones(16), 1e-5)
+    lambdas = [torch.full((8,), 0.1)] * 4
+    out = diff_attention_ref(q, k, v, torch.tensor([[0, 5]]), k_pos, None, *lambdas, 0.5, torch.ones(16), 1e-5)
     assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0])) and out[:, 1].abs().sum() > 0
     plain = attention_ref(q, k, v, torch.tensor([[0, 5]]), k_pos, None)
     assert torch.equal(plain[:, 0], torch.zeros_like(plain[:, 0]))

@@ -124,3 +124,4 @@ def test_causal_conv_state_with_lengths_ends_at_each_row():
     assert torch.equal(new_state[0], x[0, 3:].T)
     assert torch.equal(new_state[1], torch.cat([state[1, :, 2:], x[1, :2].T], 1))
     assert torch.equal(new_state[2], state[2])
+

@@ -170,11 +170,12 @@ def _attn_inputs(b, h, hk, t, cached, hd, dtype, kv_hint, seed=4):
 def test_diff_attention_matches_reference(dtype, case):
     b, h, hk, t, cached, hd, window, kv_hint = case
     q, k, v, q_pos, k_pos, kv_len = _attn_inputs(b, h, hk, t, cached, hd, dtype, kv_hint)
-    lam, w = torch.tensor(0.41, device=DEVICE), torch.randn(2 * hd, generator=_gen(5), device=DEVICE).to(dtype)
-    out = tri_attention.diff_attention(q, k, v, q_pos, k_pos, window, lam, 0.55, w, 1e-5, kv_len)
+    lambdas = [torch.randn(hd, generator=_gen(7 + i), device=DEVICE) * 0.3 for i in range(4)]
+    w = torch.randn(2 * hd, generator=_gen(5), device=DEVICE).to(dtype)
+    out = tri_attention.diff_attention(q, k, v, q_pos, k_pos, window, *lambdas, 0.55, w, 1e-5, kv_len)
 
     def ref(q, k, v, w):
-        return diff_attention_ref(q, k, v, q_pos, k_pos, window, lam, 0.55, w, 1e-5, kv_len)
+        return diff_attention_ref(q, k, v, q_pos, k_pos, window, *lambdas, 0.55, w, 1e-5, kv_len)
 
     _compare(out, ref, [q, k, v, w], dtype, f"diff attention {case}")
 
@@ -198,3 +199,25 @@ def test_unsupported_head_dim_is_a_clear_error():
 def test_gates_use_fp32_math():
     g, u = torch.full((1, 4), 30.0, device=DEVICE), torch.ones(1, 4, device=DEVICE)
     assert_close(tri_swiglu.swiglu(g, u), F.silu(g) * u, atol=1e-5, rtol=1e-6, what="large gate")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("d", [64, 2560 if ON_GPU else 40])
+def test_add_layer_norm_matches_reference(dtype, with_delta, d):
+    from sambay.ops import add_layer_norm_ref
+    from sambay.ops.triton import layer_norm as tri_norm
+
+    g = _gen(8)
+    x = torch.randn(3, 5, d, generator=g, device=DEVICE) * 3
+    delta = torch.randn(3, 5, d, generator=g, device=DEVICE).to(dtype) if with_delta else None
+    weight = (torch.randn(d, generator=g, device=DEVICE) * 0.1 + 1).to(dtype)
+    bias = (torch.randn(d, generator=g, device=DEVICE) * 0.1).to(dtype)
+    x_new, h = tri_norm.add_layer_norm(x, delta, weight, bias, 1e-5)
+    x_ref, h_ref = add_layer_norm_ref(x, delta, weight, bias, 1e-5)
+    assert x_new.dtype == torch.float32 and h.dtype == dtype
+    assert_close(x_new, x_ref, **FP32, what="residual")
+    if dtype == torch.float32:
+        assert_close(h, h_ref, atol=1e-4, rtol=1e-4, what="norm")
+    else:  # the same rounded input and fp32 statistics: at most one unit in the last place apart
+        assert_low_precision(h, h_ref, h_ref.float(), what="norm")

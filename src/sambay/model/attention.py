@@ -60,11 +60,9 @@ class DifferentialCore(nn.Module):
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len=None
     ) -> Tensor:
-        lam1 = torch.exp((self.lambda_q1.float() * self.lambda_k1.float()).sum())
-        lam2 = torch.exp((self.lambda_q2.float() * self.lambda_k2.float()).sum())
-        lambda_full = lam1 - lam2 + self.lambda_init  # 0-d fp32
         return self.ops.diff_attention(
-            q, k, v, q_pos, k_pos, window, lambda_full, self.lambda_init, self.subln.weight, self.eps, kv_len
+            q, k, v, q_pos, k_pos, window, self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2,
+            self.lambda_init, self.subln.weight, self.eps, kv_len,
         )
 
 
@@ -176,8 +174,7 @@ class SlidingWindowAttention(_SelfAttention):
             slot = span.start % size
             cache.k[rows, :, slot] = k[:, :, 0]
             cache.v[rows, :, slot] = v[:, :, 0]
-            k_pos = ring_positions(span.start + 1, size)  # (b, size); slot j holds a position >= j
-            kv_len = torch.clamp(span.start + 1, max=size)
+            k_pos, kv_len = span.decode_ring(size)  # (b, size), (b,); slot j holds a position >= j
             return self._attend(q, cache.k, cache.v, span.q_pos, k_pos, kv_len), None
         k_all = torch.cat([cache.k, k], dim=2)  # (b, n_kv_heads, size + t, hd): ring, then the new keys
         v_all = torch.cat([cache.v, v], dim=2)

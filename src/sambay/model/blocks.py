@@ -24,18 +24,18 @@ class Block(nn.Module):
 
     def __init__(self, mixer: nn.Module, config: SambaYConfig, ops: Ops):
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        self.norm1 = nn.LayerNorm(config.d_model, eps=config.norm_eps)  # parameters; the op applies them
         self.mixer = mixer
         self.norm2 = nn.LayerNorm(config.d_model, eps=config.norm_eps)
         self.mlp = SwiGLUMLP(config.d_model, config.d_ff, ops)
+        self.eps, self.ops = config.norm_eps, ops
 
     def forward(self, x: Tensor, *context) -> tuple[Tensor, object]:
         """x: (b, t, d_model) fp32 residual; ``context`` is what this block's mixer reads (span, cache, …)."""
-        dtype = self.norm1.weight.dtype
-        out, aux = self.mixer(self.norm1(x.to(dtype)), *context)
-        x = x + out.float()
-        x = x + self.mlp(self.norm2(x.to(dtype))).float()
-        return x, aux
+        _, h = self.ops.add_layer_norm(x, None, self.norm1.weight, self.norm1.bias, self.eps)
+        out, aux = self.mixer(h, *context)
+        x, h = self.ops.add_layer_norm(x, out, self.norm2.weight, self.norm2.bias, self.eps)
+        return x + self.mlp(h), aux  # a model-dtype branch added into the fp32 stream
 
 
 def build_mixer(config: SambaYConfig, layer_index: int, ops: Ops) -> nn.Module:

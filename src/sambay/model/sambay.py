@@ -105,7 +105,7 @@ class SambaY(nn.Module):
     def __init__(self, config: SambaYConfig, *, backend: str = "auto"):
         super().__init__()
         ops = resolve_backend(backend)
-        self.config = config
+        self.config, self.ops = config, ops
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.self_decoder = SelfDecoder(config, ops)
         self.cross_decoder = CrossDecoder(config, ops)
@@ -209,7 +209,7 @@ class SambaY(nn.Module):
             if memory is not None:
                 memory = memory.gather(1, idx.view(-1, 1, 1).expand(-1, 1, memory.shape[-1]))
         x = self.cross_decoder(x, span, memory, shared)
-        h = self.norm(x.to(self.dtype))
+        _, h = self.ops.add_layer_norm(x, None, self.norm.weight, self.norm.bias, self.config.norm_eps)
         logits = F.linear(h, self.embed.weight if self.lm_head is None else self.lm_head.weight)
         if cache is not None:
             cache.seqlens += tokens.shape[1] if lengths is None else lengths

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from sambay.cache import ring_positions
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class Span:
     start: Tensor  # (b,) int64 tokens already in the cache before this call
     lengths: Tensor | None  # (b,) int64 valid new tokens; None: every row uses all t columns
     q_pos: Tensor  # (b, t) int64 absolute position of each new token
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)  # per-call values shared by layers
 
     @staticmethod
     def make(start: Tensor, t: int, lengths: Tensor | None) -> Span:
@@ -29,6 +32,14 @@ class Span:
     def is_decode(self) -> bool:
         """One token per row, every row valid: the static-shape, sync-free decode path applies."""
         return self.lengths is None and self.q_pos.shape[1] == 1
+
+    def decode_ring(self, size: int) -> tuple[Tensor, Tensor]:
+        """After this decode step's write: positions held by a ring of ``size`` slots, (b, size), and the
+        number of slots in use, (b,). Computed once per call and shared by every sliding-window layer."""
+        if size not in self._memo:
+            end = self.start + 1
+            self._memo[size] = (ring_positions(end, size), torch.clamp(end, max=size))
+        return self._memo[size]
 
     @property
     def end(self) -> Tensor:

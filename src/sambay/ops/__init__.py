@@ -16,12 +16,14 @@ from dataclasses import dataclass
 
 from sambay.ops.attention import attention_ref, diff_attention_ref, visibility
 from sambay.ops.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
+from sambay.ops.layer_norm import add_layer_norm_ref
 from sambay.ops.selective_scan import selective_scan_ref, selective_state_update_ref
 from sambay.ops.swiglu import swiglu_ref
 
 __all__ = [
     "BACKENDS",
     "Ops",
+    "add_layer_norm_ref",
     "attention_ref",
     "causal_conv1d_ref",
     "causal_conv1d_update_ref",
@@ -48,6 +50,7 @@ class Ops:
     diff_attention: Callable
     attention: Callable
     swiglu: Callable
+    add_layer_norm: Callable
 
 
 REFERENCE = Ops(
@@ -59,6 +62,7 @@ REFERENCE = Ops(
     diff_attention=diff_attention_ref,
     attention=attention_ref,
     swiglu=swiglu_ref,
+    add_layer_norm=add_layer_norm_ref,
 )
 
 BACKENDS = ("auto", "reference", "triton")
@@ -76,7 +80,7 @@ def _triton_ops() -> Ops:
 
     if not (torch.cuda.is_available() or _interpreting()):
         raise RuntimeError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 for slow CPU tests)")
-    from sambay.ops.triton import attention, causal_conv1d, selective_scan, swiglu
+    from sambay.ops.triton import attention, causal_conv1d, layer_norm, selective_scan, swiglu
 
     return Ops(
         name="triton",
@@ -87,6 +91,7 @@ def _triton_ops() -> Ops:
         diff_attention=attention.diff_attention,
         attention=attention.attention,
         swiglu=swiglu.swiglu,
+        add_layer_norm=layer_norm.add_layer_norm,
     )
 
 
@@ -142,4 +147,5 @@ def resolve_backend(name: str = "auto") -> Ops:
         diff_attention=_attention_by_device(fast.diff_attention, REFERENCE.diff_attention),
         attention=_attention_by_device(fast.attention, REFERENCE.attention),
         swiglu=_by_device(fast.swiglu, REFERENCE.swiglu),
+        add_layer_norm=_by_device(fast.add_layer_norm, REFERENCE.add_layer_norm),
     )

@@ -34,6 +34,11 @@ def visibility(q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len: Tensor 
     return seen
 
 
+def lambda_value(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, lambda_init: float) -> Tensor:
+    """λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init, a 0-d fp32 tensor (Differential Transformer eq. 2)."""
+    return torch.exp((q1.float() * k1.float()).sum()) - torch.exp((q2.float() * k2.float()).sum()) + lambda_init
+
+
 def _grouped_attention(q: Tensor, k: Tensor, v: Tensor, seen: Tensor) -> Tensor:
     """softmax(q kᵀ / sqrt(hd)) v in fp32, GQA by reshaping queries into their key groups.
 
@@ -57,7 +62,10 @@ def diff_attention_ref(
     q_pos: Tensor,
     k_pos: Tensor,
     window: int | None,
-    lambda_full: Tensor,
+    lambda_q1: Tensor,
+    lambda_k1: Tensor,
+    lambda_q2: Tensor,
+    lambda_k2: Tensor,
     lambda_init: float,
     subln_weight: Tensor,
     eps: float,
@@ -71,7 +79,9 @@ def diff_attention_ref(
         q_pos: (b, t) int64 absolute positions of the queries.
         k_pos: (b, s) int64 absolute positions of the keys; negative = empty slot.
         window: sliding-window size (None = full causal).
-        lambda_full: 0-d fp32, λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init.
+        lambda_q1, lambda_k1, lambda_q2, lambda_k2: (head_dim,) fp32 vectors of the layer's λ, one scalar
+            for all heads: λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init (computed here, so a kernel needs no
+            extra launches for it).
         lambda_init: the layer's λ_init = 0.8 - 0.6 exp(-0.3 · layer_index).
         subln_weight: (2 * head_dim,) RMSNorm weight over the concatenated value halves.
         eps: RMSNorm epsilon.
@@ -89,7 +99,8 @@ def diff_attention_ref(
     v_pairs = torch.cat([v[:, 0::2], v[:, 1::2]], dim=-1)  # (b, n_kv/2, s, 2hd): [v1 | v2]
     o1 = _grouped_attention(q[:, 0::2], k[:, 0::2], v_pairs, seen)  # (b, n_heads/2, t, 2hd): [A11 | A12]
     o2 = _grouped_attention(q[:, 1::2], k[:, 1::2], v_pairs, seen)  # [A21 | A22]
-    o = o1 - lambda_full.float() * o2
+    lambda_full = lambda_value(lambda_q1, lambda_k1, lambda_q2, lambda_k2, lambda_init)
+    o = o1 - lambda_full * o2
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * subln_weight.float() * (1.0 - lambda_init)
     return o.transpose(1, 2).reshape(b, t, n_heads, hd).to(q.dtype)  # pair j -> heads 2j, 2j+1
 

@@ -123,13 +123,13 @@ def worked_solution(a: int, op: str, b: int) -> tuple[str, int]:
 
 
 def make_problem(rng: random.Random) -> dict:
-    """One chat example: ``{"messages": [user, assistant], "answer": str}``."""
+    """One chat example: ``{"messages": [user, assistant], "answer": str, "task": operator}``."""
     a, b, op = _operand(rng), _operand(rng), rng.choice(OPS)
     reasoning, result = worked_solution(a, op, b)
     question = rng.choice(PHRASINGS).format(a=a, op=op, b=b)
     reply = f"<think>\n{reasoning}\n</think>\n{result}"
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}],
-            "answer": str(result)}
+            "answer": str(result), "task": op}
 
 
 def make_split(n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:

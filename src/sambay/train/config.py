@@ -35,6 +35,7 @@ class TrainConfig:
     grad_accum: int = 1
     # optimiser (AdamW; weight decay on matrices only)
     max_steps: int = 1000
+    max_minutes: float = 0.0  # training time budget (0: none); fits max_steps to it, see sambay.train.loop
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # final lr as a fraction of lr
     schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant"
@@ -57,6 +58,7 @@ class TrainConfig:
     generate_eval: int = 0  # at the end: held-out chat examples scored by greedy exact match
     max_new_tokens: int = 512  # generation budget of that evaluation
     log_every: int = 10
+    peak_tflops: float = 0.0  # the accelerator's dense peak (H200 bf16: ~790) for the logged MFU; 0: not logged
     tensorboard: bool = False  # also write TensorBoard events (needs the `tensorboard` package)
     checkpoint_every: int = 100  # steps between training checkpoints (0: never)
     keep_checkpoints: int = 2
@@ -75,6 +77,8 @@ class TrainConfig:
         for name in ("seq_len", "micro_batch_size", "grad_accum", "max_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_minutes < 0 or self.peak_tflops < 0:
+            raise ValueError("max_minutes and peak_tflops must be >= 0")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
 

@@ -108,10 +108,11 @@ def exact_match(
         batch_size: rows per generation batch.
 
     Returns:
-        {"accuracy": fraction correct, "n": number of examples}.
+        {"accuracy": fraction correct, "n": number of examples}, plus ``"accuracy/<task>"`` and
+        ``"n/<task>"`` per value of the examples' optional ``"task"`` field.
     """
     stop_ids = tokenizer.stop_token_ids()
-    correct = 0
+    correct, by_task = 0, {}
     for first in range(0, len(examples), batch_size):
         chunk = examples[first : first + batch_size]
         prompts = [tokenizer.apply_chat_template(e["messages"][:-1], add_generation_prompt=True) for e in chunk]
@@ -119,5 +120,11 @@ def exact_match(
         for example, ids in zip(chunk, outputs, strict=True):
             expected = example.get("answer") or split_reasoning(example["messages"][-1]["content"]).content
             answer = split_reasoning(tokenizer.decode(ids, skip_special_tokens=True)).content
-            correct += answer.strip() == str(expected).strip()
-    return {"accuracy": correct / max(len(examples), 1), "n": len(examples)}
+            right = answer.strip() == str(expected).strip()
+            correct += right
+            if "task" in example:
+                by_task.setdefault(example["task"], []).append(right)
+    out = {"accuracy": correct / max(len(examples), 1), "n": len(examples)}
+    for task, results in sorted(by_task.items()):
+        out |= {f"accuracy/{task}": sum(results) / len(results), f"n/{task}": len(results)}
+    return out

@@ -8,6 +8,12 @@ and the loss is normalised by the number of loss tokens in the *global* batch. S
 batch gives the same update on any number of processes, and a resumed run reads exactly the batches
 the interrupted one would have read.
 
+Time budget: with ``max_minutes`` set, the loop times steps ``first + 5 .. first + 25`` of this
+process (after the warm-up of kernels and allocator) and lowers ``max_steps`` once to the steps that
+fit the budget, so the schedule (a WSD decay, say) still runs to its end; it also stops outright
+if the budget is spent, then saves and evaluates as usual. The budget covers the steps only, not the
+data preparation, the final evaluation or the save. A resumed run fits its own remaining budget.
+
 Dtype policy: parameters and optimiser state fp32; forward under bf16 autocast (CPU or CUDA) unless
 ``dtype = "float32"``; the loss in fp32. Released-format weights are written at the end in
 ``save_dtype`` with `sambay.save_model`, with the tokenizer files copied alongside.
@@ -16,6 +22,7 @@ Dtype policy: parameters and optimiser state fp32; forward under bf16 autocast (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -68,8 +75,9 @@ def train(config: TrainConfig) -> dict:
     checkpoint = latest_checkpoint(config.checkpoint_dir) if config.resume else None
     if checkpoint is not None:
         step = load_checkpoint(checkpoint, model, optimizer)["step"]
-    t0, tokens_seen = time.perf_counter(), 0
-    while step < config.max_steps:
+    t0, tokens_seen, first_step, train_loss = time.perf_counter(), 0, step, float("nan")
+    budget = _Budget(config.max_minutes * 60.0, first_step, rt.device)
+    while step < config.max_steps and not budget.spent():
         lr = lr_at(step, config)
         set_lr(optimizer, lr)
         if config.eval_every and step % config.eval_every == 0 and step > 0:
@@ -92,20 +100,74 @@ def train(config: TrainConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += global_batch * config.seq_len
-        if step % config.log_every == 0 or step == config.max_steps:
-            loss = _all_reduce([loss_sum], rt.device)[0] / max(n_loss, 1.0)
+        config = budget.fit(config, step)
+        if step % config.log_every == 0 or step == config.max_steps or budget.spent():
+            train_loss = _all_reduce([loss_sum], rt.device)[0] / max(n_loss, 1.0)
             elapsed = time.perf_counter() - t0
-            log.log(step, "train", loss=loss, lr=lr, grad_norm=float(_full(grad_norm)),
+            log.log(step, "train", loss=train_loss, lr=lr, grad_norm=float(_full(grad_norm)),
                     tokens_per_s=tokens_seen / elapsed, elapsed_s=elapsed)
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             save_checkpoint(config.checkpoint_dir, step, model, optimizer,
                             {"samples_seen": step * global_batch, "config": config.to_dict()},
                             keep=config.keep_checkpoints)
+    speed = throughput(model, config, step - first_step, tokens_seen, time.perf_counter() - t0)
     last = run_eval(model, eval_data, config, rt)
-    final = {**last, **finish(model, tokenizer, eval_data, config, rt)}
+    final = {**last, "train_loss": train_loss, **speed, **finish(model, tokenizer, eval_data, config, rt)}
     log.log(step, "final", **final)
     log.close()
     return final
+
+
+class _Budget:
+    """The wall-clock budget of the steps: when it is spent, and how many steps fit into it.
+
+    Under several processes both answers are agreed over ranks (the slowest rank decides), so every
+    rank runs the same steps.
+    """
+
+    def __init__(self, seconds: float, first_step: int, device: torch.device, skip: int = 5, probe: int = 20):
+        self.seconds, self.first, self.device, self.skip, self.probe = seconds, first_step, device, skip, probe
+        self.start, self.t_probe = time.perf_counter(), 0.0
+
+    def _agreed(self, value: float, op) -> float:
+        if not dist.is_initialized():
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return float(t)
+
+    def spent(self) -> bool:
+        if not self.seconds:
+            return False
+        return self._agreed(time.perf_counter() - self.start, dist.ReduceOp.MAX) >= self.seconds
+
+    def fit(self, config: TrainConfig, step: int) -> TrainConfig:
+        """``config`` with max_steps lowered to what fits, once, ``skip + probe`` steps in."""
+        if not self.seconds:
+            return config
+        done, now = step - self.first, time.perf_counter()
+        if done == self.skip:
+            self.t_probe = now
+        if done != self.skip + self.probe:
+            return config
+        per_step = self._agreed((now - self.t_probe) / self.probe, dist.ReduceOp.MAX)
+        fit = step + int((self.seconds - (now - self.start)) / per_step)
+        return dataclasses.replace(config, max_steps=max(step, min(config.max_steps, fit)))
+
+
+def throughput(model: torch.nn.Module, config: TrainConfig, steps: int, tokens: int, seconds: float) -> dict:
+    """Steps, tokens and speed of this process's steps; model FLOPs as 6 · parameters · tokens/s.
+
+    6N per token (forward 2N, backward 4N) leaves out attention's score FLOPs, small at these
+    windows; MFU divides by ``peak_tflops`` when given.
+    """
+    params = sum(p.numel() for p in model.parameters())  # FSDP's DTensors count their global shape
+    tokens_per_s = tokens / max(seconds, 1e-9)
+    out = {"steps": steps, "tokens": tokens, "train_s": seconds, "tokens_per_s": tokens_per_s,
+           "params": params, "model_tflops": 6 * params * tokens_per_s / 1e12}
+    if config.peak_tflops:
+        out["mfu"] = out["model_tflops"] / config.peak_tflops
+    return out
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -137,16 +199,16 @@ def finish(model: torch.nn.Module, tokenizer, eval_data: PackedData, config: Tra
         plain = SambaY(model_config(model), backend="auto")
         plain.load_state_dict(state)
         plain.to(rt.device).eval()
-        if config.generate_eval:
-            examples = _held_out_chats(config)[: config.generate_eval]
-            with _autocast(config, rt.device):
-                out = exact_match(plain, tokenizer, examples, max_new_tokens=config.max_new_tokens)
         dtype = torch.bfloat16 if config.save_dtype == "bfloat16" else torch.float32
-        save_model(plain.to_dtype(dtype), config.model_dir)
+        save_model(plain.to_dtype(dtype), config.model_dir)  # saved first: a failing evaluation loses nothing
         source = Path(config.tokenizer or config.init_from)
         for name in TOKENIZER_FILES:
             if (source / name).exists():
                 shutil.copyfile(source / name, config.model_dir / name)
+        if config.generate_eval:  # scores the weights as saved (save_dtype), the way they will be used
+            examples = _held_out_chats(config)[: config.generate_eval]
+            with _autocast(config, rt.device):
+                out = exact_match(plain, tokenizer, examples, max_new_tokens=config.max_new_tokens)
     if dist.is_initialized():
         dist.barrier()
     return out

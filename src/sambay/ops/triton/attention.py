@@ -14,9 +14,10 @@ window), which is what makes a long sliding-window prefill linear in t.
 Decode (`_decode` + `_combine`, t = 1): split-K ("flash-decoding"). One program per (row, kv unit,
 split) reads each K and V block once and serves every query head that maps to it: for the
 differential release, the 2 query pairs of a kv pair, both halves, i.e. K1, K2, V1, V2 each read once
-(the reference's four-call formulation reads each twice). Splits divide each row's visible keys
-(`kv_len`, read on the device), so the grid is static and CUDA-graph safe. `_combine` merges the
-splits and applies λ and the RMSNorm.
+(the reference's four-call formulation reads each twice). The few query rows are padded to a 16-row
+tile so the products run on tensor cores; the kernel stays bound by the K/V bytes it streams. Splits
+divide each row's visible keys (`kv_len`, read on the device), so the grid is static and CUDA-graph
+safe. `_combine` merges the splits and applies λ and the RMSNorm.
 
 Row (batch) program ids are widened to int64 before they scale a stride: a 32K-token cache of 64 rows
 holds more than 2^31 elements, and int32 offsets would wrap.
@@ -31,8 +32,9 @@ from torch import Tensor
 
 BLOCK_M = 64  # queries per prefill program
 BLOCK_N = 64  # keys per prefill step
-BLOCK_N_DECODE = 32  # keys per decode step: (heads × 32 × head_dim) broadcast products stay in registers
-TARGET_PROGRAMS = 528  # decode grid target: 4 waves over the H200's 132 SMs
+BLOCK_N_DECODE = 64  # keys per decode step
+DECODE_ROWS = 16  # query rows per decode program, padded up to the smallest tl.dot tile (2 real rows here)
+TARGET_PROGRAMS = 2048  # decode grid target: ~16 programs per SM on the H200's 132, enough loads in flight
 
 
 @triton.jit
@@ -56,10 +58,15 @@ def _finish_and_store(
     o1a, o1b, o2a, o2b, out_ptr, w_ptr, lam_ptr, lam_init, eps, rows, row_mask, s_oh, h_first,
     HD: tl.constexpr, DIFF: tl.constexpr,
 ):
+    # lam_ptr: the four λ vectors, (4, HD) fp32 rows q1, k1, q2, k2
     """Differential: RMSNorm(O1 - λ O2) · (1 - λ_init) into heads h_first, h_first + 1; plain: O1 into h_first."""
     offs_d = tl.arange(0, HD)
     if DIFF:
-        lam = tl.load(lam_ptr)
+        lq1 = tl.load(lam_ptr + offs_d).to(tl.float32)
+        lk1 = tl.load(lam_ptr + HD + offs_d).to(tl.float32)
+        lq2 = tl.load(lam_ptr + 2 * HD + offs_d).to(tl.float32)
+        lk2 = tl.load(lam_ptr + 3 * HD + offs_d).to(tl.float32)
+        lam = tl.exp(tl.sum(lq1 * lk1, 0)) - tl.exp(tl.sum(lq2 * lk2, 0)) + lam_init
         oa = o1a - lam * o2a
         ob = o1b - lam * o2b
         r = tl.rsqrt((tl.sum(oa * oa, 1) + tl.sum(ob * ob, 1)) / (2 * HD) + eps)
@@ -148,7 +155,7 @@ def _decode(
     S, window, scale,  # dimensions and scalars
     s_qb, s_qh, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_kpb,  # strides
     G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr,  # meta
-    DIFF: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    DIFF: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KVLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     g, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     n_kv_units = tl.num_programs(0)
@@ -162,10 +169,10 @@ def _decode(
         heads = g * G + offs_g
         kh1 = g
     q_rows = q_ptr + b * s_qb + heads[:, None] * s_qh + offs_d[None, :]
-    q1 = tl.load(q_rows, mask=gmask[:, None], other=0.0).to(tl.float32)
+    q1 = tl.load(q_rows, mask=gmask[:, None], other=0.0)  # (GP, HD): GP >= 16 rows so tl.dot applies
     q2 = q1
     if DIFF:
-        q2 = tl.load(q_rows + s_qh, mask=gmask[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(q_rows + s_qh, mask=gmask[:, None], other=0.0)
     qpos = tl.load(qpos_ptr + b)
     n_keys = S
     if HAS_KVLEN:
@@ -188,31 +195,18 @@ def _decode(
         seen = (kpos >= 0) & (kpos <= qpos)
         if HAS_WINDOW:
             seen = seen & (kpos > qpos - window)
+        seen = seen[None, :] & (offs_g >= 0)[:, None]  # (GP, BN)
         k_rows = k_ptr + b * s_kb + kidx[:, None] * s_ks + offs_d[None, :]
         v_rows = v_ptr + b * s_vb + kidx[:, None] * s_vs + offs_d[None, :]
-        k1 = tl.load(k_rows + kh1 * s_kh, mask=kmask[:, None], other=0.0).to(tl.float32)
-        va = tl.load(v_rows + kh1 * s_vh, mask=kmask[:, None], other=0.0).to(tl.float32)
-        s1 = tl.where(seen[None, :], tl.sum(q1[:, None, :] * k1[None, :, :], 2) * scale, float("-inf"))
-        m1n = tl.maximum(m1, tl.max(s1, 1))
-        m1s = tl.where(m1n == float("-inf"), 0.0, m1n)
-        p1 = tl.exp(s1 - m1s[:, None])
-        al1 = tl.exp(m1 - m1s)
-        l1 = l1 * al1 + tl.sum(p1, 1)
-        a1a = a1a * al1[:, None] + tl.sum(p1[:, :, None] * va[None, :, :], 1)
-        m1 = m1n
-        if DIFF:
-            k2 = tl.load(k_rows + (kh1 + 1) * s_kh, mask=kmask[:, None], other=0.0).to(tl.float32)
-            vb = tl.load(v_rows + (kh1 + 1) * s_vh, mask=kmask[:, None], other=0.0).to(tl.float32)
-            a1b = a1b * al1[:, None] + tl.sum(p1[:, :, None] * vb[None, :, :], 1)
-            s2 = tl.where(seen[None, :], tl.sum(q2[:, None, :] * k2[None, :, :], 2) * scale, float("-inf"))
-            m2n = tl.maximum(m2, tl.max(s2, 1))
-            m2s = tl.where(m2n == float("-inf"), 0.0, m2n)
-            p2 = tl.exp(s2 - m2s[:, None])
-            al2 = tl.exp(m2 - m2s)
-            l2 = l2 * al2 + tl.sum(p2, 1)
-            a2a = a2a * al2[:, None] + tl.sum(p2[:, :, None] * va[None, :, :], 1)
-            a2b = a2b * al2[:, None] + tl.sum(p2[:, :, None] * vb[None, :, :], 1)
-            m2 = m2n
+        k1 = tl.load(k_rows + kh1 * s_kh, mask=kmask[:, None], other=0.0)
+        va = tl.load(v_rows + kh1 * s_vh, mask=kmask[:, None], other=0.0)
+        if DIFF:  # K1, K2, V1, V2 each read once for all 2G query heads of this kv pair
+            k2 = tl.load(k_rows + (kh1 + 1) * s_kh, mask=kmask[:, None], other=0.0)
+            vb = tl.load(v_rows + (kh1 + 1) * s_vh, mask=kmask[:, None], other=0.0)
+            m1, l1, a1a, a1b = _online_update(q1, k1, m1, l1, a1a, a1b, va, vb, seen, scale, True, PREC)
+            m2, l2, a2a, a2b = _online_update(q2, k2, m2, l2, a2a, a2b, va, vb, seen, scale, True, PREC)
+        else:
+            m1, l1, a1a, a1b = _online_update(q1, k1, m1, l1, a1a, a1b, va, va, seen, scale, False, PREC)
     part = (b * n_kv_units + g) * NSPLIT + split  # partial-result slot of this program
     ml = (part * GP + offs_g) * 2
     tl.store(m_ptr + ml, m1)
@@ -277,7 +271,12 @@ def _check(q: Tensor, k: Tensor, v: Tensor, diff: bool) -> None:
             raise ValueError(f"attention: {name} must be contiguous in head_dim, got strides {x.stride()}")
 
 
-def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lam, lam_init, weight, eps) -> Tensor:
+def _lambda_rows(lambdas: tuple[Tensor, ...] | None, like: Tensor) -> Tensor:
+    """The four λ vectors as one (4, head_dim) fp32 tensor the kernels read (``like`` as a dummy for plain)."""
+    return like if lambdas is None else torch.stack(lambdas).float()
+
+
+def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lambdas, lam_init, weight, eps) -> Tensor:
     b, n_heads, t, hd = q.shape
     s, n_kv = k.shape[2], k.shape[1]
     _check(q, k, v, diff)
@@ -286,7 +285,7 @@ def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lam, lam_init, weight, eps
     group = n_heads // n_kv  # query units per kv unit (pairs per pair for differential attention)
     n_units = n_heads // 2 if diff else n_heads
     w = weight if weight is not None else q
-    lam_t = lam.float().reshape(1) if lam is not None else q_pos
+    lam_t = _lambda_rows(lambdas, q_pos)
     has_window = window is not None
     if t > 1:
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -301,7 +300,7 @@ def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lam, lam_init, weight, eps
         )
         return out
     n_kv_units = n_kv // 2 if diff else n_kv
-    gp = triton.next_power_of_2(group)
+    gp = max(DECODE_ROWS, triton.next_power_of_2(group))
     want = triton.cdiv(TARGET_PROGRAMS, b * n_kv_units)
     nsplit = max(1, min(triton.next_power_of_2(want), triton.next_power_of_2(triton.cdiv(s, 4 * BLOCK_N_DECODE))))
     slots = b * n_kv_units * nsplit * gp
@@ -315,7 +314,7 @@ def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lam, lam_init, weight, eps
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         k_pos.stride(0),
         G=group, GP=gp, HD=hd, BN=BLOCK_N_DECODE, NSPLIT=nsplit, DIFF=diff, HAS_WINDOW=has_window,
-        HAS_KVLEN=kv_len is not None, num_warps=4,
+        HAS_KVLEN=kv_len is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )
     _combine[(n_units, b)](
         m_buf, l_buf, acc, out, w, lam_t,
@@ -332,14 +331,18 @@ def diff_attention(
     q_pos: Tensor,
     k_pos: Tensor,
     window: int | None,
-    lambda_full: Tensor,
+    lambda_q1: Tensor,
+    lambda_k1: Tensor,
+    lambda_q2: Tensor,
+    lambda_k2: Tensor,
     lambda_init: float,
     subln_weight: Tensor,
     eps: float,
     kv_len: Tensor | None = None,
 ) -> Tensor:
     """Triton differential attention; see `diff_attention_ref` for arguments, shapes and returns."""
-    return _run(q, k, v, q_pos, k_pos, window, kv_len, True, lambda_full, lambda_init, subln_weight, eps)
+    lambdas = (lambda_q1, lambda_k1, lambda_q2, lambda_k2)
+    return _run(q, k, v, q_pos, k_pos, window, kv_len, True, lambdas, lambda_init, subln_weight, eps)
 
 
 def attention(
