@@ -91,3 +91,15 @@ def test_realistic_head_size_decode_equals_full_forward_across_the_window():
         steps = [gpu(ids[:, :40].cuda(), cache, last_only=False)]
         steps += [gpu(ids[:, t : t + 1].cuda(), cache) for t in range(40, 150)]
     assert_close(torch.cat(steps, 1).cpu(), full, atol=2e-3, rtol=2e-3, what="decode")
+
+
+def test_engine_with_cuda_graph_decode_equals_eager_engine():
+    from sambay.generate import Engine, SamplingParams
+    from sambay.generate.cuda_graphs import CudaGraphDecode
+
+    model = sambay.load_model(CHECKPOINT, device="cuda", dtype=torch.float32, backend="triton", progress=False)
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, n=2)
+    eager = Engine(model).generate(prompts, params)
+    graphed = Engine(model, decode=CudaGraphDecode()).generate(prompts, params)
+    assert [[c.token_ids for c in row] for row in graphed] == [[c.token_ids for c in row] for row in eager]

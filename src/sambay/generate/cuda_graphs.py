@@ -34,18 +34,24 @@ def sample_on_device(logits: Tensor, temperature: Tensor) -> Tensor:
 class GraphedDecoder:
     """Replays a captured decode step for one static cache (one batch size).
 
-    Capturing runs warm-up steps that write into ``cache``, so the cache is reset afterwards: capture
-    first, then prefill. Each `step` feeds `tokens` (set them after the prefill) and leaves the next
-    tokens in `tokens` and their logits in `logits`, ready for the next replay.
+    With ``sample=True`` (the default) the graph also samples: each `step` feeds `tokens` and leaves the
+    next tokens in `tokens` and their logits in `logits`. With ``sample=False`` it only computes
+    `logits` from `tokens`, for an engine that samples eagerly (per-request seeds, penalties, top-p).
+
+    Capturing runs warm-up steps that write into ``cache``. With ``preserve=False`` the cache is reset
+    afterwards (capture first, then prefill); with ``preserve=True`` its contents are saved before and
+    restored after, so a cache that already holds a prefill can be captured mid-generation.
     """
 
-    def __init__(self, model: SambaY, cache: SambaYCache, *, warmup_steps: int = 2):
+    def __init__(self, model: SambaY, cache: SambaYCache, *, sample: bool = True, preserve: bool = False,
+                 warmup_steps: int = 2):
         if cache.seqlens.device.type != "cuda":
             raise ValueError("GraphedDecoder needs a model and cache on a CUDA device")
         b, device = cache.batch_size, cache.seqlens.device
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.sample = model, cache, sample
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)  # (b, 1) input of the next step
         self.temperature = torch.zeros(b, device=device)  # (b,) 0 = greedy
+        saved = [t.clone() for t in (*cache.tensors(), cache.seqlens)] if preserve else None
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.inference_mode():
@@ -55,15 +61,41 @@ class GraphedDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.inference_mode():
             self.logits = self._step()  # (b, vocab_size), a static output buffer
-        cache.reset()
+        if saved is None:
+            cache.reset()
+        else:
+            for t, s in zip((*cache.tensors(), cache.seqlens), saved, strict=True):
+                t.copy_(s)
         self.tokens.zero_()
 
     def _step(self) -> Tensor:
         logits = self.model(self.tokens, self.cache, check_inputs=False)[:, -1]
-        self.tokens.copy_(sample_on_device(logits, self.temperature).view(-1, 1))
+        if self.sample:
+            self.tokens.copy_(sample_on_device(logits, self.temperature).view(-1, 1))
         return logits
 
     def step(self) -> Tensor:
         """Run one decode step for every row; returns `tokens` (b, 1), the tokens just sampled."""
         self.graph.replay()
         return self.tokens
+
+
+class CudaGraphDecode:
+    """A drop-in ``decode(model, token, cache) -> logits`` for `Engine` that replays a CUDA graph.
+
+    The first call for a cache captures a graph bound to it (about a second, preserving what the cache
+    holds); later calls copy the tokens in and replay. The engine keeps sampling eagerly.
+    """
+
+    def __init__(self) -> None:
+        self._decoder: GraphedDecoder | None = None
+
+    def __call__(self, model: SambaY, token: Tensor, cache: SambaYCache) -> Tensor:
+        if token.device.type != "cuda":
+            return model(token, cache, check_inputs=False)[:, -1]
+        if self._decoder is None or self._decoder.cache is not cache or self._decoder.model is not model:
+            self._decoder = None  # release the previous graph's memory pool first
+            self._decoder = GraphedDecoder(model, cache, sample=False, preserve=True)
+        self._decoder.tokens.copy_(token)
+        self._decoder.graph.replay()
+        return self._decoder.logits

@@ -211,6 +211,7 @@ class Engine:
         dtype: torch.dtype | None = None,
         backend: str = "auto",
         progress: bool = True,
+        cuda_graphs: bool | None = None,
     ) -> Engine:
         """Load a model directory (weights, tokenizer, generation_config.json) into an Engine.
 
@@ -218,6 +219,7 @@ class Engine:
             model_dir: checkpoint directory (see `sambay.load_model`).
             tokenizer_dir: where the tokenizer files are (default: ``model_dir``).
             device, dtype, backend, progress: as for `sambay.load_model`.
+            cuda_graphs: replay decode steps from a CUDA graph (default: on when the model is on a GPU).
         """
         from sambay.checkpoint import load_model
         from sambay.tokenizer import load_tokenizer
@@ -226,7 +228,12 @@ class Engine:
         tokenizer = load_tokenizer(tokenizer_dir or model_dir)
         config_file = Path(model_dir) / "generation_config.json"
         generation_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        return cls(model, tokenizer, stop_token_ids=tokenizer.stop_token_ids(generation_config))
+        stop_ids = tokenizer.stop_token_ids(generation_config)
+        if cuda_graphs if cuda_graphs is not None else model.device.type == "cuda":
+            from sambay.generate.cuda_graphs import CudaGraphDecode
+
+            return cls(model, tokenizer, stop_token_ids=stop_ids, decode=CudaGraphDecode())
+        return cls(model, tokenizer, stop_token_ids=stop_ids)
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Prompt ids: a string is encoded as plain text (no chat template), ids are passed through."""
