@@ -29,6 +29,11 @@ def table(result: dict) -> str:
         frac = r.get("fraction_of_matmul_rate")
         out.append(f"| {r['system']} | {r['context']} | {_fmt(r['seconds'], 3)} | {_fmt(r['tokens_per_s'], 0)} | "
                    f"{_fmt(None if frac is None else 100 * frac, 1)} |")
+    for r in (r for r in rows if r.get("kind") == "profile"):
+        out += ["", f"Profile of one eager decode step ({r['system']}, batch {r['batch']}, context {r['context']}): "
+                f"{r['kernels_per_step']:.0f} kernels, {r['kernel_ms_per_step']:.2f} ms of kernel time.", "",
+                "| kernel | ms/step | calls/step |", "|---|---|---|"]
+        out += [f"| `{name}` | {ms:.3f} | {calls:.0f} |" for name, ms, calls in r["top"]]
     for r in (r for r in rows if r.get("kind") == "long-generation"):
         out += ["", f"Long generation ({r['system']}): batch {r['batch']}, {r['prompt']}-token prompt + "
                 f"{r['new_tokens']} new tokens: prefill {r['prefill_s']:.2f} s, decode {r['decode_s']:.1f} s, "

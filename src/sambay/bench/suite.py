@@ -132,6 +132,10 @@ def run(bench: BenchConfig, checkpoint=None) -> dict:
     model = _build(config, "auto")
     batches = (*bench.batches, bench.largest_batch)
     rows += _decode_rows("sambay", model, bench, batches, bench.contexts, bw, graphs)
+    if graphs:
+        from sambay.bench.profile import decode_profile
+
+        rows.append({"system": "sambay", "kind": "profile", **decode_profile(model, 1, bench.contexts[0])})
     _save = (lambda: checkpoint({"config": asdict(bench), "hardware": hw, "rows": rows})) if checkpoint else (
         lambda: None)
     _save()
