@@ -69,4 +69,9 @@ def test_exact_match_scores_answers(corpus):
     tokenizer = load_tokenizer(corpus / "tokenizer")
     model = random_model(small_config(vocab_size=320), seed=0)
     examples = make_split(3, seed=5)
-    assert exact_match(model, tokenizer, examples, max_new_tokens=4) == {"accuracy": 0.0, "n": 3}
+    tasks = {e["task"] for e in examples}
+    expected = {"accuracy": 0.0, "n": 3} | {f"accuracy/{t}": 0.0 for t in tasks}
+    expected |= {f"n/{t}": sum(e["task"] == t for e in examples) for t in tasks}
+    assert exact_match(model, tokenizer, examples, max_new_tokens=4) == expected
+    untagged = [{k: v for k, v in e.items() if k != "task"} for e in examples]
+    assert exact_match(model, tokenizer, untagged, max_new_tokens=4) == {"accuracy": 0.0, "n": 3}

@@ -14,16 +14,19 @@ import sys
 from typing import NoReturn
 
 import sambay.cli
-from sambay.cli import bench, chat, generate, train
+from sambay.cli import bench, bench_serve, chat, generate, serve, train
 from sambay.cli._common import UsageError
 
-COMMANDS = {"bench": bench, "chat": chat, "generate": generate, "train": train}
+COMMANDS = {"bench": bench, "bench-serve": bench_serve, "chat": chat, "generate": generate, "serve": serve,
+            "train": train}
 
 
 def _check_commands() -> None:
     """Every public module of `sambay.cli` is a command in the table, and the other way round."""
     modules = {m.name for m in pkgutil.iter_modules(sambay.cli.__path__) if not m.name.startswith("_")}
-    assert modules == set(COMMANDS), f"sambay.cli modules {sorted(modules)} != COMMANDS {sorted(COMMANDS)}"
+    table = {module.__name__.rsplit(".", 1)[-1] for module in COMMANDS.values()}  # "bench-serve" → bench_serve
+    assert modules == table, f"sambay.cli modules {sorted(modules)} != COMMANDS {sorted(table)}"
+    assert all(name.replace("-", "_") == module.__name__.rsplit(".", 1)[-1] for name, module in COMMANDS.items())
 
 
 class _Parser(argparse.ArgumentParser):

@@ -41,16 +41,19 @@ class ModelOptions:
 
 
 def resolve_model_dir(arg: str | None) -> Path:
-    """The model directory to use. The one place a default model would be plugged in."""
+    """The model directory to use: ``--model`` when given, else the embedded arithmetic demo model."""
     if arg is None:
-        raise UsageError("--model DIR is required (a directory with config.json and safetensors weights)")
+        from sambay.default_model import default_model_dir
+
+        return default_model_dir()
     return Path(arg)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --tokenizer, --device, --dtype."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", metavar="DIR", help="model directory (config.json, safetensors, tokenizer files)")
+    group.add_argument("--model", metavar="DIR", help="model directory (config.json, safetensors, tokenizer "
+                       "files; default: the embedded arithmetic demo model)")
     group.add_argument("--tokenizer", metavar="DIR", help="directory with the tokenizer files (default: --model)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     group.add_argument("--dtype", default="auto", choices=list(_DTYPES),

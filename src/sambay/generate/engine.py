@@ -130,8 +130,9 @@ class Completion:
     finish_reason: str | None = None
 
 
-class _Sequence:
-    """Host-side state of one row: token count, detokenizer, stop strings, finish reason."""
+class SequenceState:
+    """Host-side state of one row: token count, detokenizer, stop strings, finish reason (also used by
+    `sambay.generate.scheduler`)."""
 
     def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, stop_ids: frozenset[int], limit: int):
         self.detok = tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens) if tokenizer else None
@@ -288,7 +289,7 @@ class Engine:
         if params.has_penalties:
             vocab = self.model.config.vocab_size
             penalties = PenaltyState.from_prompts(batch.tokens, batch.lengths, vocab).repeat(n)
-        seqs = [_Sequence(self.tokenizer, params, stop_ids, batch.max_new_tokens) for _ in range(b * n)]
+        seqs = [SequenceState(self.tokenizer, params, stop_ids, batch.max_new_tokens) for _ in range(b * n)]
 
         logits = self._prefill(self.model, batch.tokens, leading_rows(cache, b), batch.lengths)  # (b, vocab)
         if n > 1:
@@ -296,7 +297,7 @@ class Engine:
             cache.copy_rows(rows.repeat(n - 1), torch.arange(b, b * n, device=device))
             logits = logits.repeat(n, 1)  # (b * n, vocab)
         while True:
-            out = sample(self._mask_unused(logits), params, generators, penalties)
+            out = sample(self.mask_unused(logits), params, generators, penalties)
             if penalties is not None:
                 penalties.update(out.tokens)
             yield self._step(seqs, out, b, n)
@@ -321,10 +322,11 @@ class Engine:
         device = self.model.device
         return _Batch(tokens.to(device), lengths.to(device), min(params.max_new_tokens, max_len - longest))
 
-    def _mask_unused(self, logits: Tensor) -> Tensor:
+    def mask_unused(self, logits: Tensor) -> Tensor:
+        """Mask (-inf) the logits of embedding rows the tokenizer does not define. logits: (b, vocab)."""
         return logits if self._unused is None else logits.masked_fill(self._unused, float("-inf"))
 
-    def _step(self, seqs: list[_Sequence], out: Sampled, b: int, n: int) -> list[SequenceDelta]:
+    def _step(self, seqs: list[SequenceState], out: Sampled, b: int, n: int) -> list[SequenceDelta]:
         """Bring the step's tokens to the host (the one sync), update every running row."""
         tokens = out.tokens.tolist()
         logprobs = None

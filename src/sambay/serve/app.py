@@ -1,0 +1,117 @@
+"""The OpenAI-compatible HTTP API over the continuous-batching scheduler (FastAPI).
+
+    GET  /health                 200 {"status": "ok"}; 503 while shutting down
+    GET  /metrics                Prometheus text (`sambay.serve.metrics`)
+    GET  /v1/models              the one served model
+    POST /v1/completions         raw-text completion, streaming (SSE) or not
+    POST /v1/chat/completions    chat completion; the <think> trace in ``reasoning_content``
+
+Routes only map HTTP to the runtime: `protocol` prepares requests and assembles responses, `runtime`
+submits and streams, `errors` answers every failure in OpenAI's format. Streams are Server-Sent Events,
+``data: {json}\\n\\n`` per chunk, ending with ``data: [DONE]\\n\\n``; a request aborted by shutdown ends
+its stream with an error event. With ``api_key`` set, /v1 routes need ``Authorization: Bearer KEY``
+(compared in constant time).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import Depends, FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from sambay.serve import schemas
+from sambay.serve.errors import APIError, install_handlers
+from sambay.serve.protocol import Prepared, ResponseBuilder, prepare_chat, prepare_completion
+from sambay.serve.runtime import Runtime
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    """The FastAPI application serving ``runtime``."""
+    app = FastAPI(title="sambay", docs_url=None, redoc_url=None)
+    install_handlers(app)
+    app.state.runtime = runtime
+
+    @app.middleware("http")
+    async def count(request: HTTPRequest, call_next):
+        response = await call_next(request)
+        runtime.metrics.http.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    def authorize(request: HTTPRequest) -> None:
+        if runtime.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {runtime.api_key}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer KEY)", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if runtime.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok", **runtime.scheduler.stats()})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict:
+        card = schemas.ModelCard(id=runtime.model_name, created=0, max_model_len=runtime.max_length)
+        return schemas.ModelList(data=[card]).model_dump()
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat(body: schemas.ChatCompletionRequest, http: HTTPRequest):
+        runtime.check_model(body.model)
+        prepared = await run_in_threadpool(prepare_chat, body, runtime.engine.tokenizer, runtime.max_length,
+                                           runtime.defaults)
+        return await _complete(runtime, body, prepared, http, chat=True)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: schemas.CompletionRequest, http: HTTPRequest):
+        runtime.check_model(body.model)
+        prepared = await run_in_threadpool(prepare_completion, body, runtime.engine.tokenizer, runtime.max_length,
+                                           runtime.defaults)
+        return await _complete(runtime, body, prepared, http, chat=False)
+
+    return app
+
+
+async def _complete(runtime: Runtime, body: schemas._Request, prepared: Prepared, http: HTTPRequest, *, chat: bool):
+    """Submit; answer with a stream of chunks or, once finished, the whole response."""
+    request, stream = runtime.submit(prepared)
+    builder = ResponseBuilder(chat=chat, model=runtime.model_name, n=prepared.params.n,
+                              prompt_tokens=len(prepared.prompt), tokenizer=runtime.engine.tokenizer)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        events = _sse(builder, runtime.outputs(request, stream), include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    async for output in runtime.outputs(request, stream, http):
+        if output.error:
+            raise APIError(503, output.error, code="aborted")
+        builder.add(output)
+    return JSONResponse(builder.response())
+
+
+async def _sse(builder: ResponseBuilder, outputs: AsyncIterator, include_usage: bool) -> AsyncIterator[str]:
+    for chunk in builder.first_chunks():
+        yield _event(chunk)
+    async for output in outputs:
+        if output.error:
+            yield _event(schemas.ErrorResponse.of(output.error, "server_error", code="aborted"))
+            break
+        for chunk in builder.add(output):
+            yield _event(chunk)
+    else:
+        if include_usage:
+            yield _event(builder.usage_chunk())
+    yield "data: [DONE]\n\n"
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -1,0 +1,61 @@
+"""Prometheus metrics of the server (``GET /metrics``), in a registry of its own (one per app).
+
+    sambay_http_requests_total{path,status}     HTTP responses by route and status
+    sambay_prompt_tokens_total                  prompt tokens admitted to the queue
+    sambay_generation_tokens_total              tokens generated (all samples)
+    sambay_requests_running / _waiting          requests holding slots / queued for one
+    sambay_cache_slots, sambay_cache_bytes      the memory budget decided at start
+    sambay_queue_time_seconds                   submit → admitted to a slot
+    sambay_time_to_first_token_seconds          submit → first token
+    sambay_inter_token_latency_seconds          between consecutive steps of one request
+    sambay_request_latency_seconds              submit → last token
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from sambay.generate.scheduler import Output, Request, Scheduler
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """The server's counters, gauges and latency histograms."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, scheduler: Scheduler):
+        r = self.registry = CollectorRegistry()
+        self.http = Counter("sambay_http_requests", "HTTP responses", ["path", "status"], registry=r)
+        self.prompt_tokens = Counter("sambay_prompt_tokens", "Prompt tokens admitted to the queue", registry=r)
+        self.generation_tokens = Counter("sambay_generation_tokens", "Generated tokens", registry=r)
+        for name, key in (("running", "running"), ("waiting", "waiting")):
+            gauge = Gauge(f"sambay_requests_{name}", f"Requests {name}", registry=r)
+            gauge.set_function(lambda key=key: scheduler.stats()[key])
+        Gauge("sambay_cache_slots", "Cache slots (max concurrent sequences)", registry=r).set(scheduler.memory.slots)
+        Gauge("sambay_cache_bytes", "Cache bytes, all slots", registry=r).set(scheduler.memory.total_bytes)
+        self.queue_time = Histogram("sambay_queue_time_seconds", "Submit to slot", buckets=_LATENCY, registry=r)
+        self.ttft = Histogram("sambay_time_to_first_token_seconds", "Submit to first token", buckets=_LATENCY,
+                              registry=r)
+        self.itl = Histogram("sambay_inter_token_latency_seconds", "Between steps of one request", buckets=_LATENCY,
+                             registry=r)
+        self.latency = Histogram("sambay_request_latency_seconds", "Submit to last token", buckets=_LATENCY,
+                                 registry=r)
+
+    def observe(self, request: Request, output: Output, previous: float | None) -> None:
+        """Account for one output of ``request``; ``previous`` is the time of its last output, if any."""
+        timing = request.timing
+        if output.deltas:
+            self.generation_tokens.inc(len(output.deltas))
+            if previous is None:
+                self.ttft.observe(output.time - timing.arrival)
+                if timing.admitted is not None:
+                    self.queue_time.observe(timing.admitted - timing.arrival)
+            else:
+                self.itl.observe(output.time - previous)
+        if output.finished and output.error is None and output.deltas:
+            self.latency.observe(output.time - timing.arrival)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,196 @@
+"""Between the OpenAI wire format and the scheduler: requests → (prompt ids, SamplingParams), outputs → JSON.
+
+`prepare_chat` / `prepare_completion` apply the chat template (or encode the raw prompt), check the
+context and build `SamplingParams`; unset sampling fields take the server's defaults (the model card's,
+as vLLM takes generation_config's). `ResponseBuilder` turns the scheduler's `Output`s of one request
+into a whole response or into stream chunks. For chat, each choice's text goes through a
+`ReasoningParser`: the `<think>` trace becomes ``reasoning_content``, the rest ``content``.
+No I/O here, so the assembly is testable with hand-made outputs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from sambay.generate import SamplingParams, TokenLogprob
+from sambay.generate.scheduler import Output
+from sambay.serve import schemas
+from sambay.serve.errors import APIError
+from sambay.text.reasoning import ReasoningParser
+from sambay.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for `Scheduler.submit`."""
+
+    prompt: list[int]
+    params: SamplingParams
+
+
+def prepare_chat(req: schemas.ChatCompletionRequest, tokenizer: Tokenizer, max_length: int,
+                 defaults: SamplingParams) -> Prepared:
+    """Chat template → prompt ids; the request's sampling fields → `SamplingParams`."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        prompt = tokenizer.apply_chat_template(messages)
+    except ValueError as e:
+        raise APIError(400, f"messages: {e}", param="messages") from None
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    return Prepared(prompt, _params(req, len(prompt), max_length, defaults, logprobs,
+                                    req.max_completion_tokens or req.max_tokens))
+
+
+def prepare_completion(req: schemas.CompletionRequest, tokenizer: Tokenizer, max_length: int,
+                       defaults: SamplingParams) -> Prepared:
+    """Raw prompt (text, or token ids) → prompt ids; sampling fields → `SamplingParams`."""
+    if isinstance(req.prompt, str):
+        prompt = tokenizer.encode(req.prompt)
+    else:
+        prompt = list(req.prompt)
+        if not all(0 <= i < tokenizer.vocab_size for i in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+    if not prompt:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    return Prepared(prompt, _params(req, len(prompt), max_length, defaults, req.logprobs, req.max_tokens))
+
+
+def _params(req: schemas._Request, prompt_tokens: int, max_length: int, defaults: SamplingParams,
+            logprobs: int | None, max_tokens: int | None) -> SamplingParams:
+    room = max_length - prompt_tokens
+    if room < 1:
+        raise APIError(413, f"the prompt has {prompt_tokens} tokens; this server's context is {max_length} "
+                       "tokens (prompt + completion)", param="messages", code="context_length_exceeded")
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(400, f"max_tokens = {max_tokens} plus the prompt's {prompt_tokens} tokens exceeds the "
+                       f"context of {max_length} tokens", param="max_tokens", code="context_length_exceeded")
+    given = {name: getattr(req, name) for name in ("temperature", "top_p", "min_p", "repetition_penalty")
+             if getattr(req, name) is not None}
+    if req.top_k is not None:
+        given["top_k"] = max(req.top_k, 0)
+    try:
+        return defaults.replace(**given, presence_penalty=req.presence_penalty,
+                                frequency_penalty=req.frequency_penalty, stop=tuple(req.stop or ()), seed=req.seed,
+                                n=req.n, logprobs=logprobs, max_new_tokens=max_tokens or room)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+@dataclass
+class _Choice:
+    """One sample's text so far."""
+
+    parser: ReasoningParser | None
+    content: str = ""
+    reasoning: str = ""
+    tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def feed(self, text: str, finished: bool) -> tuple[str, str]:
+        """Account for a text delta; returns the (reasoning, content) it releases."""
+        if self.parser is None:
+            self.content += text
+            return "", text
+        parts = [self.parser.feed(text)] + ([self.parser.finish()] if finished else [])
+        reasoning, content = "".join(p.reasoning for p in parts), "".join(p.content for p in parts)
+        self.reasoning, self.content = self.reasoning + reasoning, self.content + content
+        return reasoning, content
+
+
+class ResponseBuilder:
+    """Assembles one request's outputs into a response (`response`) or SSE chunks (`chunks`).
+
+    Args:
+        chat: chat.completion (reasoning split, message logprobs) or text_completion.
+        model: the model name to report.
+        n: samples.
+        prompt_tokens: for usage.
+        tokenizer: renders logprob tokens.
+    """
+
+    def __init__(self, *, chat: bool, model: str, n: int, prompt_tokens: int, tokenizer: Tokenizer):
+        self.chat, self.model, self.prompt_tokens, self.tokenizer = chat, model, prompt_tokens, tokenizer
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.choices = [_Choice(ReasoningParser() if chat else None) for _ in range(n)]
+
+    @property
+    def usage(self) -> dict:
+        completion = sum(c.tokens for c in self.choices)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def add(self, output: Output) -> list[dict]:
+        """Account for one output; returns the stream chunks it makes (one per advanced choice)."""
+        chunks = []
+        for d in output.deltas:
+            choice = self.choices[d.sample_index]
+            choice.tokens += 1
+            choice.finish_reason = d.finish_reason
+            if d.logprob is not None:
+                choice.logprobs.append(d.logprob)
+            reasoning, content = choice.feed(d.text, d.finish_reason is not None)
+            logprobs = None if d.logprob is None else self._logprobs([d.logprob])
+            chunks.append(self._chunk(d.sample_index, reasoning, content, logprobs, d.finish_reason))
+        return chunks
+
+    def first_chunks(self) -> list[dict]:
+        """Chat streams open each choice with the assistant role (as OpenAI); completions have none."""
+        if not self.chat:
+            return []
+        return [self._envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None}]) for i in range(len(self.choices))]
+
+    def usage_chunk(self) -> dict:
+        """The last chunk of a stream with ``include_usage``: no choices, the usage."""
+        return {**self._envelope([]), "usage": self.usage}
+
+    def response(self) -> dict:
+        """The whole (non-streaming) response."""
+        choices = []
+        for i, c in enumerate(self.choices):
+            logprobs = self._logprobs(c.logprobs) if c.logprobs else None
+            if self.chat:
+                message = {"role": "assistant", "content": c.content, "reasoning_content": c.reasoning or None}
+                choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason})
+            else:
+                choices.append({"index": i, "text": c.content, "logprobs": logprobs, "finish_reason": c.finish_reason})
+        kind = schemas.ChatCompletion if self.chat else schemas.Completion
+        return kind(id=self.id, created=self.created, model=self.model, choices=choices,
+                    usage=self.usage).model_dump(exclude_none=False)
+
+    def _envelope(self, choices: list[dict]) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def _chunk(self, index: int, reasoning: str, content: str, logprobs: dict | None, finish: str | None) -> dict:
+        if not self.chat:
+            return self._envelope([{"index": index, "text": content, "logprobs": logprobs, "finish_reason": finish}])
+        delta = {}
+        if content:
+            delta["content"] = content
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        return self._envelope([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+
+    def _logprobs(self, items: list[TokenLogprob]) -> dict:
+        if self.chat:
+            return {"content": [{**self._token(t.token_id, t.logprob),
+                                 "top_logprobs": [self._token(i, lp) for i, lp in t.top]} for t in items]}
+        tokens = [self._token(t.token_id, t.logprob)["token"] for t in items]
+        offsets = [0]
+        for token in tokens[:-1]:
+            offsets.append(offsets[-1] + len(token))
+        return {"tokens": tokens, "token_logprobs": [max(t.logprob, -9999.0) for t in items],
+                "top_logprobs": [{self._token(i, lp)["token"]: max(lp, -9999.0) for i, lp in t.top} for t in items],
+                "text_offset": offsets}
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        data = self.tokenizer.token_bytes(token_id) if token_id < self.tokenizer.vocab_size else b""
+        # -inf (a token masked by top-k / top-p) is not valid JSON; OpenAI-compatible servers send -9999
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": max(logprob, -9999.0), "bytes": list(data)}

@@ -1,0 +1,116 @@
+"""What the HTTP layer needs around the scheduler: submission with HTTP errors, asyncio streams, metrics.
+
+`AsyncStream` carries a request's outputs from the model thread to the event loop. `Runtime.submit`
+maps the scheduler's refusals to OpenAI errors (429 queue full, 503 shutting down, 413 too long);
+`Runtime.outputs` iterates a request's outputs, records metrics, and cancels the request (freeing its
+slots) when the consumer stops early: a client that disconnects mid-stream (Starlette cancels the
+response), or a non-streaming client that goes away (polled every ``poll_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.requests import Request as HTTPRequest
+
+from sambay.generate import Engine, SamplingParams
+from sambay.generate.scheduler import (
+    Output,
+    PromptTooLong,
+    QueueFull,
+    Request,
+    Scheduler,
+    SchedulerClosed,
+)
+from sambay.serve.errors import APIError
+from sambay.serve.metrics import Metrics
+from sambay.serve.protocol import Prepared
+
+
+class AsyncStream:
+    """A request's outputs on an asyncio loop: `put` is the sink (any thread); `get` awaits the next one.
+
+    Must be created on the loop that reads it.
+    """
+
+    def __init__(self):
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Output] = asyncio.Queue()
+
+    def put(self, output: Output) -> None:
+        """Thread-safe; outputs for a closed loop are dropped."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+
+    async def get(self, timeout: float | None = None) -> Output | None:
+        """The next output, or None after ``timeout`` seconds."""
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+
+@dataclass
+class Runtime:
+    """The serving state shared by all routes."""
+
+    engine: Engine
+    scheduler: Scheduler
+    model_name: str
+    defaults: SamplingParams  # sampling fields a request leaves unset
+    api_key: str | None = None
+    poll_s: float = 0.5  # how often a non-streaming request checks that its client is still there
+
+    def __post_init__(self):
+        self.metrics = Metrics(self.scheduler)
+
+    @property
+    def max_length(self) -> int:
+        return self.scheduler.max_length
+
+    @property
+    def draining(self) -> bool:
+        return self.scheduler.closing
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def submit(self, prepared: Prepared) -> tuple[Request, AsyncStream]:
+        """Queue a request; refusals become OpenAI errors."""
+        stream = AsyncStream()
+        try:
+            request = self.scheduler.submit(prepared.prompt, prepared.params, stream.put)
+        except QueueFull as e:
+            raise APIError(429, f"{e}; retry later", code="queue_full") from None
+        except SchedulerClosed as e:
+            raise APIError(503, str(e), code="shutting_down") from None
+        except PromptTooLong as e:
+            raise APIError(413, str(e), param="messages", code="context_length_exceeded") from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        self.metrics.prompt_tokens.inc(len(prepared.prompt))
+        return request, stream
+
+    async def outputs(self, request: Request, stream: AsyncStream, http: HTTPRequest | None = None
+                      ) -> AsyncIterator[Output]:
+        """The request's outputs until its last; cancels it if the caller stops early or ``http`` disconnects."""
+        finished, previous = False, None
+        try:
+            while not finished:
+                output = await stream.get(self.poll_s if http is not None else None)
+                if output is None:
+                    if await http.is_disconnected():
+                        return
+                    continue
+                self.metrics.observe(request, output, previous)
+                previous = output.time if output.deltas else previous
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                request.cancel()

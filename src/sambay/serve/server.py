@@ -1,0 +1,71 @@
+"""Run the server: load the model, start the scheduler thread, serve with uvicorn, shut down gracefully.
+
+Shutdown (SIGTERM or Ctrl-C): the listening socket closes and new requests get 503 at once; admitted
+and queued requests keep generating for ``grace`` seconds, after which the scheduler aborts what is
+left (their streams end with an error event, non-streaming ones get 503); then the process exits.
+A second signal exits at once (uvicorn's behaviour).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from sambay.generate import REASONING_DEFAULTS, Engine, SamplingParams
+from sambay.generate.scheduler import Scheduler, SchedulerConfig
+from sambay.serve.app import create_app
+from sambay.serve.runtime import Runtime
+
+log = logging.getLogger("sambay.serve")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Where and how to serve."""
+
+    model_dir: Path
+    model_name: str | None = None  # the name clients pass as "model"; default: the directory's name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    defaults: SamplingParams = REASONING_DEFAULTS  # for sampling fields a request leaves unset
+    grace: float = 30.0  # seconds in-flight requests may keep running after SIGTERM
+
+
+def build_runtime(engine: Engine, config: ServeConfig) -> Runtime:
+    """A started scheduler over ``engine``, wrapped for the HTTP layer."""
+    scheduler = Scheduler(engine, config.scheduler).start()
+    name = config.model_name or config.model_dir.resolve().name
+    return Runtime(engine, scheduler, name, config.defaults, api_key=config.api_key)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: on the first exit signal, drain the scheduler (refuse new, finish or abort in-flight)."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime, grace: float):
+        super().__init__(config)
+        self.runtime, self.grace = runtime, grace
+        self._draining: threading.Thread | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining is None:
+            log.info("shutting down: finishing in-flight requests (grace %.1f s)", self.grace)
+            self._draining = threading.Thread(target=self.runtime.scheduler.close, args=(self.grace,), daemon=True)
+            self._draining.start()
+        super().handle_exit(sig, frame)
+
+
+def serve(runtime: Runtime, host: str, port: int, grace: float) -> None:
+    """Serve ``runtime`` until a signal; returns after a graceful shutdown."""
+    config = uvicorn.Config(create_app(runtime), host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=grace + 5, access_log=False)
+    server = _Server(config, runtime, grace)
+    try:
+        server.run()
+    finally:
+        runtime.scheduler.close(0)

@@ -1,0 +1,178 @@
+"""The continuous-batching scheduler on a tiny random model, driven step by step (no threads, no HTTP):
+batch invariance with staggered arrivals, n-sample fan-out, chunked prefill bounds, cancellation,
+admission and queue limits, slot reset, shutdown."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+
+from sambay.generate import Engine, SamplingParams
+from sambay.generate.scheduler import (
+    PromptTooLong,
+    QueueFull,
+    Scheduler,
+    SchedulerClosed,
+    SchedulerConfig,
+    reset_rows,
+    slot_bytes,
+    slots_for_budget,
+)
+from tests.conftest import random_model, small_config
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.set_num_threads(1)
+    return Engine(random_model(small_config()))
+
+
+def prompts(count: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+class Collector:
+    """A sink that gathers each request's tokens per sample."""
+
+    def __init__(self):
+        self.tokens: dict[int, list[int]] = {}
+        self.finished = False
+        self.error = None
+        self.reasons: dict[int, str] = {}
+
+    def __call__(self, output):
+        for d in output.deltas:
+            self.tokens.setdefault(d.sample_index, []).append(d.token_id)
+            if d.finish_reason:
+                self.reasons[d.sample_index] = d.finish_reason
+        self.finished, self.error = output.finished, output.error
+
+
+def run_staggered(scheduler: Scheduler, requests: list[tuple[list[int], SamplingParams]], every: int):
+    """Submit one request every ``every`` steps; step until all finish."""
+    sinks, pending, step = [], list(requests), 0
+    while pending or not all(s.finished for s in sinks):
+        if pending and step % every == 0:
+            sinks.append(Collector())
+            scheduler.submit(*pending.pop(0), sinks[-1])
+        scheduler.step()
+        step += 1
+        assert step < 2000
+    return sinks
+
+
+def config(**overrides) -> SchedulerConfig:
+    return SchedulerConfig(**{"slots": 4, "prefill_chunk": 7, "prefill_budget": 14, **overrides})
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_greedy_output_is_the_same_alone_and_among_others(engine, every):
+    ps = prompts(10)
+    alone = [engine.generate([p], GREEDY)[0][0].token_ids for p in ps]
+    together = run_staggered(Scheduler(engine, config()), [(p, GREEDY) for p in ps], every)
+    assert [s.tokens[0] for s in together] == alone
+    assert all(s.reasons[0] == "length" for s in together)
+
+
+def test_seeded_sampling_is_the_same_alone_and_among_others(engine):
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_new_tokens=8, presence_penalty=0.5)
+    p = prompts(1, seed=5)[0]
+    alone = run_staggered(Scheduler(engine, config()), [(p, params)], 1)[0].tokens
+    mixed = run_staggered(Scheduler(engine, config()), [(q, GREEDY) for q in prompts(3)] + [(p, params)], 1)[-1]
+    assert mixed.tokens == alone
+
+
+def test_n_samples_fan_out_from_one_prefill(engine):
+    p = prompts(1)[0]
+    [sink] = run_staggered(Scheduler(engine, config()), [(p, GREEDY.replace(n=3))], 1)
+    reference = engine.generate([p], GREEDY)[0][0].token_ids
+    assert sink.tokens == {0: reference, 1: reference, 2: reference}
+
+
+def test_prefill_is_chunked_within_the_budget(engine):
+    calls = []
+    scheduler = Scheduler(engine, config(prefill_chunk=5, prefill_budget=10))
+    forward = scheduler._forward
+    scheduler._forward = lambda tokens, lengths: calls.append(lengths.tolist()) or forward(tokens, lengths)
+    sinks = run_staggered(scheduler, [([1] * 23, GREEDY), ([2] * 12, GREEDY), ([3] * 9, GREEDY)], 100)
+    assert all(max(c) <= 5 and sum(c) <= 10 for c in calls)
+    assert [s.tokens[0] for s in sinks] == [engine.generate([p], GREEDY)[0][0].token_ids
+                                            for p in ([1] * 23, [2] * 12, [3] * 9)]
+
+
+def test_cancel_frees_the_slots_at_the_next_step(engine):
+    scheduler = Scheduler(engine, config(slots=2))
+    first, second = Collector(), Collector()
+    request = scheduler.submit(prompts(1)[0], GREEDY.replace(max_new_tokens=100, n=2), first)
+    scheduler.step()
+    assert scheduler.stats()["free_slots"] == 0
+    scheduler.submit(prompts(1, seed=3)[0], GREEDY, second)
+    request.cancel()
+    scheduler.step()
+    assert first.finished and first.error is None
+    assert scheduler.stats() == {"running": 1, "waiting": 0, "free_slots": 1}
+
+
+def test_queue_bound_and_prompt_limits(engine):
+    scheduler = Scheduler(engine, config(slots=1, max_waiting=2, max_length=32))
+    for _ in range(2):
+        scheduler.submit([1, 2], GREEDY, Collector())
+    with pytest.raises(QueueFull, match="overloaded"):
+        scheduler.submit([1, 2], GREEDY, Collector())
+    with pytest.raises(PromptTooLong):
+        scheduler.submit([1] * 32, GREEDY, Collector())
+    with pytest.raises(ValueError, match="token id"):
+        scheduler.submit([1, 97], GREEDY, Collector())
+    with pytest.raises(ValueError, match="slots"):
+        scheduler.submit([1], GREEDY.replace(n=2), Collector())
+
+
+def test_max_length_caps_generation(engine):
+    [sink] = run_staggered(Scheduler(engine, config(max_length=12)), [([5] * 9, GREEDY)], 1)
+    assert len(sink.tokens[0]) == 3 and sink.reasons[0] == "length"
+
+
+def test_reset_rows_zeroes_mamba_state_and_lengths(engine):
+    scheduler = Scheduler(engine, config())
+    run_staggered(scheduler, [(p, GREEDY) for p in prompts(2)], 1)
+    cache = scheduler.cache
+    assert any(float(s.ssm[:2].abs().sum()) > 0 for s in cache.mamba)
+    reset_rows(cache, [0, 1])
+    assert all(float(s.ssm[:2].abs().sum()) == 0 and float(s.conv[:2].abs().sum()) == 0 for s in cache.mamba)
+    assert cache.seqlens[:2].tolist() == [0, 0]
+
+
+def test_memory_budget(engine):
+    scheduler = Scheduler(engine, config(max_length=64))
+    per_slot = slot_bytes(engine.model, 64)
+    assert scheduler.memory.bytes_per_slot == per_slot and scheduler.memory.total_bytes == scheduler.cache.nbytes
+    assert slots_for_budget(engine.model, 64, 10 * per_slot + 1) == 10
+    assert slot_bytes(engine.model, 128) > per_slot  # the shared K/V grows with max_length
+
+
+def test_thread_close_finishes_then_refuses(engine):
+    scheduler = Scheduler(engine, config()).start()
+    outputs = queue.Queue()
+    scheduler.submit(prompts(1)[0], GREEDY, outputs.put)
+    scheduler.close(grace=30)
+    seen = []
+    while not outputs.empty():
+        seen.append(outputs.get())
+    assert seen[-1].finished and seen[-1].error is None and sum(len(o.deltas) for o in seen) == 10
+    with pytest.raises(SchedulerClosed):
+        scheduler.submit([1], GREEDY, outputs.put)
+
+
+def test_close_after_grace_aborts_with_an_error(engine):
+    scheduler = Scheduler(engine, config()).start()
+    sink = Collector()
+    scheduler.submit(prompts(1)[0], GREEDY.replace(max_new_tokens=400), sink)
+    scheduler.close(grace=0.05)
+    assert sink.finished and "shut down" in sink.error
+    assert scheduler.stats()["running"] == 0
