@@ -92,8 +92,11 @@ def sampling_params(args: argparse.Namespace, **extra) -> SamplingParams:
         raise UsageError(str(e)) from None
 
 
-def load_engine(options: ModelOptions, console: Console) -> Engine:
-    """Check the directories, then load weights (progress bar on a TTY) and tokenizer."""
+def load_engine(options: ModelOptions, console: Console, *, cuda_graphs: bool | None = None) -> Engine:
+    """Check the directories, then load weights (progress bar on a TTY) and tokenizer.
+
+    ``cuda_graphs``: as for `Engine.load` (None: on when the model is on a GPU).
+    """
     for directory in {options.model_dir, options.tokenizer_dir}:
         if not directory.is_dir():
             raise FileNotFoundError(f"model directory {directory} does not exist")
@@ -103,7 +106,7 @@ def load_engine(options: ModelOptions, console: Console) -> Engine:
         raise FileNotFoundError(f"{options.tokenizer_dir} has no tokenizer_config.json (use --tokenizer DIR)")
     with console.status("loading model and tokenizer"):
         return Engine.load(options.model_dir, tokenizer_dir=options.tokenizer_dir, device=options.device,
-                           dtype=options.dtype)
+                           dtype=options.dtype, cuda_graphs=cuda_graphs)
 
 
 def prompt_ids(engine: Engine, messages: Sequence[dict] | str) -> list[int]:

@@ -3,6 +3,10 @@
     sambay generate --model DIR "What is 2 + 2?"            reasoning (dim on a terminal), then the answer
     sambay generate --model DIR --raw "Once upon a time"     plain continuation, no chat template
     sambay generate --model DIR --json --n 2 "..."           one JSON object: texts, token counts, timing
+
+Tensor parallelism over N processes (one per GPU, NCCL; or gloo on the CPU), rank 0 prints:
+
+    python -m torch.distributed.run --nproc-per-node 2 -m sambay.cli generate --tensor-parallel 2 --model DIR "..."
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ import argparse
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 from sambay.cli._common import (
+    ModelOptions,
     StreamTimer,
     UsageError,
     add_model_arguments,
@@ -23,7 +29,7 @@ from sambay.cli._common import (
     sampling_params,
 )
 from sambay.cli._output import ReplyPrinter, make_console
-from sambay.generate import SequenceDelta
+from sambay.generate import Engine, SamplingParams, SequenceDelta
 from sambay.text.reasoning import ReasoningSplit, split_reasoning
 
 HELP = "complete one prompt"
@@ -35,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", metavar="TEXT", help="a system message (chat template only)")
     parser.add_argument("--n", type=int, default=1, help="number of samples, sharing one prefill (default: 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    parser.add_argument("--tensor-parallel", type=int, metavar="N", help="shard the model over N processes "
+                        "started by torchrun (python -m torch.distributed.run --nproc-per-node N -m sambay.cli ...)")
     add_model_arguments(parser)
     add_sampling_arguments(parser)
 
@@ -44,11 +52,42 @@ def main(args: argparse.Namespace) -> int:
     params = sampling_params(args, n=args.n)
     if args.raw and args.system:
         raise UsageError("--system needs the chat template; drop --raw")
-    started = time.perf_counter()
-    engine = load_engine(options, make_console(stderr=True))
-    load_s = time.perf_counter() - started
+    if args.tensor_parallel is None:
+        started = time.perf_counter()
+        engine = load_engine(options, make_console(stderr=True))
+        return _generate(args, engine, params, time.perf_counter() - started)
+    return _generate_tensor_parallel(args, options, params)
+
+
+def _generate_tensor_parallel(args: argparse.Namespace, options: ModelOptions, params: SamplingParams) -> int:
+    """Every rank loads the model, keeps its shard and steps in lockstep; rank 0 prints."""
+    from sambay import parallel  # torch.distributed only where it is asked for
+
+    if args.tensor_parallel < 1:
+        raise UsageError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
+    with parallel.torchrun_group(args.tensor_parallel, options.device) as member:
+        started = time.perf_counter()
+        # CUDA-graph capture of the all-reduces is untested: decode runs eagerly
+        engine = load_engine(replace(options, device=member.device), make_console(stderr=True), cuda_graphs=False)
+        parallel.tensor_parallel(engine.model)
+        if params.seed is None:
+            parallel.agree_on_rng(member.device)  # same logits and same noise: the same tokens on every rank
+        load_s = time.perf_counter() - started
+        if member.rank == 0:
+            return _generate(args, engine, params, load_s)
+        for _ in engine.stream([_prompt_ids(args, engine)], params):
+            pass
+        return 0
+
+
+def _prompt_ids(args: argparse.Namespace, engine: Engine) -> list[int]:
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    ids = prompt_ids(engine, args.prompt if args.raw else [*messages, {"role": "user", "content": args.prompt}])
+    return prompt_ids(engine, args.prompt if args.raw else [*messages, {"role": "user", "content": args.prompt}])
+
+
+def _generate(args: argparse.Namespace, engine: Engine, params: SamplingParams, load_s: float) -> int:
+    """Stream the completion of the prompt and print it (text, samples or one JSON object)."""
+    ids = _prompt_ids(args, engine)
     timer = StreamTimer()
     stream = timer.run(engine.stream([ids], params))
     if args.json:
