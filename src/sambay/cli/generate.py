@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the user message (with --raw: the text to continue)")
     parser.add_argument("--raw", action="store_true", help="continue the prompt as plain text (no chat template)")
     parser.add_argument("--system", metavar="TEXT", help="a system message (chat template only)")
-    parser.add_argument("--n", type=int, default=1, help="number of samples, sharing one prefill (default: 1)")
+    parser.add_argument("--n", "--num-samples", dest="n", type=int, default=1,
+                        help="number of samples, sharing one prefill (default: 1; under torchrun, whose own "
+                        "parser claims --n, spell it --num-samples)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     parser.add_argument("--tensor-parallel", type=int, metavar="N", help="shard the model over N processes "
                         "started by torchrun (python -m torch.distributed.run --nproc-per-node N -m sambay.cli ...)")
