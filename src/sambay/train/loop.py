@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from sambay.checkpoint import save_model
 from sambay.model.sambay import SambaY
@@ -172,7 +173,7 @@ def throughput(model: torch.nn.Module, config: TrainConfig, steps: int, tokens: 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (FSDP's gradient norm), or the tensor itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def run_eval(model: torch.nn.Module, data: PackedData, config: TrainConfig, rt: Runtime) -> dict:
