@@ -21,10 +21,12 @@ Notable features:
   the Mamba and sliding-window states are constant-size per row and would stay slot-allocated.
 - Decode latency stays bounded while long prompts arrive: a step prefills at most `prefill_budget`
   prompt tokens, in chunks of at most `prefill_chunk` per request (the model's chunked prefill).
-- Batch invariance: every forward spans all slots with per-row ``lengths`` (decode forwards are always
-  t = 1), and a request's chunk boundaries depend on that request alone, so its arithmetic does not
-  depend on its neighbours: greedy output is the same alone or among others (tested, with staggered
-  arrivals). Sampling is grouped by parameters; each row draws from its own generator (``seed + j``).
+- Batch invariance: prefill forwards span all slots with per-row ``lengths``; decode forwards take the
+  model's static decode path (one token per slot, ``active`` marking the rows that advance: no host
+  sync, so a GPU can run ahead and a CUDA graph can capture it), whatever the other slots are doing.
+  A request's chunk boundaries depend on that request alone, so its arithmetic does not depend on its
+  neighbours: greedy output is the same alone or among others (tested, with staggered arrivals).
+  Sampling is grouped by parameters; each row draws from its own generator (``seed + j``).
 - A new request's slot is reset by `reset_rows`: Mamba conv/SSM states zeroed, ``seqlens`` 0 (attention
   caches are addressed by position from ``seqlens``, so their stale entries are never read).
 - Threads: `submit` and `cancel` may be called from any thread; one background thread runs the model.
@@ -406,10 +408,13 @@ class Scheduler:
         if not rows:
             return
         tokens = torch.zeros(self.config.slots, 1, dtype=torch.long)  # (slots, 1)
-        lengths = torch.zeros(self.config.slots, dtype=torch.long)
+        active = torch.zeros(self.config.slots, dtype=torch.bool)  # (slots,) rows that decode this step
         for row in rows:
-            tokens[row.slot, 0], lengths[row.slot] = row.pending, 1
-        self._sample(self._forward(tokens, lengths), rows, [row.slot for row in rows])
+            tokens[row.slot, 0], active[row.slot] = row.pending, True
+        device = self.model.device
+        # the static, sync-free decode path, whatever the other slots are doing: only `active` rows advance
+        logits = self.model(tokens.to(device), self.cache, active=active.to(device), check_inputs=False)
+        self._sample(logits[:, -1], rows, [row.slot for row in rows])
 
     def _forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """(slots, t) tokens, (slots,) lengths → (slots, vocab) logits of each row's last valid token.
