@@ -24,7 +24,8 @@ def _sync() -> None:
 def _fill(cache) -> None:
     """Random state instead of zeros, so nothing runs faster than it would on real data."""
     for t in cache.tensors():
-        t.normal_(0.0, 0.5) if t.is_floating_point() else t.zero_()
+        if t.is_floating_point():
+            t.normal_(0.0, 0.5)
 
 
 @torch.inference_mode()

@@ -82,7 +82,8 @@ def _decode_rows(system: str, model: SambaY, bench: BenchConfig, batches, contex
                 row.update(limit_tokens_per_s=batch * bw / moved, fraction_of_limit=moved / bw / seconds)
             rows.append(row)
             log.info("%s", row)
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -153,7 +154,8 @@ def run(bench: BenchConfig, checkpoint=None) -> dict:
     rows += _decode_rows("transformer++", dense, bench, bench.batches, bench.contexts, bw, graphs)
     _save()
     del dense
-    torch.cuda.empty_cache() if graphs else None
+    if graphs:
+        torch.cuda.empty_cache()
     if bench.hf:
         rows += _hf_rows(bench)
         _save()
