@@ -6,6 +6,14 @@ Per sequence the released model caches (spec §4.1, §6.2):
     1 × FullKV       the shared K/V of the full-attention layer, (max_length) slots        grows
 The cross-decoder caches nothing: its attention layers read the shared FullKV.
 
+The growing K/V comes in two layouts. `FullKV` reserves ``max_length`` positions per row (one
+sequence per row, as `Engine` and the benchmarks use it). `PagedKV` (a serving cache) holds a pool of
+fixed-size blocks; row r's position p lives in block ``block_table[r, p // block_size]`` at offset
+``p % block_size`` (vLLM's PagedAttention, Kwon et al., arXiv 2309.06180), so memory follows the
+tokens actually held: whoever owns the cache (the scheduler) hands blocks out as rows grow. Block 0
+is the null block: unassigned table entries point at it, so the static decode step of an idle row
+writes there and never into a block another row owns.
+
 Layers receive only their own slice. `SambaY.forward` advances `seqlens` once per call; no layer does.
 Dtypes: K/V and conv inputs in the model dtype (as the reference); the SSM state in fp32, a deliberate
 deviation from the reference's bf16 state: it accumulates over every step of the sequence.
@@ -48,12 +56,44 @@ class FullKV:
 
 
 @dataclass
+class PagedKV:
+    """K/V of one FULL_ATTENTION layer in blocks (module docstring); block 0 is the null block."""
+
+    k: Tensor  # (n_blocks, n_kv_heads, block_size, head_dim)
+    v: Tensor
+    block_table: Tensor  # (b, max_blocks) int32 block of each row's positions; one tensor for every layer
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    def gather(self, length: int) -> tuple[Tensor, Tensor]:
+        """The first ``length`` positions of every row as contiguous (b, n_kv_heads, length, head_dim) K, V."""
+        n = -(-length // self.block_size)
+        table = self.block_table[:, :n].long()
+
+        def rows(pool: Tensor) -> Tensor:
+            blocks = pool[table]  # (b, n, n_kv_heads, block_size, head_dim)
+            b, _, h, size, d = blocks.shape
+            return blocks.transpose(1, 2).reshape(b, h, n * size, d)[:, :, :length]
+
+        return rows(self.k), rows(self.v)
+
+    def write(self, rows: Tensor, pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store k[i], v[i] ((n_kv_heads, head_dim) each, stacked on dim 0) at position pos[i] of row rows[i]."""
+        block = self.block_table[rows, pos // self.block_size].long()
+        offset = pos % self.block_size
+        self.k[block, :, offset] = k
+        self.v[block, :, offset] = v
+
+
+@dataclass
 class SambaYCache:
     """All per-sequence state of a SambaY model. Slices are indexed by position among layers of a kind."""
 
     mamba: list[MambaState]
     sliding: list[SlidingKV]
-    full: list[FullKV]
+    full: list[FullKV] | list[PagedKV]
     seqlens: Tensor  # (b,) int64 tokens already consumed, per row
     max_length: int
 
@@ -61,10 +101,19 @@ class SambaYCache:
     def batch_size(self) -> int:
         return self.seqlens.shape[0]
 
+    @property
+    def paged(self) -> bool:
+        return bool(self.full) and isinstance(self.full[0], PagedKV)
+
+    def row_tensors(self) -> list[Tensor]:
+        """State tensors indexed by row first: all of them except the block pools and tables."""
+        full = [] if self.paged else self.full
+        return [getattr(s, f.name) for group in (self.mamba, self.sliding, full) for s in group for f in fields(s)]
+
     def tensors(self) -> list[Tensor]:
-        """Every state tensor (not `seqlens`)."""
-        return [getattr(s, f.name) for group in (self.mamba, self.sliding, self.full) for s in group
-                for f in fields(s)]
+        """Every state tensor (not `seqlens` nor the block table)."""
+        pools = [t for s in self.full for t in (s.k, s.v)] if self.paged else []
+        return self.row_tensors() + pools
 
     @property
     def nbytes(self) -> int:
@@ -76,9 +125,14 @@ class SambaYCache:
         for t in self.tensors():
             t.zero_()
         self.seqlens.zero_()
+        if self.paged:
+            self.full[0].block_table.zero_()
 
     def copy_rows(self, src: Tensor | list[int], dst: Tensor | list[int]) -> None:
-        """Copy the state of rows ``src`` into rows ``dst`` (n-sample fan-out after one prefill)."""
+        """Copy the state of rows ``src`` into rows ``dst`` (n-sample fan-out after one prefill).
+
+        Paged: the caller must first give each ``dst`` row blocks for ``seqlens[src]`` positions; the
+        contents of the source blocks are copied into them (reads ``seqlens`` on the host)."""
         src = torch.as_tensor(src, dtype=torch.long, device=self.seqlens.device)
         dst = torch.as_tensor(dst, dtype=torch.long, device=self.seqlens.device)
         if src.shape != dst.shape or src.ndim != 1:
@@ -86,8 +140,15 @@ class SambaYCache:
         for idx in (src, dst):
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.batch_size):
                 raise ValueError(f"row index out of range for a cache of {self.batch_size} rows: {idx.tolist()}")
-        for t in (*self.tensors(), self.seqlens):
+        for t in (*self.row_tensors(), self.seqlens):
             t[dst] = t[src]
+        if self.paged and src.numel():
+            n = -(-int(self.seqlens[src].max()) // self.full[0].block_size)
+            from_blocks = self.full[0].block_table[src, :n].long().flatten()
+            to_blocks = self.full[0].block_table[dst, :n].long().flatten()
+            for state in self.full:
+                state.k[to_blocks] = state.k[from_blocks]
+                state.v[to_blocks] = state.v[from_blocks]
 
 
 def ring_positions(seqlens: Tensor, size: int) -> Tensor:
@@ -116,10 +177,20 @@ def allocate_cache(
     window: int,
     dtype: torch.dtype,
     device: torch.device | str | None = None,
+    block_size: int | None = None,
+    kv_blocks: int | None = None,
 ) -> SambaYCache:
-    """Allocate a zeroed cache with static shapes (usable by torch.compile and CUDA graphs)."""
+    """Allocate a zeroed cache with static shapes (usable by torch.compile and CUDA graphs).
+
+    With ``block_size``, the full-attention K/V is paged: a pool of ``kv_blocks`` blocks (default: enough
+    for every row at ``max_length``) plus the null block, and an all-null block table.
+    """
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
+    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    if block_size is None and kv_blocks is not None:
+        raise ValueError("kv_blocks needs a block_size")
     ring = min(window, max_length)
 
     def kv(slots: int) -> Tensor:
@@ -134,7 +205,22 @@ def allocate_cache(
             for _ in range(n_mamba)
         ],
         sliding=[SlidingKV(k=kv(ring), v=kv(ring)) for _ in range(n_sliding)],
-        full=[FullKV(k=kv(max_length), v=kv(max_length)) for _ in range(n_full)],
+        full=_full_kv(n_full, batch_size, max_length, n_kv_heads, head_dim, dtype, device, block_size, kv_blocks),
         seqlens=torch.zeros(batch_size, dtype=torch.long, device=device),
         max_length=max_length,
     )
+
+
+def _full_kv(n_full, batch_size, max_length, n_kv_heads, head_dim, dtype, device, block_size, kv_blocks):
+    if block_size is None:
+        shape = (batch_size, n_kv_heads, max_length, head_dim)
+        return [FullKV(k=torch.zeros(shape, dtype=dtype, device=device),
+                       v=torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_full)]
+    per_row = -(-max_length // block_size)
+    kv_blocks = batch_size * per_row if kv_blocks is None else kv_blocks
+    if kv_blocks < 1:
+        raise ValueError(f"kv_blocks must be >= 1, got {kv_blocks}")
+    table = torch.zeros(batch_size, per_row, dtype=torch.int32, device=device)
+    shape = (kv_blocks + 1, n_kv_heads, block_size, head_dim)  # + the null block
+    return [PagedKV(k=torch.zeros(shape, dtype=dtype, device=device), v=torch.zeros(shape, dtype=dtype, device=device),
+                    block_table=table) for _ in range(n_full)]

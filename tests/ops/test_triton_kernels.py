@@ -221,3 +221,56 @@ def test_add_layer_norm_matches_reference(dtype, with_delta, d):
         assert_close(h, h_ref, atol=1e-4, rtol=1e-4, what="norm")
     else:  # the same rounded input and fp32 statistics: at most one unit in the last place apart
         assert_low_precision(h, h_ref, h_ref.float(), what="norm")
+
+
+def _to_pages(k: torch.Tensor, k_pos: torch.Tensor, page: int, seed: int = 11):
+    """Contiguous (b, hk, s, hd) keys → a shuffled block pool, its block table and k_pos padded to whole
+    blocks (two spare table entries point at the null block 0, past every row's keys)."""
+    b, hk, s, hd = k.shape
+    n = -(-s // page) + 2
+    padded = torch.zeros(b, hk, n * page, hd, dtype=k.dtype, device=k.device)
+    padded[:, :, :s] = k
+    order = torch.randperm(b * n, generator=torch.Generator().manual_seed(seed)).to(k.device) + 1
+    table = order.view(b, n).to(torch.int32)
+    table[:, -2:] = 0
+    pool = torch.zeros(b * n + 1, hk, page, hd, dtype=k.dtype, device=k.device)
+    pool[table.long().flatten()] = padded.view(b, hk, n, page, hd).transpose(1, 2).reshape(b * n, hk, page, hd)
+    pos = torch.full((b, n * page), -1, dtype=k_pos.dtype, device=k.device)
+    pos[:, :s] = k_pos
+    return pool, table, pos
+
+
+PAGED_CASES = [(3, 8, 4, 45, 16, 16), (2, 4, 2, 29, 32, 16)]  # b, n_heads, n_kv_heads, cached, head_dim, page
+if ON_GPU:
+    PAGED_CASES += [(4, 40, 20, 8191, 64, 128), (3, 40, 20, 3000, 64, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PAGED_CASES)
+def test_paged_decode_matches_contiguous_reference(dtype, case):
+    """Decode over a block pool (shuffled blocks, null entries past kv_len) == the contiguous reference."""
+    b, h, hk, cached, hd, page = case
+    q, k, v, q_pos, k_pos, kv_len = _attn_inputs(b, h, hk, 1, cached, hd, dtype, True, seed=9)
+    k_pool, table, pos = _to_pages(k, k_pos, page)
+    v_pool, _, _ = _to_pages(v, k_pos, page)
+    lambdas = [torch.randn(hd, generator=_gen(7 + i), device=DEVICE) * 0.3 for i in range(4)]
+    w = torch.randn(2 * hd, generator=_gen(5), device=DEVICE).to(dtype)
+    out = tri_attention.diff_attention(q, k_pool, v_pool, q_pos, pos, None, *lambdas, 0.55, w, 1e-5, kv_len, table)
+
+    def ref(q, k, v, w):
+        return diff_attention_ref(q, k, v, q_pos, k_pos, None, *lambdas, 0.55, w, 1e-5, kv_len)
+
+    _compare(out, ref, [q, k, v, w], dtype, f"paged diff attention {case}")
+    paged_ref = diff_attention_ref(q, k_pool, v_pool, q_pos, pos, None, *lambdas, 0.55, w, 1e-5, kv_len, table)
+    assert_close(paged_ref.float(), ref(q, k, v, w).float(), **FP32, what="paged reference")
+    plain = tri_attention.attention(q, k_pool, v_pool, q_pos, pos, None, kv_len, table)
+    _compare(plain, lambda q, k, v: attention_ref(q, k, v, q_pos, k_pos, None, kv_len), [q, k, v], dtype, "paged")
+
+
+def test_paged_prefill_gathers_the_blocks():
+    q, k, v, q_pos, k_pos, _ = _attn_inputs(2, 4, 2, 9, 20, 16, torch.float32, False, seed=3)
+    k_pool, table, pos = _to_pages(k, k_pos, 16)
+    v_pool, _, _ = _to_pages(v, k_pos, 16)
+    # gathered pages end in null-block padding, so every key is visited as a cached key, masked by position
+    out = tri_attention.attention(q, k_pool, v_pool, q_pos, pos, None, None, table)
+    assert_close(out, attention_ref(q, k, v, q_pos, k_pos, None), atol=1e-4, rtol=1e-4, what="paged prefill")

@@ -9,7 +9,8 @@ pairing, sub-layer RMSNorm) or `PlainCore` (softmax attention). Both take positi
 `sambay.ops.attention`.
 
 Caches: `SlidingWindowAttention` keeps a ring buffer of the last `window` K/V; `FullAttention` writes
-every K/V into a static buffer and hands it on as the `SharedKV` that every `CrossAttention` reads.
+every K/V into a static buffer (or a block pool, `PagedKV`) and hands it on as the `SharedKV` that
+every `CrossAttention` reads.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sambay.cache import FullKV, SlidingKV, ring_positions
+from sambay.cache import FullKV, PagedKV, SlidingKV, ring_positions
 from sambay.config import SambaYConfig
 from sambay.model.span import Span
 from sambay.ops import Ops
@@ -34,6 +35,7 @@ class SharedKV:
     v: Tensor  # (b, n_kv_heads, s, head_dim)
     k_pos: Tensor  # (b, s) int64 absolute positions; negative = not yet written for that row
     kv_len: Tensor | None = None  # (b,) keys at index >= kv_len are never visible (a hint for kernels)
+    block_table: Tensor | None = None  # (b, max_blocks): k and v are block pools (`sambay.cache.PagedKV`)
 
 
 def lambda_init(layer_index: int) -> float:
@@ -58,11 +60,12 @@ class DifferentialCore(nn.Module):
         return [self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2]
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len=None
+        self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len=None,
+        block_table=None,
     ) -> Tensor:
         return self.ops.diff_attention(
             q, k, v, q_pos, k_pos, window, self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2,
-            self.lambda_init, self.subln.weight, self.eps, kv_len,
+            self.lambda_init, self.subln.weight, self.eps, kv_len, block_table,
         )
 
 
@@ -74,9 +77,10 @@ class PlainCore(nn.Module):
         self.ops = ops
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len=None
+        self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len=None,
+        block_table=None,
     ) -> Tensor:
-        return self.ops.attention(q, k, v, q_pos, k_pos, window, kv_len)
+        return self.ops.attention(q, k, v, q_pos, k_pos, window, kv_len, block_table)
 
 
 class Rotary(nn.Module):
@@ -139,9 +143,10 @@ class _SelfAttention(nn.Module):
         return self.rotary(q, span.q_pos), self.rotary(k, span.q_pos), v
 
     def _attend(
-        self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, kv_len: Tensor | None = None
+        self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, kv_len: Tensor | None = None,
+        block_table: Tensor | None = None,
     ) -> Tensor:
-        out = self.core(q, k, v, q_pos, k_pos, self.window, kv_len)  # (b, t, n_heads, head_dim)
+        out = self.core(q, k, v, q_pos, k_pos, self.window, kv_len, block_table)  # (b, t, n_heads, head_dim)
         return self.out_proj(out.flatten(2))
 
 
@@ -195,32 +200,53 @@ class FullAttention(_SelfAttention):
 
     window = None
 
-    def forward(self, h: Tensor, span: Span, cache: FullKV | None) -> tuple[Tensor, SharedKV]:
+    def forward(self, h: Tensor, span: Span, cache: FullKV | PagedKV | None) -> tuple[Tensor, SharedKV]:
         """h: (b, t, d_model) → ((b, t, d_model), SharedKV); appends the new K/V to the cache."""
         q, k, v = self._project(h, span)
         if cache is None:
             shared = SharedKV(k=k, v=v, k_pos=span.q_pos)
         elif span.is_decode:  # static shapes, no host sync
-            rows = torch.arange(h.shape[0], device=h.device)
+            shared = self._decode(k, v, span, cache)
+        else:
+            shared = self._prefill(k, v, span, cache)
+        out = self._attend(q, shared.k, shared.v, span.q_pos, shared.k_pos, shared.kv_len, shared.block_table)
+        return out, shared
+
+    @staticmethod
+    def _decode(k: Tensor, v: Tensor, span: Span, cache: FullKV | PagedKV) -> SharedKV:
+        """Write the step's K/V at each row's position; share the whole buffer, visible up to ``kv_len``."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        end = span.start + 1
+        if isinstance(cache, PagedKV):
+            cache.write(rows, span.start, k[:, :, 0], v[:, :, 0])  # idle rows write into the null block
+            slots, table = cache.block_table.shape[1] * cache.block_size, cache.block_table
+        else:
             cache.k[rows, :, span.start] = k[:, :, 0]
             cache.v[rows, :, span.start] = v[:, :, 0]
-            end = span.start + 1
-            idx = torch.arange(cache.k.shape[2], device=h.device).view(1, -1)
-            k_pos = torch.where(idx < end.view(-1, 1), idx, -1)  # (b, max_length); slot j holds position j
-            shared = SharedKV(k=cache.k, v=cache.v, k_pos=k_pos, kv_len=end)
+            slots, table = cache.k.shape[2], None
+        idx = torch.arange(slots, device=k.device).view(1, -1)
+        k_pos = torch.where(idx < end.view(-1, 1), idx, -1)  # (b, slots); index j holds position j
+        return SharedKV(k=cache.k, v=cache.v, k_pos=k_pos, kv_len=end, block_table=table)
+
+    @staticmethod
+    def _prefill(k: Tensor, v: Tensor, span: Span, cache: FullKV | PagedKV) -> SharedKV:
+        """[keys already cached | this call's keys] for attention; the valid new K/V go into the cache."""
+        before = int(span.start.max())
+        if isinstance(cache, PagedKV):
+            k_old, v_old = cache.gather(before)
         else:
-            before = int(span.start.max())
-            idx = torch.arange(before, device=h.device).view(1, -1)
-            k_pos = torch.cat([torch.where(idx < span.start.view(-1, 1), idx, -1), span.q_pos], dim=1)
-            shared = SharedKV(
-                k=torch.cat([cache.k[:, :, :before], k], dim=2), v=torch.cat([cache.v[:, :, :before], v], dim=2),
-                k_pos=k_pos,
-            )
-            rows, cols = _valid_cells(span)
-            cache.k[rows, :, span.q_pos[rows, cols]] = k[rows, :, cols]
-            cache.v[rows, :, span.q_pos[rows, cols]] = v[rows, :, cols]
-        out = self._attend(q, shared.k, shared.v, span.q_pos, shared.k_pos, shared.kv_len)
-        return out, shared
+            k_old, v_old = cache.k[:, :, :before], cache.v[:, :, :before]
+        idx = torch.arange(before, device=k.device).view(1, -1)
+        k_pos = torch.cat([torch.where(idx < span.start.view(-1, 1), idx, -1), span.q_pos], dim=1)
+        shared = SharedKV(k=torch.cat([k_old, k], dim=2), v=torch.cat([v_old, v], dim=2), k_pos=k_pos)
+        rows, cols = _valid_cells(span)
+        pos = span.q_pos[rows, cols]
+        if isinstance(cache, PagedKV):
+            cache.write(rows, pos, k[rows, :, cols], v[rows, :, cols])
+        else:
+            cache.k[rows, :, pos] = k[rows, :, cols]
+            cache.v[rows, :, pos] = v[rows, :, cols]
+        return shared
 
 
 class CrossAttention(nn.Module):
@@ -239,5 +265,5 @@ class CrossAttention(nn.Module):
         b, t, _ = h.shape
         q = self.q_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (b, n_heads, t, hd)
         q = self.rotary(q, span.q_pos)
-        out = self.core(q, shared.k, shared.v, span.q_pos, shared.k_pos, None, shared.kv_len)
+        out = self.core(q, shared.k, shared.v, span.q_pos, shared.k_pos, None, shared.kv_len, shared.block_table)
         return self.out_proj(out.flatten(2)), None

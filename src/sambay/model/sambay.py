@@ -146,8 +146,12 @@ class SambaY(nn.Module):
         max_length: int,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        block_size: int | None = None,
+        kv_blocks: int | None = None,
     ) -> SambaYCache:
-        """Allocate an empty cache for ``batch_size`` rows of at most ``max_length`` tokens each."""
+        """Allocate an empty cache for ``batch_size`` rows of at most ``max_length`` tokens each.
+
+        ``block_size`` pages the full-attention K/V into a pool of ``kv_blocks`` blocks (`sambay.cache`)."""
         c = self.config
         if not isinstance(max_length, int) or max_length > c.max_seq_len:
             raise ValueError(f"max_length must be an int <= max_seq_len ({c.max_seq_len}), got {max_length!r}")
@@ -165,6 +169,8 @@ class SambaY(nn.Module):
             window=c.window,
             dtype=dtype or self.dtype,
             device=device or self.device,
+            block_size=block_size,
+            kv_blocks=kv_blocks,
         )
 
     # forward ---------------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ over the shared KV, and a fast kernel can rebuild the mask tile by tile:
     query i of row r sees key j  ⇔  0 <= k_pos[r, j] <= q_pos[r, i]  and  k_pos[r, j] > q_pos[r, i] - window
 A query that sees no key at all returns zeros.
 
+Paged keys (`sambay.cache.PagedKV`): with ``block_table`` (b, max_blocks), ``k`` and ``v`` are block
+pools (n_blocks, n_kv_heads, block_size, head_dim) and key index j of row r is
+``pool[block_table[r, j // block_size], :, j % block_size]``; ``k_pos`` then has
+``max_blocks * block_size`` columns. The references gather the blocks and proceed as for contiguous keys.
+
 Differential attention (Ye et al., arXiv 2410.05258, §2.1; SambaY paper §3) as the release computes it
 (spec §3.6): heads are split by parity (even heads form group 1, odd heads group 2) and GQA maps query
 pair j to key/value pair j // (n_heads / n_kv_heads); each group attends with its own keys to the values
@@ -32,6 +37,35 @@ def visibility(q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len: Tensor 
     if kv_len is not None:
         seen &= torch.arange(k_pos.shape[1], device=k_pos.device).view(1, 1, -1) < kv_len.view(-1, 1, 1)
     return seen
+
+
+def used_keys(
+    k: Tensor, v: Tensor, k_pos: Tensor, kv_len: Tensor | None, block_table: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Contiguous (b, n_kv_heads, s, head_dim) keys, values and their (b, s) positions.
+
+    Gathers block pools into rows. On the CPU, keys past every row's ``kv_len`` are dropped first (a
+    decode step over a buffer sized for ``max_length`` then costs what the rows hold); on a GPU the
+    shapes stay static, as CUDA graphs need.
+    """
+    if kv_len is not None and not k.is_cuda:
+        s = int(kv_len.max())
+        if block_table is not None:
+            size = k.shape[2]
+            block_table = block_table[:, : -(-s // size)]
+            s = block_table.shape[1] * size
+        else:
+            k, v = k[:, :, :s], v[:, :, :s]
+        k_pos = k_pos[:, :s]
+    if block_table is None:
+        return k, v, k_pos
+
+    def rows(pool: Tensor) -> Tensor:
+        blocks = pool[block_table.long()]  # (b, max_blocks, n_kv_heads, block_size, head_dim)
+        b, n, h, size, d = blocks.shape
+        return blocks.transpose(1, 2).reshape(b, h, n * size, d)
+
+    return rows(k), rows(v), k_pos
 
 
 def lambda_value(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, lambda_init: float) -> Tensor:
@@ -70,6 +104,7 @@ def diff_attention_ref(
     subln_weight: Tensor,
     eps: float,
     kv_len: Tensor | None = None,
+    block_table: Tensor | None = None,
 ) -> Tensor:
     """Differential attention with the release's even/odd head pairing and sub-layer RMSNorm.
 
@@ -87,6 +122,7 @@ def diff_attention_ref(
         eps: RMSNorm epsilon.
         kv_len: (b,) optional hint: keys at index >= kv_len[b] are never visible to row b, so a kernel
             may stop there (decode over a static cache buffer).
+        block_table: (b, max_blocks) int: k and v are block pools (see the module docstring).
 
     Layout contract that fast kernels rely on: when t > 1, key ``s - t + i`` is the key of query ``i``
     (the call's own keys come last, in order); the first ``s - t`` keys may be in any order.
@@ -95,6 +131,7 @@ def diff_attention_ref(
         (b, t, n_heads, head_dim) in ``q.dtype``.
     """
     b, n_heads, t, hd = q.shape
+    k, v, k_pos = used_keys(k, v, k_pos, kv_len, block_table)
     seen = visibility(q_pos, k_pos, window, kv_len)
     v_pairs = torch.cat([v[:, 0::2], v[:, 1::2]], dim=-1)  # (b, n_kv/2, s, 2hd): [v1 | v2]
     o1 = _grouped_attention(q[:, 0::2], k[:, 0::2], v_pairs, seen)  # (b, n_heads/2, t, 2hd): [A11 | A12]
@@ -106,7 +143,8 @@ def diff_attention_ref(
 
 
 def attention_ref(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len: Tensor | None = None,
+    block_table: Tensor | None = None,
 ) -> Tensor:
     """Plain softmax attention with GQA (query head h reads key head h // (n_heads / n_kv_heads)).
 
@@ -115,5 +153,6 @@ def attention_ref(
     Returns:
         (b, t, n_heads, head_dim) in ``q.dtype``.
     """
+    k, v, k_pos = used_keys(k, v, k_pos, kv_len, block_table)
     seen = visibility(q_pos, k_pos, window, kv_len)
     return _grouped_attention(q, k, v, seen).transpose(1, 2).to(q.dtype)

@@ -116,9 +116,12 @@ class TensorParallel:
         max_length: int,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        block_size: int | None = None,
+        kv_blocks: int | None = None,
     ) -> SambaYCache:
         """As `SambaY.new_cache`, sized for this rank's heads and channels."""
-        return new_local_cache(self, batch_size=batch_size, max_length=max_length, dtype=dtype, device=device)
+        return new_local_cache(self, batch_size=batch_size, max_length=max_length, dtype=dtype, device=device,
+                               block_size=block_size, kv_blocks=kv_blocks)
 
 
 @functools.cache
@@ -133,6 +136,8 @@ def new_local_cache(
     max_length: int,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    block_size: int | None = None,
+    kv_blocks: int | None = None,
 ) -> SambaYCache:
     """An empty cache for this rank of a tensor-parallel model: its Mamba channels and kv heads only.
 
@@ -157,6 +162,8 @@ def new_local_cache(
         window=c.window,
         dtype=dtype or model.dtype,
         device=device or model.device,
+        block_size=block_size,
+        kv_blocks=kv_blocks,
     )
 
 

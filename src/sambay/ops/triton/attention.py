@@ -17,7 +17,9 @@ differential release, the 2 query pairs of a kv pair, both halves, i.e. K1, K2, 
 (the reference's four-call formulation reads each twice). The few query rows are padded to a 16-row
 tile so the products run on tensor cores; the kernel stays bound by the K/V bytes it streams. Splits
 divide each row's visible keys (`kv_len`, read on the device), so the grid is static and CUDA-graph
-safe. `_combine` merges the splits and applies λ and the RMSNorm.
+safe. `_combine` merges the splits and applies λ and the RMSNorm. Paged keys (a `block_table`): the
+decode kernel looks up each key's block (one int per key, from the same few cache lines); a prefill
+over pages gathers them first (its cost is dominated by the attention FLOPs, not by that copy).
 
 Row (batch) program ids are widened to int64 before they scale a stride: a 32K-token cache of 64 rows
 holds more than 2^31 elements, and int32 offsets would wrap.
@@ -29,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from sambay.ops.attention import used_keys
 
 BLOCK_M = 64  # queries per prefill program
 BLOCK_N = 64  # keys per prefill step
@@ -151,11 +155,12 @@ def _prefill(
 
 @triton.jit
 def _decode(
-    q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, kvlen_ptr, m_ptr, l_ptr, acc_ptr,  # pointers
-    S, window, scale,  # dimensions and scalars
-    s_qb, s_qh, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_kpb,  # strides
+    q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, kvlen_ptr, bt_ptr, m_ptr, l_ptr, acc_ptr,  # pointers
+    S, window, scale, page,  # dimensions and scalars
+    s_qb, s_qh, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_kpb, s_btb,  # strides
     G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr,  # meta
-    DIFF: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KVLEN: tl.constexpr, PREC: tl.constexpr,
+    DIFF: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KVLEN: tl.constexpr, PAGED: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     g, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     n_kv_units = tl.num_programs(0)
@@ -196,8 +201,13 @@ def _decode(
         if HAS_WINDOW:
             seen = seen & (kpos > qpos - window)
         seen = seen[None, :] & (offs_g >= 0)[:, None]  # (GP, BN)
-        k_rows = k_ptr + b * s_kb + kidx[:, None] * s_ks + offs_d[None, :]
-        v_rows = v_ptr + b * s_vb + kidx[:, None] * s_vs + offs_d[None, :]
+        if PAGED:  # key j of row b: block bt[b, j // page], offset j % page (s_kb is the block stride)
+            block = tl.load(bt_ptr + b * s_btb + kidx // page, mask=kmask, other=0).to(tl.int64)
+            k_rows = k_ptr + block[:, None] * s_kb + (kidx % page)[:, None] * s_ks + offs_d[None, :]
+            v_rows = v_ptr + block[:, None] * s_vb + (kidx % page)[:, None] * s_vs + offs_d[None, :]
+        else:
+            k_rows = k_ptr + b * s_kb + kidx[:, None] * s_ks + offs_d[None, :]
+            v_rows = v_ptr + b * s_vb + kidx[:, None] * s_vs + offs_d[None, :]
         k1 = tl.load(k_rows + kh1 * s_kh, mask=kmask[:, None], other=0.0)
         va = tl.load(v_rows + kh1 * s_vh, mask=kmask[:, None], other=0.0)
         if DIFF:  # K1, K2, V1, V2 each read once for all 2G query heads of this kv pair
@@ -257,10 +267,10 @@ def _combine(
                       lam_init, eps, row, row >= 0, s_oh, h_first, HD, DIFF)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, diff: bool) -> None:
+def _check(q: Tensor, k: Tensor, v: Tensor, diff: bool, paged: bool) -> None:
     b, n_heads, _, hd = q.shape
     n_kv = k.shape[1]
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != hd or n_heads % n_kv:
+    if k.shape != v.shape or (k.shape[0] != b and not paged) or k.shape[3] != hd or n_heads % n_kv:
         raise ValueError(f"attention: bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if hd not in (16, 32, 64, 128):
         raise ValueError(f"the Triton attention kernels need head_dim in (16, 32, 64, 128), got {hd}")
@@ -276,10 +286,14 @@ def _lambda_rows(lambdas: tuple[Tensor, ...] | None, like: Tensor) -> Tensor:
     return like if lambdas is None else torch.stack(lambdas).float()
 
 
-def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lambdas, lam_init, weight, eps) -> Tensor:
+def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lambdas, lam_init, weight, eps, block_table) -> Tensor:
     b, n_heads, t, hd = q.shape
-    s, n_kv = k.shape[2], k.shape[1]
-    _check(q, k, v, diff)
+    if block_table is not None and t > 1:  # prefill over pages: gather them (the cost is the keys' bytes, once)
+        k, v, k_pos = used_keys(k, v, k_pos, None, block_table)
+        block_table = None
+    paged = block_table is not None
+    s, n_kv = k_pos.shape[1], k.shape[1]
+    _check(q, k, v, diff, paged)
     out = torch.empty(b, t, n_heads, hd, dtype=q.dtype, device=q.device)
     q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
     group = n_heads // n_kv  # query units per kv unit (pairs per pair for differential attention)
@@ -308,13 +322,15 @@ def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lambdas, lam_init, weight,
     l_buf = torch.empty(slots * 2, device=q.device)
     acc = torch.empty(slots * 4 * hd, device=q.device)
     kvl = kv_len.contiguous() if kv_len is not None else q_pos
+    table = block_table.contiguous() if paged else q_pos
     _decode[(n_kv_units, nsplit, b)](
-        q, k, v, q_pos, k_pos, kvl, m_buf, l_buf, acc,
-        s, window or 0, hd**-0.5,
+        q, k, v, q_pos, k_pos, kvl, table, m_buf, l_buf, acc,
+        s, window or 0, hd**-0.5, k.shape[2] if paged else 1,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        k_pos.stride(0),
+        k_pos.stride(0), table.stride(0),
         G=group, GP=gp, HD=hd, BN=BLOCK_N_DECODE, NSPLIT=nsplit, DIFF=diff, HAS_WINDOW=has_window,
-        HAS_KVLEN=kv_len is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+        HAS_KVLEN=kv_len is not None, PAGED=paged, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
     )
     _combine[(n_units, b)](
         m_buf, l_buf, acc, out, w, lam_t,
@@ -339,14 +355,16 @@ def diff_attention(
     subln_weight: Tensor,
     eps: float,
     kv_len: Tensor | None = None,
+    block_table: Tensor | None = None,
 ) -> Tensor:
     """Triton differential attention; see `diff_attention_ref` for arguments, shapes and returns."""
     lambdas = (lambda_q1, lambda_k1, lambda_q2, lambda_k2)
-    return _run(q, k, v, q_pos, k_pos, window, kv_len, True, lambdas, lambda_init, subln_weight, eps)
+    return _run(q, k, v, q_pos, k_pos, window, kv_len, True, lambdas, lambda_init, subln_weight, eps, block_table)
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len: Tensor | None = None,
+    block_table: Tensor | None = None,
 ) -> Tensor:
     """Triton plain GQA attention; see `attention_ref`."""
-    return _run(q, k, v, q_pos, k_pos, window, kv_len, False, None, 0.0, None, 0.0)
+    return _run(q, k, v, q_pos, k_pos, window, kv_len, False, None, 0.0, None, 0.0, block_table)

@@ -1,0 +1,77 @@
+"""A paged shared K/V (`PagedKV`) gives the same logits as the contiguous one, whatever blocks rows own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sambay.cache import PagedKV
+from tests.conftest import random_model
+from tests.model.test_decode_equivalence import VARIANTS, _tokens
+from tests.tolerances import FP32_MODEL, assert_close
+
+BLOCK = 16
+
+
+def paged_cache(model, batch_size: int, max_length: int, *, seed: int = 0, spare: int = 3):
+    """A paged cache whose rows own shuffled blocks covering ``max_length`` (``spare`` blocks left unused)."""
+    per_row = -(-max_length // BLOCK)
+    cache = model.new_cache(batch_size=batch_size, max_length=max_length, block_size=BLOCK,
+                            kv_blocks=batch_size * per_row + spare)
+    if cache.full:
+        order = torch.randperm(batch_size * per_row + spare, generator=torch.Generator().manual_seed(seed)) + 1
+        cache.full[0].block_table.copy_(order[: batch_size * per_row].view(batch_size, per_row))
+    return cache
+
+
+@pytest.mark.parametrize("variant", ["sambay-da", "sambay", "transformer++"])
+def test_paged_decode_and_chunked_prefill_equal_the_full_forward(variant):
+    model = random_model(VARIANTS[variant])
+    ids = _tokens(2, 41)
+    with torch.no_grad():
+        full = model(ids)
+        cache = paged_cache(model, 2, 48)
+        assert isinstance(cache.full[0], PagedKV) and cache.paged
+        pieces = [model(ids[:, i : i + 7], cache, last_only=False) for i in range(0, 21, 7)]
+        pieces += [model(ids[:, t : t + 1], cache) for t in range(21, 41)]  # crosses block boundaries
+    assert_close(torch.cat(pieces, 1), full, **FP32_MODEL, what=f"{variant} paged")
+
+
+def test_idle_rows_on_the_null_block_leave_other_rows_untouched():
+    """Row 1 owns no block (all null); its masked decode writes land in block 0, not in row 0's blocks."""
+    model = random_model(VARIANTS["sambay-da"])
+    a = _tokens(1, 30, seed=3)[0]
+    with torch.no_grad():
+        cache = paged_cache(model, 2, 32)
+        cache.full[0].block_table[1] = 0
+        model(torch.stack([a[:20], a[:20]]), cache, lengths=torch.tensor([20, 0]))
+        for s in range(20, 30):
+            out = model(torch.stack([a[s : s + 1], torch.tensor([5])]), cache, active=torch.tensor([True, True]))
+        alone = model(a.view(1, -1))[0, -1]
+    assert_close(out[0, -1], alone, **FP32_MODEL, what="row 0 next to an idle row")
+
+
+def test_paged_fan_out_copies_the_blocks():
+    model = random_model(VARIANTS["sambay-da"])
+    ids = _tokens(1, 19, seed=5)
+    with torch.no_grad():
+        cache = paged_cache(model, 3, 24)
+        model(torch.cat([ids, ids, ids]), cache, lengths=torch.tensor([19, 0, 0]))
+        cache.copy_rows([0, 0], [1, 2])
+        nxt = torch.tensor([[5], [6], [7]])
+        out = model(nxt, cache)
+        for i in range(3):
+            alone = model(torch.cat([ids, nxt[i : i + 1]], 1))[:, -1]
+            assert_close(out[i], alone, **FP32_MODEL, what=f"paged fan-out row {i}")
+        cache.reset()
+        assert not cache.full[0].block_table.any() and not cache.seqlens.any()
+
+
+def test_paged_cache_arguments_are_checked():
+    model = random_model(VARIANTS["sambay-da"])
+    with pytest.raises(ValueError, match="power of two"):
+        model.new_cache(batch_size=1, max_length=8, block_size=24)
+    with pytest.raises(ValueError, match="needs a block_size"):
+        model.new_cache(batch_size=1, max_length=8, kv_blocks=4)
+    cache = model.new_cache(batch_size=2, max_length=40, block_size=16)
+    assert cache.full[0].k.shape[0] == 2 * 3 + 1 and cache.full[0].block_table.shape == (2, 3)
