@@ -1,6 +1,6 @@
 """The continuous-batching scheduler on a tiny random model, driven step by step (no threads, no HTTP):
 batch invariance with staggered arrivals, n-sample fan-out, chunked prefill bounds, cancellation,
-admission and queue limits, slot reset, shutdown."""
+admission and queue limits, slot reset, paged K/V blocks and preemption, shutdown."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sambay.generate import Engine, SamplingParams
+from sambay.generate.blocks import kv_blocks_for_budget
 from sambay.generate.scheduler import (
     PromptTooLong,
     QueueFull,
@@ -17,8 +18,6 @@ from sambay.generate.scheduler import (
     SchedulerClosed,
     SchedulerConfig,
     reset_rows,
-    slot_bytes,
-    slots_for_budget,
 )
 from tests.conftest import random_model, small_config
 
@@ -68,7 +67,7 @@ def run_staggered(scheduler: Scheduler, requests: list[tuple[list[int], Sampling
 
 
 def config(**overrides) -> SchedulerConfig:
-    return SchedulerConfig(**{"slots": 4, "prefill_chunk": 7, "prefill_budget": 14, **overrides})
+    return SchedulerConfig(**{"slots": 4, "prefill_chunk": 7, "prefill_budget": 14, "block_size": 16, **overrides})
 
 
 @pytest.mark.parametrize("every", [1, 3])
@@ -98,8 +97,8 @@ def test_n_samples_fan_out_from_one_prefill(engine):
 def test_prefill_is_chunked_within_the_budget(engine):
     calls = []
     scheduler = Scheduler(engine, config(prefill_chunk=5, prefill_budget=10))
-    forward = scheduler._forward
-    scheduler._forward = lambda tokens, lengths: calls.append(lengths.tolist()) or forward(tokens, lengths)
+    forward = scheduler.runner.prefill
+    scheduler.runner.prefill = lambda tokens, lengths: calls.append(lengths.tolist()) or forward(tokens, lengths)
     sinks = run_staggered(scheduler, [([1] * 23, GREEDY), ([2] * 12, GREEDY), ([3] * 9, GREEDY)], 100)
     assert all(max(c) <= 5 and sum(c) <= 10 for c in calls)
     assert [s.tokens[0] for s in sinks] == [engine.generate([p], GREEDY)[0][0].token_ids
@@ -116,7 +115,9 @@ def test_cancel_frees_the_slots_at_the_next_step(engine):
     request.cancel()
     scheduler.step()
     assert first.finished and first.error is None
-    assert scheduler.stats() == {"running": 1, "waiting": 0, "free_slots": 1}
+    stats = scheduler.stats()
+    assert (stats["running"], stats["waiting"], stats["free_slots"]) == (1, 0, 1)
+    assert stats["free_blocks"] == scheduler.blocks.capacity - scheduler.blocks.needed(-1, len(prompts(1, seed=3)[0]))
 
 
 def test_queue_bound_and_prompt_limits(engine):
@@ -148,12 +149,53 @@ def test_reset_rows_zeroes_mamba_state_and_lengths(engine):
     assert cache.seqlens[:2].tolist() == [0, 0]
 
 
-def test_memory_budget(engine):
+def test_memory_budget_and_blocks_follow_the_tokens_held(engine):
     scheduler = Scheduler(engine, config(max_length=64))
-    per_slot = slot_bytes(engine.model, 64)
-    assert scheduler.memory.bytes_per_slot == per_slot and scheduler.memory.total_bytes == scheduler.cache.nbytes
-    assert slots_for_budget(engine.model, 64, 10 * per_slot + 1) == 10
-    assert slot_bytes(engine.model, 128) > per_slot  # the shared K/V grows with max_length
+    budget = scheduler.memory
+    assert (budget.block_size, budget.kv_blocks) == (16, 4 * 4)  # default: every slot can reach max_length
+    assert budget.total_bytes == scheduler.cache.nbytes
+    sink = Collector()
+    scheduler.submit([3] * 20, GREEDY.replace(max_new_tokens=20), sink)
+    scheduler.step()  # prefill (20 tokens: 2 blocks) + the first decode step
+    assert scheduler.stats()["free_blocks"] == 16 - 2
+    while not sink.finished:
+        scheduler.step()
+    scheduler._sync_blocks()  # the freed row's table reaches the device before the next forward
+    assert scheduler.stats()["free_blocks"] == 16 and scheduler.cache.full[0].block_table.sum() == 0
+    assert len(sink.tokens[0]) == 20  # 20 + 20 tokens crossed into a third block
+    budget = kv_blocks_for_budget(engine.model, 4, 64, 16, scheduler.memory.total_bytes)
+    assert budget == 16
+
+
+def test_preemption_recomputes_and_keeps_outputs(engine):
+    """A pool of 6 blocks (96 tokens) for 4 slots: requests grow past it, the newest are preempted and
+    recomputed, and every output equals the request run alone."""
+    requests = [(p, GREEDY.replace(max_new_tokens=30)) for p in prompts(4, seed=9)]
+    scheduler = Scheduler(engine, config(max_length=64, kv_blocks=6))
+    sinks = run_staggered(scheduler, requests, 1)
+    assert scheduler.preemptions > 0
+    for sink, (prompt, params) in zip(sinks, requests, strict=True):
+        assert sink.tokens[0] == engine.generate([prompt], params)[0][0].token_ids
+    assert scheduler.stats()["free_blocks"] == 6
+
+
+def test_preemption_keeps_sampled_n_requests_and_penalties(engine):
+    params = SamplingParams(temperature=0.8, seed=3, max_new_tokens=24, n=2, frequency_penalty=0.7)
+    requests = [(p, params) for p in prompts(3, seed=4)]
+    alone = [run_staggered(Scheduler(engine, config(max_length=64)), [r], 1)[0].tokens for r in requests]
+    scheduler = Scheduler(engine, config(max_length=64, kv_blocks=8))
+    together = [s.tokens for s in run_staggered(scheduler, requests, 2)]
+    assert scheduler.preemptions > 0 and together == alone
+
+
+def test_pool_limits_are_clear_errors(engine):
+    with pytest.raises(ValueError, match="less than one sequence"):
+        Scheduler(engine, config(max_length=64, kv_blocks=3))
+    scheduler = Scheduler(engine, config(max_length=64, kv_blocks=5))
+    with pytest.raises(ValueError, match="K/V blocks"):
+        scheduler.submit([1] * 10, GREEDY.replace(max_new_tokens=50, n=2), Collector())
+    with pytest.raises(ValueError, match="power of two"):
+        config(block_size=24)
 
 
 def test_thread_close_finishes_then_refuses(engine):

@@ -1,41 +1,46 @@
 """Continuous batching: requests join and leave the running batch at every step, each in its own cache slot.
 
     submit() ─► waiting (bounded FIFO) ─admit─► slots: rows of ONE SambaYCache ─finish / cancel─► free
-                                                   │ every step, in the model thread:
-                                                   ├─ prefill: at most `prefill_budget` prompt tokens, at
+                   ▲                               │ every step, in the model thread:
+                   └── preempted (recomputed) ◄────├─ prefill: at most `prefill_budget` prompt tokens, at
                                                    │  most `prefill_chunk` per request (one ragged forward)
                                                    └─ decode: one token for every running row (one forward)
 
-A slot is a row of the hybrid state: the Mamba conv/SSM states, the sliding-window rings and the shared
-(full-attention) K/V. The model's ``lengths=`` argument lets rows at different points of their sequence,
-and idle rows (length 0, state untouched), share one forward; each row continues its own sequence.
+A slot is a row of the hybrid state: the Mamba conv/SSM states and the sliding-window rings (constant
+size), and the row's blocks of the paged shared K/V (`sambay.cache.PagedKV`), which grow with the
+sequence. The model's ``lengths=`` argument lets rows at different points of their sequence, and idle
+rows (length 0, state untouched), share one forward; each row continues its own sequence.
 
 Notable features:
-- Memory is decided at start: ``slots`` rows × ``max_length`` tokens (`MemoryBudget`; `slots_for_budget`
-  turns a byte budget into a slot count). Admission is by free slots: a request with n samples takes n
-  rows, prefills its prompt once in the first and fans it out with `SambaYCache.copy_rows`.
-- Known limitation: the shared K/V is allocated per slot at ``max_length`` whatever the request's actual
-  length, so memory follows the slot count, not the tokens in flight. A paged layout (vLLM's
-  PagedAttention: fixed-size blocks handed out as sequences grow, a per-row block table read by the
-  attention kernels) would admit requests by free blocks instead and let short requests pack densely;
-  the Mamba and sliding-window states are constant-size per row and would stay slot-allocated.
+- Memory follows the tokens in flight (`MemoryBudget`): ``slots`` rows of constant state, and a pool of
+  ``kv_blocks`` K/V blocks of ``block_size`` tokens (`BlockPool`) handed out as rows grow. Admission
+  needs free slots for the request's samples and blocks for its prompt; a request with n samples
+  prefills its prompt once in its first row and fans it out with `SambaYCache.copy_rows`.
+- Preemption (vLLM's recompute policy): when a decoding row needs a block and none is free, the most
+  recently admitted request gives its slots and blocks back and waits, ahead of new requests, to be
+  re-prefilled with its prompt and the tokens it has generated; its stream simply pauses. A request
+  that could not finish even alone (n rows of prompt + max_tokens > the pool) is refused at `submit`,
+  so the oldest request can always run.
 - Decode latency stays bounded while long prompts arrive: a step prefills at most `prefill_budget`
   prompt tokens, in chunks of at most `prefill_chunk` per request (the model's chunked prefill).
 - Batch invariance: prefill forwards span all slots with per-row ``lengths``; decode forwards take the
   model's static decode path (one token per slot, ``active`` marking the rows that advance: no host
-  sync, so a GPU can run ahead and a CUDA graph can capture it), whatever the other slots are doing.
-  A request's chunk boundaries depend on that request alone, so its arithmetic does not depend on its
-  neighbours: greedy output is the same alone or among others (tested, with staggered arrivals).
+  sync, so on a GPU it is replayed from a CUDA graph), whatever the other slots are doing. A request's
+  chunk boundaries depend on that request alone, so its arithmetic does not depend on its neighbours:
+  greedy output is the same alone or among others (tested, with staggered arrivals). A preempted
+  request's recomputed prefix is numerically close to, not bitwise equal to, its decoded one.
   Sampling is grouped by parameters; each row draws from its own generator (``seed + j``).
-- A new request's slot is reset by `reset_rows`: Mamba conv/SSM states zeroed, ``seqlens`` 0 (attention
-  caches are addressed by position from ``seqlens``, so their stale entries are never read).
+- All model and cache work goes through a `ModelRunner` (a tensor-parallel server replays each of its
+  calls on every rank).
 - Threads: `submit` and `cancel` may be called from any thread; one background thread runs the model.
   Outputs reach each request through its sink callback, called in the model thread
-  (`sambay.serve.streams.AsyncStream` adapts that to asyncio). Cancellation frees the slots at the next step boundary.
+  (`sambay.serve.runtime.AsyncStream` adapts that to asyncio). Cancellation frees the slots at the next
+  step boundary.
 - `close(grace)` refuses new requests, lets admitted and waiting ones finish for ``grace`` seconds, then
   aborts the rest with an error output.
 - Known limitation: idle rows still occupy the forward's batch dimension (static shapes, as CUDA graphs
-  want); packing only the active rows would save compute at low occupancy.
+  want); packing only the active rows would save compute at low occupancy. Blocks are not shared
+  between requests (no prefix caching yet): n samples copy their prompt's blocks.
 """
 
 from __future__ import annotations
@@ -51,10 +56,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sambay.cache import SambaYCache
+from sambay.generate.blocks import BlockPool, MemoryBudget, blocks_for, memory_budget
 from sambay.generate.engine import Engine, SequenceDelta, SequenceState, TokenLogprob
+from sambay.generate.runner import ModelRunner, reset_rows
 from sambay.generate.sampling import PenaltyState, SamplingParams, make_generator, sample
-from sambay.model.sambay import SambaY
+
+__all__ = ["MemoryBudget", "Output", "PromptTooLong", "QueueFull", "Request", "Scheduler", "SchedulerClosed",
+           "SchedulerConfig", "reset_rows"]
 
 log = logging.getLogger("sambay.scheduler")
 
@@ -76,55 +84,26 @@ class SchedulerConfig:
     """Capacity and per-step work bounds of a `Scheduler`."""
 
     slots: int = 8  # rows of the cache: sequences decoded together
-    max_length: int | None = None  # prompt + completion tokens per slot; None: the model's max_seq_len
+    max_length: int | None = None  # prompt + completion tokens per sequence; None: the model's max_seq_len
+    block_size: int = 128  # tokens per block of the paged shared K/V (a power of two >= 16)
+    kv_blocks: int | None = None  # blocks in the pool; None: every slot can reach max_length (no preemption)
     prefill_chunk: int = 256  # prompt tokens one request consumes per step
     prefill_budget: int = 1024  # prompt tokens all requests consume per step (>= prefill_chunk)
     max_waiting: int = 64  # requests queued for a slot before `submit` raises QueueFull
+    cuda_graph: bool = True  # on a GPU, replay the decode step from a CUDA graph
 
     def __post_init__(self):
-        for name in ("slots", "prefill_chunk", "max_waiting"):
+        for name in ("slots", "prefill_chunk", "max_waiting", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.prefill_budget < self.prefill_chunk:
             raise ValueError(f"prefill_budget ({self.prefill_budget}) must be >= prefill_chunk ({self.prefill_chunk})")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-
-
-@dataclass(frozen=True)
-class MemoryBudget:
-    """What the cache holds, decided at start."""
-
-    slots: int
-    max_length: int  # tokens per slot
-    bytes_per_slot: int  # Mamba + sliding-window states (constant) + shared K/V at max_length
-
-    @property
-    def total_bytes(self) -> int:
-        return self.slots * self.bytes_per_slot
-
-
-def slot_bytes(model: SambaY, max_length: int) -> int:
-    """Cache bytes of one slot of ``max_length`` tokens (measured on the meta device: nothing is allocated)."""
-    return model.new_cache(batch_size=1, max_length=max_length, device="meta").nbytes
-
-
-def slots_for_budget(model: SambaY, max_length: int, budget_bytes: int) -> int:
-    """How many slots of ``max_length`` tokens fit in ``budget_bytes`` of cache (at least 1)."""
-    return max(1, budget_bytes // slot_bytes(model, max_length))
-
-
-def reset_rows(cache: SambaYCache, rows: Sequence[int]) -> None:
-    """Make cache rows fresh for a new sequence: zero their Mamba states and lengths.
-
-    The sliding-window rings and the shared K/V need no zeroing: which entries are valid is derived
-    from ``seqlens`` alone, so a row of length 0 never reads its stale keys.
-    """
-    index = torch.as_tensor(list(rows), dtype=torch.long, device=cache.seqlens.device)
-    for state in cache.mamba:
-        state.conv[index] = 0
-        state.ssm[index] = 0
-    cache.seqlens[index] = 0
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.kv_blocks is not None and (not isinstance(self.kv_blocks, int) or self.kv_blocks < 1):
+            raise ValueError(f"kv_blocks must be an int >= 1, got {self.kv_blocks!r}")
 
 
 @dataclass(frozen=True)
@@ -160,30 +139,49 @@ class Request:
         self._scheduler.cancel(self)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: rows and runs are compared with `is`
 class _Row:
     """One sample of a running request in its slot."""
 
-    slot: int
+    slot: int  # -1 while the request is preempted
     sample_index: int
     seq: SequenceState
     generator: torch.Generator
     pending: int | None = None  # sampled token not yet fed to the model
     done: bool = False
+    length: int = 0  # tokens of this row held in the cache
+    generated: list[int] = field(default_factory=list)  # every sampled token (pending included)
 
 
-@dataclass
+@dataclass(eq=False)
+class _Job:
+    """Tokens a row still has to prefill: its prompt, or after preemption its whole history."""
+
+    row: _Row
+    tokens: Tensor  # (t,) int64 on the CPU
+    consumed: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.tokens.numel() - self.consumed
+
+
+@dataclass(eq=False)
 class _Running:
-    """An admitted request: prefill progress and its rows."""
+    """An admitted request: its rows and what they still prefill."""
 
     request: Request
     rows: list[_Row]
-    prompt: Tensor  # (t,) int64 on the CPU
-    consumed: int = 0  # prompt tokens already prefilled
+    jobs: list[_Job]
+    fresh: bool = True  # nothing sampled yet: the end of the prefill samples (and fans out n samples)
 
     @property
     def prefilling(self) -> bool:
-        return self.consumed < self.prompt.numel()
+        return any(job.remaining for job in self.jobs)
+
+    @property
+    def live(self) -> list[_Row]:
+        return [row for row in self.rows if not row.done]
 
 
 def _sampling_key(p: SamplingParams) -> tuple:
@@ -198,17 +196,28 @@ class Scheduler:
     Args:
         engine: the model, tokenizer and default stop ids (`Engine`).
         config: capacity and per-step bounds.
+        runner: executes the forwards and cache operations (default: a `ModelRunner` on the engine's model).
     """
 
-    def __init__(self, engine: Engine, config: SchedulerConfig | None = None):
+    def __init__(self, engine: Engine, config: SchedulerConfig | None = None, runner: ModelRunner | None = None):
         self.engine, self.model, self.config = engine, engine.model, config or SchedulerConfig()
-        self.max_length = self.config.max_length or self.model.config.max_seq_len
-        self.cache = self.model.new_cache(batch_size=self.config.slots, max_length=self.max_length)
-        self.memory = MemoryBudget(self.config.slots, self.max_length, self.cache.nbytes // self.config.slots)
+        c = self.config
+        self.max_length = c.max_length or self.model.config.max_seq_len
+        self.memory = memory_budget(self.model, c.slots, self.max_length, c.block_size, c.kv_blocks)
+        if self.memory.kv_blocks and self.memory.kv_blocks < blocks_for(self.max_length, c.block_size):
+            raise ValueError(f"the K/V pool holds {self.memory.kv_tokens} tokens, less than one sequence of "
+                             f"max_length = {self.max_length}: give it more memory or lower max_length")
+        self.runner = runner or ModelRunner(self.model, slots=c.slots, max_length=self.max_length,
+                                            block_size=c.block_size, kv_blocks=self.memory.kv_blocks or None,
+                                            cuda_graph=c.cuda_graph)
+        self.cache = self.runner.cache
+        self.blocks = BlockPool(self.cache)
+        self.preemptions = 0
         self._ids = itertools.count()
-        self._free = list(range(self.config.slots))
-        self._running: list[_Running] = []
+        self._free = list(range(c.slots))
+        self._running: list[_Running] = []  # in admission order
         self._waiting: deque[Request] = deque()
+        self._preempted: deque[_Running] = deque()  # resumed before any waiting request
         self._cancelled: set[int] = set()
         self._penalties: PenaltyState | None = None  # (slots, vocab), allocated on first use
         self._lock = threading.Condition()
@@ -223,9 +232,11 @@ class Scheduler:
         return self._closing
 
     def stats(self) -> dict[str, int]:
-        """Requests running and waiting, and free slots."""
+        """Requests running and waiting (preempted ones included), free slots and K/V blocks."""
         with self._lock:
-            return {"running": len(self._running), "waiting": len(self._waiting), "free_slots": len(self._free)}
+            return {"running": len(self._running), "waiting": len(self._waiting) + len(self._preempted),
+                    "free_slots": len(self._free), "free_blocks": self.blocks.free_blocks,
+                    "preemptions": self.preemptions}
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[Output], None]) -> Request:
         """Queue a request; its outputs go to ``sink`` (called in the model thread).
@@ -247,6 +258,7 @@ class Scheduler:
                                 f"{self.max_length} (prompt + completion)")
         if params.n > self.config.slots:
             raise ValueError(f"n = {params.n} samples need more slots than the server has ({self.config.slots})")
+        self._check_fits_alone(len(prompt), params)
         request = Request(self, prompt, params, sink)
         with self._lock:
             if self._closing:
@@ -256,6 +268,17 @@ class Scheduler:
             self._waiting.append(request)
             self._lock.notify_all()
         return request
+
+    def _check_fits_alone(self, prompt: int, params: SamplingParams) -> None:
+        """Refuse a request whose samples could not all reach their length limit even alone."""
+        if not self.blocks.paged:
+            return
+        tokens = min(prompt + params.max_new_tokens, self.max_length)
+        need = params.n * blocks_for(tokens, self.blocks.block_size)
+        if need > self.blocks.capacity:
+            raise ValueError(f"n = {params.n} samples of up to {tokens} tokens need {need} K/V blocks but the "
+                             f"server holds {self.blocks.capacity} ({self.memory.kv_tokens} tokens): "
+                             "lower max_tokens or n")
 
     def cancel(self, request: Request) -> None:
         """Stop ``request`` and free its slots at the next step boundary."""
@@ -274,7 +297,7 @@ class Scheduler:
         deadline = time.monotonic() + grace
         with self._lock:
             self._closing = True
-            while self._thread is not None and (self._running or self._waiting) and time.monotonic() < deadline:
+            while self._thread is not None and self._busy() and time.monotonic() < deadline:
                 self._lock.wait(timeout=min(0.05, max(deadline - time.monotonic(), 0)))
             self._stop = True
             self._lock.notify_all()
@@ -284,10 +307,13 @@ class Scheduler:
 
     # the model loop ------------------------------------------------------------------------------
 
+    def _busy(self) -> bool:
+        return bool(self._running or self._waiting or self._preempted)
+
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._stop or self._waiting or self._running or self._cancelled):
+                while not (self._stop or self._busy() or self._cancelled):
                     self._lock.wait()
                 if self._stop:
                     return
@@ -309,8 +335,9 @@ class Scheduler:
 
     def _abort_all(self, message: str) -> None:
         with self._lock:
-            requests = [run.request for run in self._running] + list(self._waiting)
+            requests = [run.request for run in (*self._running, *self._preempted)] + list(self._waiting)
             self._waiting.clear()
+            self._preempted.clear()
         for run in list(self._running):
             self._release(run)
         for request in requests:
@@ -322,111 +349,188 @@ class Scheduler:
             dropped = [r for r in self._waiting if r.id in cancelled]
             for request in dropped:
                 self._waiting.remove(request)
+            for run in [run for run in self._preempted if run.request.id in cancelled]:
+                self._preempted.remove(run)
+                dropped.append(run.request)
         for run in [run for run in self._running if run.request.id in cancelled]:
             self._release(run)
             dropped.append(run.request)
         for request in dropped:
             _deliver(request, Output((), finished=True))
 
+    def _free_slot(self, slot: int) -> None:
+        self.blocks.release(slot)
+        self._free.append(slot)
+        self._free.sort()
+
     def _release(self, run: _Running) -> None:
         """Free every slot of ``run`` and forget it."""
-        for row in run.rows:
-            if not row.done:
-                row.done = True
-                self._free.append(row.slot)
-        self._free.sort()
+        for row in run.live:
+            row.done = True
+            self._free_slot(row.slot)
         self._running.remove(run)
+
+    # admission and preemption --------------------------------------------------------------------
 
     def _admit(self) -> None:
         while True:
             with self._lock:
-                if not self._waiting or len(self._free) < self._waiting[0].params.n:
+                resumed = bool(self._preempted)
+                if resumed:
+                    run = self._preempted[0]
+                    ok = self._fits([len(run.request.prompt) + len(row.generated) - 1 for row in run.live])
+                    if ok:
+                        self._preempted.popleft()
+                elif self._waiting:
+                    head = self._waiting[0]
+                    ok = self._fits([len(head.prompt)] * head.params.n)
+                    if ok:
+                        request = self._waiting.popleft()
+                else:
                     return
-                request = self._waiting.popleft()
-            slots, self._free = self._free[: request.params.n], self._free[request.params.n :]
-            reset_rows(self.cache, slots)
-            self._running.append(self._start(request, slots))
+            if not ok:
+                return
+            self._resume(run) if resumed else self._start(request)
 
-    def _start(self, request: Request, slots: list[int]) -> _Running:
-        """Host-side state of a newly admitted request in ``slots``."""
+    def _fits(self, lengths: list[int]) -> bool:
+        """Free slots and blocks for rows of these lengths?"""
+        need = sum(blocks_for(n, self.blocks.block_size) for n in lengths) if self.blocks.paged else 0
+        return len(self._free) >= len(lengths) and self.blocks.free_blocks >= need
+
+    def _take_slots(self, lengths: list[int]) -> list[int]:
+        slots, self._free = self._free[: len(lengths)], self._free[len(lengths) :]
+        for slot, n in zip(slots, lengths, strict=True):
+            assert self.blocks.grow(slot, n)  # checked by `_fits`
+        self.runner.reset_rows(slots)
+        return slots
+
+    def _start(self, request: Request) -> None:
+        """Admit a new request: n rows, blocks for the prompt in each, the prompt to prefill in the first."""
         params, engine = request.params, self.engine
         request.timing.admitted = time.perf_counter()
+        slots = self._take_slots([len(request.prompt)] * params.n)
         stop_ids = frozenset(engine.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids)
         limit = min(params.max_new_tokens, self.max_length - len(request.prompt))
-        device = self.model.device
+        device = self.runner.device
         rows = [_Row(slot, j, SequenceState(engine.tokenizer, params, stop_ids, limit),
                      make_generator(None if params.seed is None else params.seed + j, device))
                 for j, slot in enumerate(slots)]
         prompt = torch.tensor(request.prompt, dtype=torch.long)
         if params.has_penalties:
-            self._init_penalties(slots, prompt.to(device))
-        return _Running(request, rows, prompt)
+            self._init_penalties(rows, prompt)
+        self._running.append(_Running(request, rows, [_Job(rows[0], prompt)]))
 
-    def _init_penalties(self, slots: list[int], prompt: Tensor) -> None:
+    def _resume(self, run: _Running) -> None:
+        """Re-admit a preempted request: each live row re-prefills its prompt and generated tokens."""
+        live = run.live
+        histories = [torch.tensor(run.request.prompt + row.generated[:-1], dtype=torch.long) for row in live]
+        for row, slot in zip(live, self._take_slots([h.numel() for h in histories]), strict=True):
+            row.slot, row.length = slot, 0
+        if run.request.params.has_penalties:
+            self._init_penalties(live, torch.tensor(run.request.prompt, dtype=torch.long))
+        run.jobs = [_Job(row, h) for row, h in zip(live, histories, strict=True)]
+        self._running.append(run)
+
+    def _preempt(self, run: _Running) -> None:
+        """Give ``run``'s slots and blocks back; it waits, ahead of new requests, to be recomputed."""
+        self.preemptions += 1
+        for row in run.live:
+            self._free_slot(row.slot)
+            row.slot, row.length = -1, 0
+        self._running.remove(run)
+        with self._lock:
+            if run.fresh:  # nothing delivered yet: start over as a new request
+                self._waiting.appendleft(run.request)
+            else:
+                self._preempted.appendleft(run)
+        log.info("preempted request %d (K/V blocks exhausted); %d preemptions so far", run.request.id,
+                 self.preemptions)
+
+    def _reserve_decode_blocks(self) -> None:
+        """Give every decoding row a block for its next token, preempting the newest requests if needed."""
+        for run in list(self._running):  # oldest first
+            if run not in self._running or run.prefilling or run.fresh:
+                continue
+            for row in run.live:
+                while run in self._running and not self.blocks.grow(row.slot, row.length + 1):
+                    self._preempt(self._running[-1])
+
+    def _init_penalties(self, rows: list[_Row], prompt: Tensor) -> None:
         if self._penalties is None:
-            shape, device = (self.config.slots, self.model.config.vocab_size), self.model.device
+            shape, device = (self.config.slots, self.model.config.vocab_size), self.runner.device
             self._penalties = PenaltyState(torch.zeros(shape, dtype=torch.bool, device=device),
                                            torch.zeros(shape, dtype=torch.int32, device=device))
-        for slot in slots:
-            self._penalties.prompt_mask[slot] = False
-            self._penalties.prompt_mask[slot, prompt] = True
-            self._penalties.output_counts[slot] = 0
+        prompt = prompt.to(self.runner.device)
+        for row in rows:
+            self._penalties.prompt_mask[row.slot] = False
+            self._penalties.prompt_mask[row.slot, prompt] = True
+            counts = torch.bincount(torch.tensor(row.generated, dtype=torch.long),
+                                    minlength=self.model.config.vocab_size)
+            self._penalties.output_counts[row.slot] = counts.to(self._penalties.output_counts)
+
+    # the forwards --------------------------------------------------------------------------------
+
+    def _sync_blocks(self) -> None:
+        changes = self.blocks.take_changes()
+        if changes is not None:
+            self.runner.set_block_rows(*changes)
 
     def _prefill_step(self) -> None:
-        """Consume the next prompt chunk of prefilling requests, FIFO, within the per-step budget."""
+        """Consume the next chunk of prefilling rows, FIFO, within the per-step budget."""
         chosen, budget = [], self.config.prefill_budget
         for run in self._running:
-            take = min(self.config.prefill_chunk, run.prompt.numel() - run.consumed)
-            if run.prefilling and take <= budget:
-                chosen.append((run, take))
-                budget -= take
+            for job in run.jobs:
+                take = min(self.config.prefill_chunk, job.remaining)
+                if take and take <= budget:
+                    chosen.append((run, job, take))
+                    budget -= take
         if not chosen:
             return
-        tokens = torch.zeros(self.config.slots, max(take for _, take in chosen), dtype=torch.long)  # (slots, t)
+        self._sync_blocks()
+        tokens = torch.zeros(self.config.slots, max(take for *_, take in chosen), dtype=torch.long)  # (slots, t)
         lengths = torch.zeros(self.config.slots, dtype=torch.long)  # (slots,) idle rows: 0
-        for run, take in chosen:
-            slot = run.rows[0].slot
-            tokens[slot, :take] = run.prompt[run.consumed : run.consumed + take]
-            lengths[slot] = take
-            run.consumed += take
-        logits = self._forward(tokens, lengths)
+        for _, job, take in chosen:
+            tokens[job.row.slot, :take] = job.tokens[job.consumed : job.consumed + take]
+            lengths[job.row.slot] = take
+            job.consumed += take
+            job.row.length += take
+        logits = self.runner.prefill(tokens, lengths)
         rows, index = [], []
-        for run, _ in chosen:
-            if run.prefilling:
+        for run in dict.fromkeys(run for run, _, _ in chosen):  # each run once, in order
+            if run.prefilling or not run.fresh:
                 continue
-            first, others = run.rows[0].slot, [r.slot for r in run.rows[1:]]
-            if others:  # n samples: fan the prefilled row out
-                self.cache.copy_rows([first] * len(others), others)
+            first, others = run.rows[0], run.rows[1:]
+            if others:  # n samples: fan the prefilled row out (their blocks were taken at admission)
+                self._sync_blocks()
+                self.runner.copy_rows([first.slot] * len(others), [r.slot for r in others])
+                for row in others:
+                    row.length = first.length
+            run.fresh = False
             rows += run.rows
-            index += [first] * len(run.rows)
+            index += [first.slot] * len(run.rows)
         if rows:
             self._sample(logits, rows, index)
 
     def _decode_step(self) -> None:
-        """Feed every running row its last sampled token; sample the next."""
-        rows = [row for run in self._running for row in run.rows if row.pending is not None]
+        """Feed every decoding row its last sampled token; sample the next."""
+        self._reserve_decode_blocks()
+        rows = [row for run in self._running if not run.prefilling for row in run.live if row.pending is not None]
         if not rows:
             return
+        self._sync_blocks()
         tokens = torch.zeros(self.config.slots, 1, dtype=torch.long)  # (slots, 1)
         active = torch.zeros(self.config.slots, dtype=torch.bool)  # (slots,) rows that decode this step
         for row in rows:
             tokens[row.slot, 0], active[row.slot] = row.pending, True
-        device = self.model.device
-        # the static, sync-free decode path, whatever the other slots are doing: only `active` rows advance
-        logits = self.model(tokens.to(device), self.cache, active=active.to(device), check_inputs=False)
-        self._sample(logits[:, -1], rows, [row.slot for row in rows])
+            row.length += 1
+        logits = self.runner.decode(tokens, active)
+        self._sample(logits, rows, [row.slot for row in rows])
 
-    def _forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """(slots, t) tokens, (slots,) lengths → (slots, vocab) logits of each row's last valid token.
-
-        Inputs are checked at `submit` and the slot limit caps generation, hence ``check_inputs=False``."""
-        device = self.model.device
-        logits = self.model(tokens.to(device), self.cache, lengths=lengths.to(device), check_inputs=False)
-        return logits[:, -1]
+    # sampling ------------------------------------------------------------------------------------
 
     def _sample(self, logits: Tensor, rows: list[_Row], index: list[int]) -> None:
         """Sample rows[i] from logits[index[i]], grouped by sampling parameters; deliver the deltas."""
-        owner = {row.slot: run for run in self._running for row in run.rows}
+        owner = {row.slot: run for run in self._running for row in run.live}
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(_sampling_key(owner[row.slot].request.params), []).append(i)
@@ -465,13 +569,13 @@ class Scheduler:
         deltas = []
         for row, token, logprob in zip(rows, tokens, logprobs, strict=True):
             text = row.seq.advance(token)
+            row.generated.append(token)
             deltas.append(SequenceDelta(row.sample_index, 0, row.sample_index, token, text, logprob,
                                         row.seq.finish_reason))
             row.pending = None if row.seq.finish_reason else token
             if row.seq.finish_reason:
                 row.done = True
-                self._free.append(row.slot)
-        self._free.sort()
+                self._free_slot(row.slot)
         return deltas
 
 

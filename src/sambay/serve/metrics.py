@@ -5,6 +5,8 @@
     sambay_generation_tokens_total              tokens generated (all samples)
     sambay_requests_running / _waiting          requests holding slots / queued for one
     sambay_cache_slots, sambay_cache_bytes      the memory budget decided at start
+    sambay_kv_blocks, sambay_kv_blocks_free     blocks of the paged shared K/V: all, and free now
+    sambay_preemptions                          requests preempted (K/V blocks exhausted) and recomputed
     sambay_queue_time_seconds                   submit → admitted to a slot
     sambay_time_to_first_token_seconds          submit → first token
     sambay_inter_token_latency_seconds          between consecutive steps of one request
@@ -30,9 +32,14 @@ class Metrics:
         self.http = Counter("sambay_http_requests", "HTTP responses", ["path", "status"], registry=r)
         self.prompt_tokens = Counter("sambay_prompt_tokens", "Prompt tokens admitted to the queue", registry=r)
         self.generation_tokens = Counter("sambay_generation_tokens", "Generated tokens", registry=r)
-        for name, key in (("running", "running"), ("waiting", "waiting")):
-            gauge = Gauge(f"sambay_requests_{name}", f"Requests {name}", registry=r)
+        for name, key, doc in (("requests_running", "running", "Requests holding slots"),
+                               ("requests_waiting", "waiting", "Requests queued for a slot"),
+                               ("kv_blocks_free", "free_blocks", "Free blocks of the shared K/V"),
+                               ("preemptions", "preemptions", "Requests preempted and recomputed")):
+            gauge = Gauge(f"sambay_{name}", doc, registry=r)
             gauge.set_function(lambda key=key: scheduler.stats()[key])
+        Gauge("sambay_kv_blocks", f"Blocks of the shared K/V ({scheduler.memory.block_size} tokens each)",
+              registry=r).set(scheduler.memory.kv_blocks)
         Gauge("sambay_cache_slots", "Cache slots (max concurrent sequences)", registry=r).set(scheduler.memory.slots)
         Gauge("sambay_cache_bytes", "Cache bytes, all slots", registry=r).set(scheduler.memory.total_bytes)
         self.queue_time = Histogram("sambay_queue_time_seconds", "Submit to slot", buckets=_LATENCY, registry=r)
