@@ -80,7 +80,7 @@ def test_sigterm_finishes_in_flight_requests(servers):
     assert late_status in (None, 503)
     assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
     assert len(events) == 151  # every token streamed
-    assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    assert process.wait(timeout=30) == 0  # a graceful shutdown exits with status 0
 
 
 def test_sigterm_aborts_after_the_grace_period(servers):
@@ -90,4 +90,4 @@ def test_sigterm_aborts_after_the_grace_period(servers):
     assert late_status in (None, 503)
     assert events[-1] == "[DONE]" and "shut down" in events[-2]["error"]["message"]
     assert len(events) < 151
-    assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    assert process.wait(timeout=30) == 0  # a graceful shutdown exits with status 0

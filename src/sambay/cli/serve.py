@@ -4,6 +4,7 @@
     sambay serve --model DIR --slots 64 --max-length 8192
     sambay serve --model DIR --slots 64 --cache-memory-gb 20    64 sequences sharing 20 GB of cache
     sambay serve --model DIR --api-key KEY                requests need "Authorization: Bearer KEY"
+    python -m torch.distributed.run --nproc-per-node 2 -m sambay.cli serve --tensor-parallel 2 --model DIR
 
 Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming or not), /health, /metrics.
 Memory is decided at start: --slots sequences of constant state (Mamba, sliding window) and a pool of
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+from dataclasses import replace
 
 from sambay.cli._common import UsageError, add_model_arguments, add_sampling_arguments, load_engine, model_options
 from sambay.cli._common import sampling_params as sampling_defaults
@@ -41,39 +44,62 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--prefill-budget", type=int, default=1024, help="prompt tokens per step, all requests")
     group.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default: 64)")
     group.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    p.add_argument("--tensor-parallel", type=int, metavar="N", help="shard the model over N processes started by "
+                   "torchrun (python -m torch.distributed.run --nproc-per-node N -m sambay.cli serve ...); "
+                   "--cache-memory-gb is then per process")
     add_model_arguments(p)
     add_sampling_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        from sambay.generate.blocks import kv_blocks_for_budget
-        from sambay.generate.scheduler import SchedulerConfig
-        from sambay.serve.server import ServeConfig, build_runtime, serve
+        import sambay.serve.server  # noqa: F401  (the serve extra: FastAPI, uvicorn, prometheus_client)
     except ImportError as e:
         raise RuntimeError(f"sambay serve needs the serve extra (pip install 'sambay[serve]'): {e}") from None
-    options = model_options(args)
-    defaults = sampling_defaults(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = model_options(args)
+    if args.tensor_parallel is not None:
+        return _serve_tensor_parallel(args, options)
     engine = load_engine(options, make_console(stderr=True))
-    max_length = args.max_length or engine.model.config.max_seq_len
+    return _serve(args, options, engine, _scheduler_config(args, engine.model))
+
+
+def _scheduler_config(args: argparse.Namespace, model, cuda_graph: bool = True):
+    """The scheduler's capacity from the flags; --cache-memory-gb is sized for this process's (shard of the) model."""
+    from sambay.generate.blocks import kv_blocks_for_budget
+    from sambay.generate.scheduler import SchedulerConfig
+
+    max_length = args.max_length or model.config.max_seq_len
     try:
         kv_blocks = None
         if args.cache_memory_gb is not None:
-            kv_blocks = kv_blocks_for_budget(engine.model, args.slots, max_length, args.block_size,
+            kv_blocks = kv_blocks_for_budget(model, args.slots, max_length, args.block_size,
                                              int(args.cache_memory_gb * 1e9)) or None
-        scheduler = SchedulerConfig(slots=args.slots, max_length=max_length, block_size=args.block_size,
-                                    kv_blocks=kv_blocks, prefill_chunk=args.prefill_chunk,
-                                    prefill_budget=args.prefill_budget, max_waiting=args.max_waiting)
+        return SchedulerConfig(slots=args.slots, max_length=max_length, block_size=args.block_size,
+                               kv_blocks=kv_blocks, prefill_chunk=args.prefill_chunk,
+                               prefill_budget=args.prefill_budget, max_waiting=args.max_waiting,
+                               cuda_graph=cuda_graph)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    config = ServeConfig(model_dir=options.model_dir, model_name=args.served_model_name, host=args.host,
-                         port=args.port, api_key=args.api_key, scheduler=scheduler, defaults=defaults,
-                         grace=args.shutdown_grace)
+
+
+def _make_runner(model, scheduler, cls=None):
+    from sambay.generate.scheduler import make_runner
+
     try:
-        runtime = build_runtime(engine, config)
+        return make_runner(model, scheduler) if cls is None else make_runner(model, scheduler, cls)
     except ValueError as e:  # e.g. a budget too small for one sequence of --max-length
         raise UsageError(str(e)) from None
+
+
+def _serve(args: argparse.Namespace, options, engine, scheduler, runner=None) -> int:
+    """Serve HTTP over a scheduler on ``engine`` until SIGTERM."""
+    from sambay.serve.server import ServeConfig, build_runtime, serve
+
+    config = ServeConfig(model_dir=options.model_dir, model_name=args.served_model_name, host=args.host,
+                         port=args.port, api_key=args.api_key, scheduler=scheduler,
+                         defaults=sampling_defaults(args), grace=args.shutdown_grace)
+    runtime = build_runtime(engine, config, runner or _make_runner(engine.model, scheduler))
     budget = runtime.scheduler.memory
     logging.getLogger("sambay.serve").info(
         "serving %r on http://%s:%d: %d sequences of up to %d tokens, shared K/V pool of %d tokens, cache %.1f MB",
@@ -81,3 +107,30 @@ def main(args: argparse.Namespace) -> int:
         budget.total_bytes / 1e6)
     serve(runtime, config.host, config.port, config.grace)
     return 0
+
+
+def _serve_tensor_parallel(args: argparse.Namespace, options) -> int:
+    """Every rank loads the model and keeps its shard; rank 0 serves HTTP and schedules, and its runner
+    broadcasts each forward and cache operation to the other ranks, which follow until it stops."""
+    from sambay import parallel
+    from sambay.parallel.serving import BroadcastRunner, follow
+
+    if args.tensor_parallel < 1:
+        raise UsageError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
+    with parallel.torchrun_group(args.tensor_parallel, options.device) as member:
+        # CUDA-graph capture of the all-reduces is untested: decode runs eagerly under tensor parallelism
+        engine = load_engine(replace(options, device=member.device), make_console(stderr=True), cuda_graphs=False)
+        parallel.tensor_parallel(engine.model)
+        scheduler = _scheduler_config(args, engine.model, cuda_graph=False)
+        if member.rank > 0:
+            # shutdown is rank 0's to drive: it finishes in-flight requests (which need every rank), then
+            # sends STOP; a signal here (torchrun forwards SIGTERM, a terminal sends SIGINT) must not cut that short
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+            follow(_make_runner(engine.model, scheduler))
+            return 0
+        runner = _make_runner(engine.model, scheduler, BroadcastRunner)
+        try:
+            return _serve(args, options, engine, scheduler, runner)
+        finally:
+            runner.stop()

@@ -60,9 +60,10 @@ from sambay.generate.blocks import BlockPool, MemoryBudget, blocks_for, memory_b
 from sambay.generate.engine import Engine, SequenceDelta, SequenceState, TokenLogprob
 from sambay.generate.runner import ModelRunner, reset_rows
 from sambay.generate.sampling import PenaltyState, SamplingParams, make_generator, sample
+from sambay.model.sambay import SambaY
 
 __all__ = ["MemoryBudget", "Output", "PromptTooLong", "QueueFull", "Request", "Scheduler", "SchedulerClosed",
-           "SchedulerConfig", "reset_rows"]
+           "SchedulerConfig", "make_runner", "reset_rows"]
 
 log = logging.getLogger("sambay.scheduler")
 
@@ -184,6 +185,17 @@ class _Running:
         return [row for row in self.rows if not row.done]
 
 
+def make_runner(model: SambaY, config: SchedulerConfig, cls: type[ModelRunner] = ModelRunner) -> ModelRunner:
+    """The runner (and cache) a scheduler with ``config`` needs; ``cls`` may be a broadcasting subclass."""
+    max_length = config.max_length or model.config.max_seq_len
+    memory = memory_budget(model, config.slots, max_length, config.block_size, config.kv_blocks)
+    if memory.kv_blocks and memory.kv_blocks < blocks_for(max_length, config.block_size):
+        raise ValueError(f"the K/V pool holds {memory.kv_tokens} tokens, less than one sequence of "
+                         f"max_length = {max_length}: give it more memory or lower max_length")
+    return cls(model, slots=config.slots, max_length=max_length, block_size=config.block_size,
+               kv_blocks=memory.kv_blocks or None, cuda_graph=config.cuda_graph)
+
+
 def _sampling_key(p: SamplingParams) -> tuple:
     """Rows whose requests share these fields are sampled together."""
     return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
@@ -196,20 +208,16 @@ class Scheduler:
     Args:
         engine: the model, tokenizer and default stop ids (`Engine`).
         config: capacity and per-step bounds.
-        runner: executes the forwards and cache operations (default: a `ModelRunner` on the engine's model).
+        runner: executes the forwards and cache operations, made by `make_runner` for the same config
+            (default: a `ModelRunner` on the engine's model).
     """
 
     def __init__(self, engine: Engine, config: SchedulerConfig | None = None, runner: ModelRunner | None = None):
         self.engine, self.model, self.config = engine, engine.model, config or SchedulerConfig()
+        self.runner = runner or make_runner(self.model, self.config)
+        self.max_length = self.runner.cache.max_length
         c = self.config
-        self.max_length = c.max_length or self.model.config.max_seq_len
         self.memory = memory_budget(self.model, c.slots, self.max_length, c.block_size, c.kv_blocks)
-        if self.memory.kv_blocks and self.memory.kv_blocks < blocks_for(self.max_length, c.block_size):
-            raise ValueError(f"the K/V pool holds {self.memory.kv_tokens} tokens, less than one sequence of "
-                             f"max_length = {self.max_length}: give it more memory or lower max_length")
-        self.runner = runner or ModelRunner(self.model, slots=c.slots, max_length=self.max_length,
-                                            block_size=c.block_size, kv_blocks=self.memory.kv_blocks or None,
-                                            cuda_graph=c.cuda_graph)
         self.cache = self.runner.cache
         self.blocks = BlockPool(self.cache)
         self.preemptions = 0
@@ -311,6 +319,8 @@ class Scheduler:
         return bool(self._running or self._waiting or self._preempted)
 
     def _loop(self) -> None:
+        if self.runner.device.type == "cuda":
+            torch.cuda.set_device(self.runner.device)  # the current device is per thread
         while True:
             with self._lock:
                 while not (self._stop or self._busy() or self._cancelled):

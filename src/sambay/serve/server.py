@@ -8,6 +8,7 @@ A second signal exits at once (uvicorn's behaviour).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from sambay.generate import REASONING_DEFAULTS, Engine, SamplingParams
+from sambay.generate.runner import ModelRunner
 from sambay.generate.scheduler import Scheduler, SchedulerConfig
 from sambay.serve.app import create_app
 from sambay.serve.runtime import Runtime
@@ -37,9 +39,9 @@ class ServeConfig:
     grace: float = 30.0  # seconds in-flight requests may keep running after SIGTERM
 
 
-def build_runtime(engine: Engine, config: ServeConfig) -> Runtime:
-    """A started scheduler over ``engine``, wrapped for the HTTP layer."""
-    scheduler = Scheduler(engine, config.scheduler).start()
+def build_runtime(engine: Engine, config: ServeConfig, runner: ModelRunner | None = None) -> Runtime:
+    """A started scheduler over ``engine`` (and ``runner``, see `Scheduler`), wrapped for the HTTP layer."""
+    scheduler = Scheduler(engine, config.scheduler, runner).start()
     name = config.model_name or config.model_dir.resolve().name
     return Runtime(engine, scheduler, name, config.defaults, api_key=config.api_key)
 
@@ -51,6 +53,15 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.runtime, self.grace = runtime, grace
         self._draining: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn's, without re-raising the caught signal on exit: after a graceful shutdown `serve`
+        returns (exit status 0), so whatever follows it (a tensor-parallel run releasing its other ranks)
+        still runs."""
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
     def handle_exit(self, sig, frame) -> None:
         if self._draining is None:
