@@ -9,9 +9,10 @@
    waits for /health.
 3. For each concurrency C: ``max(16, 4 C)`` streaming /v1/completions requests, prompts of 16/64/128
    words, greedy, ``--max-tokens`` each (`sambay.serve.loadgen`, the code behind `bench-serve`).
-4. Baseline, measured in the same run after the server stops: the offline `Engine` generating the same
-   prompts as one batch of C (no HTTP, no scheduler), and the bandwidth limit of a decode step of C rows
-   (`sambay.bench.limits.decode_bytes` at the mean context / the measured copy bandwidth).
+4. Baselines, measured in the same run after the server stops: the offline `Engine` generating the
+   same prompts as one batch of C (no HTTP, no scheduler); the same `Scheduler` driven in-process with
+   the same requests (no HTTP: what the HTTP layer costs); and the bandwidth limit of a decode step of
+   C rows (`sambay.bench.limits.decode_bytes` at the mean context / the measured copy bandwidth).
 """
 
 from __future__ import annotations
@@ -86,6 +87,45 @@ def offline_baseline(engine: Engine, concurrency: int, max_tokens: int) -> dict:
     return {"output_tokens": tokens, "seconds": round(elapsed, 3), "output_tokens_per_s": round(tokens / elapsed, 1)}
 
 
+def scheduler_baseline(engine: Engine, concurrency: int, max_tokens: int, slots: int, max_length: int) -> dict:
+    """The server's scheduler driven in-process: C requests in flight, ``max(16, 4 C)`` in all, no HTTP."""
+    from sambay.generate.scheduler import Scheduler, SchedulerConfig
+
+    scheduler = Scheduler(engine, SchedulerConfig(slots=slots, max_length=max_length))
+    params = SamplingParams(temperature=0, max_new_tokens=max_tokens, stop_token_ids=())
+    total, state = max(16, 4 * concurrency), {"submitted": 0, "finished": 0, "tokens": 0}
+
+    def submit() -> None:
+        words = PROMPT_WORDS[state["submitted"] % len(PROMPT_WORDS)]
+        state["submitted"] += 1
+        scheduler.submit(engine.tokenizer.encode(" ".join(["word"] * words)), params, sink)
+
+    def sink(output) -> None:
+        state["tokens"] += len(output.deltas)
+        if output.finished:
+            state["finished"] += 1
+            if state["submitted"] < total:
+                submit()
+
+    for _ in range(concurrency):
+        submit()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while state["finished"] < total:
+        scheduler.step()
+    elapsed = time.perf_counter() - start
+    return {"output_tokens": state["tokens"], "seconds": round(elapsed, 3),
+            "output_tokens_per_s": round(state["tokens"] / elapsed, 1)}
+
+
+def warm_up(port: int) -> None:
+    """One request of each prompt length first: Triton compiles the prefill kernels for new shapes."""
+    for words in PROMPT_WORDS:
+        body = {"model": "x", "prompt": " ".join(["word"] * words), "max_tokens": 4}
+        model = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
+        httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={**body, "model": model}, timeout=120)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -105,6 +145,7 @@ def main() -> int:
         server = start_server(args.model_dir, args, log)
         print(f"server ready after {time.perf_counter() - started:.0f} s", flush=True)
         try:
+            warm_up(args.port)
             for c in args.concurrency:
                 config = LoadConfig(url=f"http://127.0.0.1:{args.port}", concurrency=c, requests=max(16, 4 * c),
                                     prompt_words=PROMPT_WORDS, max_tokens=args.max_tokens)
@@ -125,18 +166,21 @@ def main() -> int:
     for report in runs:
         c = report["concurrency"]
         report["offline_engine"] = offline_baseline(engine, c, args.max_tokens)
+        report["scheduler_in_process"] = scheduler_baseline(engine, c, args.max_tokens, args.slots, args.max_length)
         step_s = decode_bytes(config, weight_bytes, c, context) / bandwidth
         report["limit_output_tokens_per_s"] = round(c / step_s, 1)
-        print(json.dumps(report["offline_engine"]), flush=True)
+        print(json.dumps({k: report[k] for k in ("offline_engine", "scheduler_in_process")}), flush=True)
     result = {"gpu": torch.cuda.get_device_name(), "bandwidth_GBps": round(bandwidth / 1e9, 1),
               "slots": args.slots, "max_length": args.max_length, "max_tokens": args.max_tokens,
               "mean_context": context, "runs": runs, "torch": torch.__version__, "pid": os.getpid()}
     (args.out / "serve.json").write_text(json.dumps(result, indent=1))
-    lines = ["| concurrency | requests/s | output tok/s | vs offline Engine | vs limit | TTFT p50/p90/p99 ms | "
-             "ITL p50/p90/p99 ms |", "|---|---|---|---|---|---|---|"]
+    lines = ["| concurrency | requests/s | output tok/s | scheduler alone tok/s | offline Engine tok/s | "
+             "vs offline | vs limit | TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms |", "|---" * 9 + "|"]
     for r in runs:
         t, i = r["ttft_ms"], r["itl_ms"]
         lines.append(f"| {r['concurrency']} | {r['requests_per_s']} | {r['output_tokens_per_s']} | "
+                     f"{r['scheduler_in_process']['output_tokens_per_s']} | "
+                     f"{r['offline_engine']['output_tokens_per_s']} | "
                      f"{r['output_tokens_per_s'] / r['offline_engine']['output_tokens_per_s']:.2f}x | "
                      f"{r['output_tokens_per_s'] / r['limit_output_tokens_per_s']:.0%} | "
                      f"{t['p50']}/{t['p90']}/{t['p99']} | {i['p50']}/{i['p90']}/{i['p99']} |")

@@ -89,7 +89,7 @@ async def _complete(runtime: Runtime, body: schemas._Request, prepared: Prepared
                               prompt_tokens=len(prepared.prompt), tokenizer=runtime.engine.tokenizer)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        events = _sse(builder, runtime.outputs(request, stream), include_usage)
+        events = _sse(builder, runtime.batches(request, stream), include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     async for output in runtime.outputs(request, stream, http):
         if output.error:
@@ -98,18 +98,22 @@ async def _complete(runtime: Runtime, body: schemas._Request, prepared: Prepared
     return JSONResponse(builder.response())
 
 
-async def _sse(builder: ResponseBuilder, outputs: AsyncIterator, include_usage: bool) -> AsyncIterator[str]:
-    for chunk in builder.first_chunks():
-        yield _event(chunk)
-    async for output in outputs:
-        if output.error:
-            yield _event(schemas.ErrorResponse.of(output.error, "server_error", code="aborted"))
-            break
-        for chunk in builder.add(output):
-            yield _event(chunk)
-    else:
-        if include_usage:
-            yield _event(builder.usage_chunk())
+async def _sse(builder: ResponseBuilder, batches: AsyncIterator, include_usage: bool) -> AsyncIterator[str]:
+    """The events of a stream; the chunks of the outputs that arrived together go out in one write."""
+    yield "".join(_event(chunk) for chunk in builder.first_chunks())
+    async for batch in batches:
+        events = []
+        for output in batch:
+            if output.error:
+                events.append(_event(schemas.ErrorResponse.of(output.error, "server_error", code="aborted")))
+                yield "".join(events)
+                yield "data: [DONE]\n\n"
+                return
+            events += [_event(chunk) for chunk in builder.add(output)]
+        if events:
+            yield "".join(events)
+    if include_usage:
+        yield _event(builder.usage_chunk())
     yield "data: [DONE]\n\n"
 
 

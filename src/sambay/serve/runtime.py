@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -30,6 +32,38 @@ from sambay.serve.metrics import Metrics
 from sambay.serve.protocol import Prepared
 
 
+class _Mailbox:
+    """Hands outputs from the model thread to one event loop, with one wake-up per batch.
+
+    A decode step produces an output for every running request; posting each with its own
+    ``call_soon_threadsafe`` would wake the loop (a pipe write and a callback) once per request per
+    step. Outputs posted while a hand-over is pending join it, so a step costs one wake-up.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop, self._lock = loop, threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Output]] = []
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, output: Output) -> None:
+        with self._lock:
+            self._items.append((queue, output))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, output in items:
+            queue.put_nowait(output)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+
+
 class AsyncStream:
     """A request's outputs on an asyncio loop: `put` is the sink (any thread); `get` awaits the next one.
 
@@ -37,20 +71,26 @@ class AsyncStream:
     """
 
     def __init__(self):
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self._mailbox = _MAILBOXES.setdefault(loop, _Mailbox(loop))
         self._queue: asyncio.Queue[Output] = asyncio.Queue()
 
     def put(self, output: Output) -> None:
         """Thread-safe; outputs for a closed loop are dropped."""
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+        self._mailbox.post(self._queue, output)
 
     async def get(self, timeout: float | None = None) -> Output | None:
         """The next output, or None after ``timeout`` seconds."""
+        if not self._queue.empty():  # the common case under load: no timer, no task
+            return self._queue.get_nowait()
         try:
             return await asyncio.wait_for(self._queue.get(), timeout)
         except TimeoutError:
             return None
+
+    def ready(self) -> list[Output]:
+        """The outputs already waiting, without blocking."""
+        return [self._queue.get_nowait() for _ in range(self._queue.qsize())]
 
 
 @dataclass
@@ -99,6 +139,14 @@ class Runtime:
     async def outputs(self, request: Request, stream: AsyncStream, http: HTTPRequest | None = None
                       ) -> AsyncIterator[Output]:
         """The request's outputs until its last; cancels it if the caller stops early or ``http`` disconnects."""
+        async for batch in self.batches(request, stream, http):
+            for output in batch:
+                yield output
+
+    async def batches(self, request: Request, stream: AsyncStream, http: HTTPRequest | None = None
+                      ) -> AsyncIterator[list[Output]]:
+        """As `outputs`, grouped: each batch holds every output that had arrived when the previous one was
+        taken (one network write per batch for a stream that fell behind)."""
         finished, previous = False, None
         try:
             while not finished:
@@ -107,10 +155,12 @@ class Runtime:
                     if await http.is_disconnected():
                         return
                     continue
-                self.metrics.observe(request, output, previous)
-                previous = output.time if output.deltas else previous
-                finished = output.finished
-                yield output
+                batch = [output, *stream.ready()]
+                for output in batch:
+                    self.metrics.observe(request, output, previous)
+                    previous = output.time if output.deltas else previous
+                    finished = finished or output.finished
+                yield batch
         finally:
             if not finished:
                 request.cancel()
