@@ -462,6 +462,8 @@ class Scheduler:
             if run not in self._running or run.prefilling or run.fresh:
                 continue
             for row in run.live:
+                if row.length % self.blocks.block_size:
+                    continue  # the next position is inside a block the row owns
                 while run in self._running and not self.blocks.grow(row.slot, row.length + 1):
                     self._preempt(self._running[-1])
 
@@ -505,6 +507,8 @@ class Scheduler:
             job.consumed += take
             job.row.length += take
         logits = self.runner.prefill(tokens, lengths)
+        for run in dict.fromkeys(run for run, _, _ in chosen):
+            run.jobs = [job for job in run.jobs if job.remaining]  # `prefilling` stays cheap
         rows, index = [], []
         for run in dict.fromkeys(run for run, _, _ in chosen):  # each run once, in order
             if run.prefilling or not run.fresh:
@@ -528,10 +532,12 @@ class Scheduler:
         if not rows:
             return
         self._sync_blocks()
+        slots = torch.tensor([row.slot for row in rows])
         tokens = torch.zeros(self.config.slots, 1, dtype=torch.long)  # (slots, 1)
+        tokens[slots, 0] = torch.tensor([row.pending for row in rows])
         active = torch.zeros(self.config.slots, dtype=torch.bool)  # (slots,) rows that decode this step
+        active[slots] = True
         for row in rows:
-            tokens[row.slot, 0], active[row.slot] = row.pending, True
             row.length += 1
         logits = self.runner.decode(tokens, active)
         self._sample(logits, rows, [row.slot for row in rows])
