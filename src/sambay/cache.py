@@ -128,6 +128,24 @@ class SambaYCache:
         if self.paged:
             self.full[0].block_table.zero_()
 
+    def select(self, rows: Tensor) -> SambaYCache:
+        """A cache of ``rows`` only, for a forward over a few rows of a large cache: the per-row state is
+        copied out (write it back with `update_rows`); a paged K/V shares its pools, so its writes land
+        in place."""
+        def take(state):
+            if isinstance(state, PagedKV):
+                return PagedKV(k=state.k, v=state.v, block_table=table)
+            return type(state)(**{f.name: getattr(state, f.name)[rows] for f in fields(state)})
+
+        table = self.full[0].block_table[rows] if self.paged else None
+        return SambaYCache(mamba=[take(s) for s in self.mamba], sliding=[take(s) for s in self.sliding],
+                           full=[take(s) for s in self.full], seqlens=self.seqlens[rows], max_length=self.max_length)
+
+    def update_rows(self, rows: Tensor, part: SambaYCache) -> None:
+        """Write back the state of a `select`-ed cache after a forward over it."""
+        for t, p in zip((*self.row_tensors(), self.seqlens), (*part.row_tensors(), part.seqlens), strict=True):
+            t[rows] = p
+
     def copy_rows(self, src: Tensor | list[int], dst: Tensor | list[int]) -> None:
         """Copy the state of rows ``src`` into rows ``dst`` (n-sample fan-out after one prefill).
 

@@ -75,3 +75,24 @@ def test_paged_cache_arguments_are_checked():
         model.new_cache(batch_size=1, max_length=8, kv_blocks=4)
     cache = model.new_cache(batch_size=2, max_length=40, block_size=16)
     assert cache.full[0].k.shape[0] == 2 * 3 + 1 and cache.full[0].block_table.shape == (2, 3)
+
+
+@pytest.mark.parametrize("paged", [True, False])
+def test_forward_over_selected_rows_equals_the_full_batch(paged):
+    """`select` + forward + `update_rows` leaves every row as a forward over all rows (idle ones at length 0)."""
+    model = random_model(VARIANTS["sambay-da"])
+    ids = _tokens(3, 30, seed=7)
+    with torch.no_grad():
+        caches = [paged_cache(model, 3, 32) if paged else model.new_cache(batch_size=3, max_length=32)
+                  for _ in range(2)]
+        for cache in caches:
+            model(ids[:, :10], cache)
+        full = model(ids[:, 10:20], caches[0], lengths=torch.tensor([10, 0, 10]))
+        rows = torch.tensor([0, 2])
+        part = caches[1].select(rows)
+        partial = model(ids[rows, 10:20], part, lengths=torch.tensor([10, 10]))
+        caches[1].update_rows(rows, part)
+        assert_close(partial, full[rows], **FP32_MODEL, what="selected rows")
+        nxt = ids[:, 20:21]
+        assert_close(model(nxt, caches[1]), model(nxt, caches[0]), **FP32_MODEL, what="after write-back")
+        assert caches[1].seqlens.tolist() == [20, 10, 20]

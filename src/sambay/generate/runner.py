@@ -76,11 +76,26 @@ class ModelRunner:
             self.cache.full[0].block_table[index] = table.to(self.device)
 
     def prefill(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """(slots, t) tokens, (slots,) lengths (0 = idle row) → (slots, vocab) logits of each row's last token.
+        """(slots, t) tokens, (slots,) lengths (0 = idle row) → (slots, vocab) logits of each row's last token
+        (rows of length 0: zeros).
 
-        Inputs are checked by the scheduler and the slot limit caps generation, hence ``check_inputs=False``."""
-        logits = self.model(tokens.to(self.device), self.cache, lengths=lengths.to(self.device), check_inputs=False)
-        return logits[:, -1]
+        Only the rows with tokens are computed: their state is taken out of the cache (`SambaYCache.select`)
+        and written back, so a prompt arriving alone costs its own tokens, not ``slots`` times them. Inputs
+        are checked by the scheduler and the slot limit caps generation, hence ``check_inputs=False``."""
+        rows = lengths.nonzero().flatten()
+        if rows.numel() == lengths.numel():
+            logits = self.model(tokens.to(self.device), self.cache, lengths=lengths.to(self.device),
+                                check_inputs=False)
+            return logits[:, -1]
+        index = rows.to(self.device)
+        part = self.cache.select(index)
+        t = int(lengths.max())
+        logits = self.model(tokens[rows, :t].to(self.device), part, lengths=lengths[rows].to(self.device),
+                            check_inputs=False)
+        self.cache.update_rows(index, part)
+        out = torch.zeros(lengths.numel(), logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        out[index] = logits[:, -1]
+        return out
 
     def decode(self, tokens: Tensor, active: Tensor) -> Tensor:
         """(slots, 1) tokens, (slots,) bool rows that advance → (slots, vocab) logits (the static decode path,
