@@ -93,6 +93,6 @@ def test_forward_over_selected_rows_equals_the_full_batch(paged):
         partial = model(ids[rows, 10:20], part, lengths=torch.tensor([10, 10]))
         caches[1].update_rows(rows, part)
         assert_close(partial, full[rows], **FP32_MODEL, what="selected rows")
+        assert caches[1].seqlens.tolist() == [20, 10, 20]
         nxt = ids[:, 20:21]
         assert_close(model(nxt, caches[1]), model(nxt, caches[0]), **FP32_MODEL, what="after write-back")
-        assert caches[1].seqlens.tolist() == [20, 10, 20]
