@@ -125,6 +125,27 @@ def scheduler_baseline(engine: Engine, concurrency: int, max_tokens: int, slots:
             "output_tokens_per_s": round(state["tokens"] / elapsed, 1)}
 
 
+def server_sums(port: int) -> dict[str, float]:
+    """Sums and counts of the server's own queue-time and TTFT histograms (/metrics)."""
+    wanted = ("sambay_queue_time_seconds_sum", "sambay_queue_time_seconds_count",
+              "sambay_time_to_first_token_seconds_sum", "sambay_time_to_first_token_seconds_count")
+    values = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            values[name] = float(value)
+    return values
+
+
+def _server_means(before: dict, after: dict) -> dict:
+    def mean(metric: str) -> float:
+        n = after[f"{metric}_count"] - before[f"{metric}_count"]
+        return round(1e3 * (after[f"{metric}_sum"] - before[f"{metric}_sum"]) / max(n, 1), 1)
+
+    return {"queue_ms_mean": mean("sambay_queue_time_seconds"),
+            "ttft_ms_mean": mean("sambay_time_to_first_token_seconds")}
+
+
 def warm_up(port: int) -> None:
     """One request of each prompt length first: Triton compiles the prefill kernels for new shapes."""
     for words in PROMPT_WORDS:
@@ -156,7 +177,9 @@ def main() -> int:
             for c in args.concurrency:
                 config = LoadConfig(url=f"http://127.0.0.1:{args.port}", concurrency=c, requests=max(16, 4 * c),
                                     prompt_words=PROMPT_WORDS, max_tokens=args.max_tokens)
+                before = server_sums(args.port)
                 report = asyncio.run(run_load(config))
+                report["server_side"] = _server_means(before, server_sums(args.port))
                 print(json.dumps(report), flush=True)
                 runs.append(report)
             metrics = httpx.get(f"http://127.0.0.1:{args.port}/metrics", timeout=10).text
