@@ -176,7 +176,7 @@ def main() -> int:
             warm_up(args.port)
             for c in args.concurrency:
                 config = LoadConfig(url=f"http://127.0.0.1:{args.port}", concurrency=c, requests=max(16, 4 * c),
-                                    prompt_words=PROMPT_WORDS, max_tokens=args.max_tokens)
+                                    prompt_words=PROMPT_WORDS, max_tokens=args.max_tokens, workers=max(1, c // 8))
                 before = server_sums(args.port)
                 report = asyncio.run(run_load(config))
                 report["server_side"] = _server_means(before, server_sums(args.port))

@@ -66,3 +66,27 @@ def test_completions_keep_the_raw_text(builder):
     for output in outputs(PIECES):
         b.add(output)
     assert b.response()["choices"][0]["text"] == "".join(PIECES)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_fast_stream_events_equal_json_dumps_of_the_chunks(chat):
+    """`ResponseBuilder.events` (a per-request prefix + encoded text) == json.dumps of `add`'s chunks."""
+    from sambay.generate import TokenLogprob
+    from sambay.serve.protocol import sse_event
+
+    class Tok:
+        vocab_size = 512
+
+        def token_bytes(self, i):
+            return b"x"
+
+    texts = ['h\u00e9"llo\n', "<think>", "a\u2028b\\", "</think>", "\x00ctl", "end \U0001f600"]
+    slow = ResponseBuilder(chat=chat, model='m"x', n=2, prompt_tokens=3, tokenizer=Tok())
+    fast = ResponseBuilder(chat=chat, model='m"x', n=2, prompt_tokens=3, tokenizer=Tok())
+    fast.id, fast.created = slow.id, slow.created
+    for k, text in enumerate(texts):
+        finish = "stop" if k == len(texts) - 1 else None
+        logprob = TokenLogprob(5, -0.5, ((5, -0.5),)) if k == 2 else None  # the dict path for logprob chunks
+        output = Output((SequenceDelta(k % 2, 0, k % 2, 5, text, logprob, finish),), finished=finish is not None)
+        assert fast.events(output) == "".join(sse_event(c) for c in slow.add(output))
+    assert fast.response() == slow.response()

@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-words", type=int, nargs="+", default=[16, 64, 128], help="prompt lengths, cycled")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
     p.add_argument("--api-key", help="bearer token, if the server wants one")
+    p.add_argument("--workers", type=int, help="client processes (default: one per 16 streams, at most the CPUs)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -38,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = LoadConfig(url=args.url, model=args.model, concurrency=args.concurrency, requests=args.requests,
                             prompt_words=tuple(args.prompt_words), max_tokens=args.max_tokens,
-                            temperature=args.temperature, api_key=args.api_key)
+                            temperature=args.temperature, api_key=args.api_key, workers=args.workers)
     except ValueError as e:
         raise UsageError(str(e)) from None
     report = asyncio.run(run_load(config))

@@ -16,7 +16,6 @@ its stream with an error event. With ``api_key`` set, /v1 routes need ``Authoriz
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI
@@ -26,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sambay.serve import schemas
 from sambay.serve.errors import APIError, install_handlers
-from sambay.serve.protocol import Prepared, ResponseBuilder, prepare_chat, prepare_completion
+from sambay.serve.protocol import Prepared, ResponseBuilder, prepare_chat, prepare_completion, sse_event
 from sambay.serve.runtime import Runtime
 
 
@@ -36,11 +35,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     install_handlers(app)
     app.state.runtime = runtime
 
-    @app.middleware("http")
-    async def count(request: HTTPRequest, call_next):
-        response = await call_next(request)
-        runtime.metrics.http.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountResponses, counter=runtime.metrics.http)
 
     def authorize(request: HTTPRequest) -> None:
         if runtime.api_key is None:
@@ -82,6 +77,25 @@ def create_app(runtime: Runtime) -> FastAPI:
     return app
 
 
+class _CountResponses:
+    """Counts responses by path and status. Plain ASGI: Starlette's ``@app.middleware("http")`` would pass
+    every chunk of every stream through an extra channel and task, a cost paid per generated token."""
+
+    def __init__(self, app, counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.counter.labels(scope["path"], str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 async def _complete(runtime: Runtime, body: schemas._Request, prepared: Prepared, http: HTTPRequest, *, chat: bool):
     """Submit; answer with a stream of chunks or, once finished, the whole response."""
     request, stream = runtime.submit(prepared)
@@ -100,22 +114,18 @@ async def _complete(runtime: Runtime, body: schemas._Request, prepared: Prepared
 
 async def _sse(builder: ResponseBuilder, batches: AsyncIterator, include_usage: bool) -> AsyncIterator[str]:
     """The events of a stream; the chunks of the outputs that arrived together go out in one write."""
-    yield "".join(_event(chunk) for chunk in builder.first_chunks())
+    yield "".join(sse_event(chunk) for chunk in builder.first_chunks())
     async for batch in batches:
         events = []
         for output in batch:
             if output.error:
-                events.append(_event(schemas.ErrorResponse.of(output.error, "server_error", code="aborted")))
+                events.append(sse_event(schemas.ErrorResponse.of(output.error, "server_error", code="aborted")))
                 yield "".join(events)
                 yield "data: [DONE]\n\n"
                 return
-            events += [_event(chunk) for chunk in builder.add(output)]
+            events.append(builder.events(output))
         if events:
             yield "".join(events)
     if include_usage:
-        yield _event(builder.usage_chunk())
+        yield sse_event(builder.usage_chunk())
     yield "data: [DONE]\n\n"
-
-
-def _event(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

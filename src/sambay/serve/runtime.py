@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import threading
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -32,6 +33,23 @@ from sambay.serve.metrics import Metrics
 from sambay.serve.protocol import Prepared
 
 
+class _Channel:
+    """One consumer's outputs on the loop: a deque and, while the consumer waits, one future to wake it
+    (cheaper per token than an `asyncio.Queue`, whose every `get` makes a waiter and, with a timeout, a task)."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items: deque[Output] = deque()
+        self.waiter: asyncio.Future | None = None
+
+    def put_nowait(self, output: Output) -> None:
+        self.items.append(output)
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 class _Mailbox:
     """Hands outputs from the model thread to one event loop, with one wake-up per batch.
 
@@ -42,12 +60,12 @@ class _Mailbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop, self._lock = loop, threading.Lock()
-        self._items: list[tuple[asyncio.Queue, Output]] = []
+        self._items: list[tuple[_Channel, Output]] = []
         self._scheduled = False
 
-    def post(self, queue: asyncio.Queue, output: Output) -> None:
+    def post(self, channel: _Channel, output: Output) -> None:
         with self._lock:
-            self._items.append((queue, output))
+            self._items.append((channel, output))
             if self._scheduled:
                 return
             self._scheduled = True
@@ -57,8 +75,8 @@ class _Mailbox:
     def _deliver(self) -> None:
         with self._lock:
             items, self._items, self._scheduled = self._items, [], False
-        for queue, output in items:
-            queue.put_nowait(output)
+        for channel, output in items:
+            channel.put_nowait(output)
 
 
 _MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
@@ -67,30 +85,36 @@ _MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = wea
 class AsyncStream:
     """A request's outputs on an asyncio loop: `put` is the sink (any thread); `get` awaits the next one.
 
-    Must be created on the loop that reads it.
+    Must be created on the loop that reads it; one consumer.
     """
 
     def __init__(self):
-        loop = asyncio.get_running_loop()
-        self._mailbox = _MAILBOXES.setdefault(loop, _Mailbox(loop))
-        self._queue: asyncio.Queue[Output] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._mailbox = _MAILBOXES.setdefault(self._loop, _Mailbox(self._loop))
+        self._channel = _Channel()
 
     def put(self, output: Output) -> None:
         """Thread-safe; outputs for a closed loop are dropped."""
-        self._mailbox.post(self._queue, output)
+        self._mailbox.post(self._channel, output)
 
     async def get(self, timeout: float | None = None) -> Output | None:
         """The next output, or None after ``timeout`` seconds."""
-        if not self._queue.empty():  # the common case under load: no timer, no task
-            return self._queue.get_nowait()
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
+        channel = self._channel
+        if not channel.items:
+            channel.waiter = waiter = self._loop.create_future()
+            try:
+                await asyncio.wait_for(waiter, timeout) if timeout is not None else await waiter
+            except TimeoutError:
+                return None
+            finally:
+                channel.waiter = None
+        return channel.items.popleft()
 
     def ready(self) -> list[Output]:
         """The outputs already waiting, without blocking."""
-        return [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        items = list(self._channel.items)
+        self._channel.items.clear()
+        return items
 
 
 @dataclass
