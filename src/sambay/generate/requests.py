@@ -1,0 +1,103 @@
+"""What a caller of the continuous-batching scheduler sees: its configuration, requests, outputs and refusals.
+
+Kept apart from the scheduling logic (`sambay.generate.scheduler`), which re-exports every name here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sambay.generate.engine import SequenceDelta
+from sambay.generate.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from sambay.generate.scheduler import Scheduler
+
+log = logging.getLogger("sambay.scheduler")
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound: retry later."""
+
+
+class SchedulerClosed(RuntimeError):
+    """The scheduler is shutting down and takes no new requests."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit a slot (``max_length`` tokens, one of them for the completion)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """Capacity and per-step work bounds of a `Scheduler`."""
+
+    slots: int = 8  # rows of the cache: sequences decoded together
+    max_length: int | None = None  # prompt + completion tokens per sequence; None: the model's max_seq_len
+    block_size: int = 128  # tokens per block of the paged shared K/V (a power of two >= 16)
+    kv_blocks: int | None = None  # blocks in the pool; None: every slot can reach max_length (no preemption)
+    prefill_chunk: int = 256  # prompt tokens one request consumes per step
+    prefill_budget: int = 1024  # prompt tokens all requests consume per step (>= prefill_chunk)
+    max_waiting: int = 64  # requests queued for a slot before `submit` raises QueueFull
+    cuda_graph: bool = True  # on a GPU, replay the decode step from a CUDA graph
+
+    def __post_init__(self):
+        for name in ("slots", "prefill_chunk", "max_waiting", "block_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.prefill_budget < self.prefill_chunk:
+            raise ValueError(f"prefill_budget ({self.prefill_budget}) must be >= prefill_chunk ({self.prefill_chunk})")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.kv_blocks is not None and (not isinstance(self.kv_blocks, int) or self.kv_blocks < 1):
+            raise ValueError(f"kv_blocks must be an int >= 1, got {self.kv_blocks!r}")
+
+
+@dataclass(frozen=True)
+class Output:
+    """What one step produced for one request, delivered to its sink."""
+
+    deltas: tuple[SequenceDelta, ...]  # one per sample that advanced (``index`` = sample index)
+    finished: bool = False  # the request's last output
+    error: str | None = None  # set when the request was aborted (shutdown, model failure)
+    time: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Timing:
+    """Wall-clock marks of one request (``time.perf_counter`` seconds)."""
+
+    arrival: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    first_token: float | None = None
+
+
+class Request:
+    """A submitted request: its prompt, parameters, sink and timing; `cancel` frees its slots."""
+
+    def __init__(self, scheduler: Scheduler, prompt: list[int], params: SamplingParams, sink: Callable[[Output], None]):
+        self.id = next(scheduler._ids)
+        self.prompt, self.params, self.sink = prompt, params, sink
+        self.timing = Timing()
+        self._scheduler = scheduler
+
+    def cancel(self) -> None:
+        """Stop generating; the slots are freed at the next step boundary (safe from any thread)."""
+        self._scheduler.cancel(self)
+
+
+def deliver(request: Request, output: Output) -> None:
+    """Call the request's sink; a failing sink cancels the request instead of stopping the loop."""
+    try:
+        request.sink(output)
+    except Exception:
+        log.exception("output sink of request %d failed; cancelling it", request.id)
+        if not output.finished:
+            request.cancel()
+
