@@ -163,8 +163,9 @@ def test_memory_budget_and_blocks_follow_the_tokens_held(engine):
     scheduler._sync_blocks()  # the freed row's table reaches the device before the next forward
     assert scheduler.stats()["free_blocks"] == 16 and scheduler.cache.full[0].block_table.sum() == 0
     assert len(sink.tokens[0]) == 20  # 20 + 20 tokens crossed into a third block
-    budget = kv_blocks_for_budget(engine.model, 4, 64, 16, scheduler.memory.total_bytes)
-    assert budget == 16
+    assert kv_blocks_for_budget(engine.model, 4, 64, 16, scheduler.memory.total_bytes) == 16
+    with pytest.raises(ValueError, match="constant state"):
+        kv_blocks_for_budget(engine.model, 4, 64, 16, 4 * budget.bytes_per_slot)
 
 
 def test_preemption_recomputes_and_keeps_outputs(engine):

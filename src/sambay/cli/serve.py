@@ -74,7 +74,7 @@ def _scheduler_config(args: argparse.Namespace, model, cuda_graph: bool = True):
         kv_blocks = None
         if args.cache_memory_gb is not None:
             kv_blocks = kv_blocks_for_budget(model, args.slots, max_length, args.block_size,
-                                             int(args.cache_memory_gb * 1e9)) or None
+                                             int(args.cache_memory_gb * 1e9))
         return SchedulerConfig(slots=args.slots, max_length=max_length, block_size=args.block_size,
                                kv_blocks=kv_blocks, prefill_chunk=args.prefill_chunk,
                                prefill_budget=args.prefill_budget, max_waiting=args.max_waiting,

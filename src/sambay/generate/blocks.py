@@ -116,9 +116,21 @@ def memory_budget(model: SambaY, slots: int, max_length: int, block_size: int, k
     return MemoryBudget(slots, max_length, per_slot, block_size, kv_blocks, per_block)
 
 
-def kv_blocks_for_budget(model: SambaY, slots: int, max_length: int, block_size: int, budget_bytes: int) -> int:
-    """How many K/V blocks fit in ``budget_bytes`` of cache once ``slots`` sequences' constant state is paid."""
+def kv_blocks_for_budget(
+    model: SambaY, slots: int, max_length: int, block_size: int, budget_bytes: int
+) -> int | None:
+    """How many K/V blocks fit in ``budget_bytes`` of cache once ``slots`` sequences' constant state is paid
+    (None for a model without full attention, which has nothing to page).
+
+    Raises:
+        ValueError: the budget does not even hold the slots' constant state and one block.
+    """
     unit = memory_budget(model, slots, max_length, block_size, 1)
     if unit.bytes_per_block == 0:
-        return 0
-    return max(0, (budget_bytes - slots * unit.bytes_per_slot) // unit.bytes_per_block - 1)
+        return None
+    blocks = (budget_bytes - slots * unit.bytes_per_slot) // unit.bytes_per_block - 1  # - the null block
+    if blocks < 1:
+        raise ValueError(f"a cache budget of {budget_bytes / 1e9:.2f} GB does not hold {slots} sequences' "
+                         f"constant state ({slots * unit.bytes_per_slot / 1e9:.2f} GB) and any K/V block: "
+                         "give more memory or fewer slots")
+    return blocks
