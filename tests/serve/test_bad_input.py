@@ -60,7 +60,7 @@ def test_bad_input_gets_an_openai_error(server, route, body, status, param):
 def parked(engine):
     """An app whose scheduler is never started: requests stay queued (1 slot, 2 waiting)."""
     scheduler = Scheduler(engine, SchedulerConfig(slots=1, max_waiting=2, max_length=64))
-    runtime = Runtime(engine, scheduler, MODEL, GREEDY, api_key="sekret")
+    runtime = Runtime(engine.tokenizer, scheduler, MODEL, GREEDY, api_key="sekret")
     with TestClient(create_app(runtime), base_url="http://127.0.0.1") as client:
         yield scheduler, client
 

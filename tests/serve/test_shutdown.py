@@ -16,10 +16,10 @@ import pytest
 from tests.serve.conftest import MODEL, free_port
 
 
-def start(model_dir, grace: float) -> tuple[subprocess.Popen, str]:
+def start(model_dir, grace: float, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "sambay.cli", "serve", "--model", str(model_dir), "--port", str(port),
-               "--slots", "2", "--temperature", "0", "--shutdown-grace", str(grace)]
+               "--slots", "2", "--temperature", "0", "--shutdown-grace", str(grace), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     return process, f"http://127.0.0.1:{port}"
@@ -62,10 +62,11 @@ def stream_through_sigterm(process: subprocess.Popen, url: str) -> tuple[list[di
     return events, late_status
 
 
-@pytest.fixture(scope="module")
-def servers(model_dir):
-    """Two servers started together (their start-ups overlap): grace 60 s and grace 0 s."""
-    started = [start(model_dir, 60), start(model_dir, 0)]
+@pytest.fixture(scope="module", params=["--no-engine-process", "--engine-process"])
+def servers(model_dir, request):
+    """Two servers started together (their start-ups overlap): grace 60 s and grace 0 s; the model in the
+    server's process, then in its own."""
+    started = [start(model_dir, 60, request.param), start(model_dir, 0, request.param)]
     yield started
     for process, _ in started:
         if process.poll() is None:

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--prefill-budget", type=int, default=1024, help="prompt tokens per step, all requests")
     group.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default: 64)")
     group.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
+                   help="run the model in its own process, so HTTP and the scheduler do not share a GIL "
+                        "(default: on for CUDA devices)")
     p.add_argument("--tensor-parallel", type=int, metavar="N", help="shard the model over N processes started by "
                    "torchrun (python -m torch.distributed.run --nproc-per-node N -m sambay.cli serve ...); "
                    "--cache-memory-gb is then per process")
@@ -60,6 +63,9 @@ def main(args: argparse.Namespace) -> int:
     options = model_options(args)
     if args.tensor_parallel is not None:
         return _serve_tensor_parallel(args, options)
+    engine_process = options.device.startswith("cuda") if args.engine_process is None else args.engine_process
+    if engine_process:
+        return _serve_engine_process(args, options)
     engine = load_engine(options, make_console(stderr=True))
     return _serve(args, options, engine, _scheduler_config(args, engine.model))
 
@@ -106,6 +112,42 @@ def _serve(args: argparse.Namespace, options, engine, scheduler, runner=None) ->
         runtime.model_name, config.host, config.port, budget.slots, budget.max_length, budget.kv_tokens,
         budget.total_bytes / 1e6)
     serve(runtime, config.host, config.port, config.grace)
+    return 0
+
+
+def _serve_engine_process(args: argparse.Namespace, options) -> int:
+    """HTTP here, the model and scheduler in a child process (`sambay.serve.engine_process`)."""
+    from sambay.generate.requests import SchedulerConfig
+    from sambay.serve.engine_process import EngineSpec, RemoteScheduler
+    from sambay.serve.runtime import Runtime
+    from sambay.serve.server import serve
+    from sambay.tokenizer import load_tokenizer
+
+    try:
+        scheduler = SchedulerConfig(slots=args.slots, max_length=args.max_length, block_size=args.block_size,
+                                    prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
+                                    max_waiting=args.max_waiting)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not (options.model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{options.model_dir} has no config.json: is it a model directory?")
+    tokenizer = load_tokenizer(options.tokenizer_dir)
+    budget = None if args.cache_memory_gb is None else int(args.cache_memory_gb * 1e9)
+    spec = EngineSpec(model_dir=str(options.model_dir), tokenizer_dir=str(options.tokenizer_dir),
+                      device=options.device, dtype=str(options.dtype).removeprefix("torch.") if options.dtype else None,
+                      scheduler=scheduler, cache_memory_bytes=budget)
+    try:
+        remote = RemoteScheduler(spec)
+    except RuntimeError as e:
+        raise UsageError(str(e)) from None
+    runtime = Runtime(tokenizer, remote, args.served_model_name or options.model_dir.resolve().name,
+                      sampling_defaults(args), api_key=args.api_key)
+    memory = remote.memory
+    logging.getLogger("sambay.serve").info(
+        "serving %r on http://%s:%d (model in its own process): %d sequences of up to %d tokens, shared K/V "
+        "pool of %d tokens, cache %.1f MB", runtime.model_name, args.host, args.port, memory.slots,
+        memory.max_length, memory.kv_tokens, memory.total_bytes / 1e6)
+    serve(runtime, args.host, args.port, args.shutdown_grace)
     return 0
 
 

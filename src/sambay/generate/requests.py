@@ -59,6 +59,35 @@ class SchedulerConfig:
             raise ValueError(f"kv_blocks must be an int >= 1, got {self.kv_blocks!r}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What a request may ask of a scheduler: `check` refuses what could never run."""
+
+    vocab_size: int
+    max_length: int  # prompt + completion tokens per sequence
+    slots: int
+    block_size: int
+    kv_blocks: int  # blocks of the paged shared K/V (0: nothing paged)
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raises PromptTooLong or ValueError (with the reason) for a request that can never run."""
+        vocab = self.vocab_size
+        if not prompt or not all(0 <= i < vocab for i in prompt):
+            raise ValueError(f"the prompt must hold at least one token id, each in [0, {vocab})")
+        if len(prompt) >= self.max_length:
+            raise PromptTooLong(f"the prompt has {len(prompt)} tokens but a sequence holds at most "
+                                f"{self.max_length} (prompt + completion)")
+        if params.n > self.slots:
+            raise ValueError(f"n = {params.n} samples need more slots than the server has ({self.slots})")
+        if self.kv_blocks:  # every sample must be able to reach its length limit, even alone
+            tokens = min(len(prompt) + params.max_new_tokens, self.max_length)
+            need = params.n * -(-tokens // self.block_size)
+            if need > self.kv_blocks:
+                raise ValueError(f"n = {params.n} samples of up to {tokens} tokens need {need} K/V blocks but the "
+                                 f"server holds {self.kv_blocks} ({self.kv_blocks * self.block_size} tokens): "
+                                 "lower max_tokens or n")
+
+
 @dataclass(frozen=True)
 class Output:
     """What one step produced for one request, delivered to its sink."""

@@ -63,6 +63,7 @@ from torch import Tensor
 from sambay.generate.blocks import BlockPool, MemoryBudget, blocks_for, memory_budget
 from sambay.generate.engine import Engine, SequenceDelta, SequenceState, TokenLogprob
 from sambay.generate.requests import (
+    Limits,
     Output,
     PromptTooLong,
     QueueFull,
@@ -76,7 +77,7 @@ from sambay.generate.runner import ModelRunner, reset_rows
 from sambay.generate.sampling import PenaltyState, SamplingParams, make_generator, sample
 from sambay.model.sambay import SambaY
 
-__all__ = ["MemoryBudget", "Output", "PromptTooLong", "QueueFull", "Request", "Scheduler", "SchedulerClosed",
+__all__ = ["Limits", "MemoryBudget", "Output", "PromptTooLong", "QueueFull", "Request", "Scheduler", "SchedulerClosed",
            "SchedulerConfig", "Timing", "make_runner", "reset_rows"]
 
 log = logging.getLogger("sambay.scheduler")
@@ -152,10 +153,14 @@ class Scheduler:
         config: capacity and per-step bounds.
         runner: executes the forwards and cache operations, made by `make_runner` for the same config
             (default: a `ModelRunner` on the engine's model).
+        on_step: called in the model thread after each step of `start`'s loop (e.g. to send the step's
+            outputs on in one message).
     """
 
-    def __init__(self, engine: Engine, config: SchedulerConfig | None = None, runner: ModelRunner | None = None):
+    def __init__(self, engine: Engine, config: SchedulerConfig | None = None, runner: ModelRunner | None = None,
+                 on_step: Callable[[], None] | None = None):
         self.engine, self.model, self.config = engine, engine.model, config or SchedulerConfig()
+        self.on_step = on_step
         self.runner = runner or make_runner(self.model, self.config)
         self.max_length = self.runner.cache.max_length
         c = self.config
@@ -200,15 +205,7 @@ class Scheduler:
             PromptTooLong, ValueError: the request can never run. QueueFull, SchedulerClosed: not now.
         """
         prompt = [int(i) for i in prompt]
-        vocab = self.model.config.vocab_size
-        if not prompt or not all(0 <= i < vocab for i in prompt):
-            raise ValueError(f"the prompt must hold at least one token id, each in [0, {vocab})")
-        if len(prompt) >= self.max_length:
-            raise PromptTooLong(f"the prompt has {len(prompt)} tokens but a sequence holds at most "
-                                f"{self.max_length} (prompt + completion)")
-        if params.n > self.config.slots:
-            raise ValueError(f"n = {params.n} samples need more slots than the server has ({self.config.slots})")
-        self._check_fits_alone(len(prompt), params)
+        self.limits.check(prompt, params)
         request = Request(self, prompt, params, sink)
         with self._lock:
             if self._closing:
@@ -219,16 +216,11 @@ class Scheduler:
             self._lock.notify_all()
         return request
 
-    def _check_fits_alone(self, prompt: int, params: SamplingParams) -> None:
-        """Refuse a request whose samples could not all reach their length limit even alone."""
-        if not self.blocks.paged:
-            return
-        tokens = min(prompt + params.max_new_tokens, self.max_length)
-        need = params.n * blocks_for(tokens, self.blocks.block_size)
-        if need > self.blocks.capacity:
-            raise ValueError(f"n = {params.n} samples of up to {tokens} tokens need {need} K/V blocks but the "
-                             f"server holds {self.blocks.capacity} ({self.memory.kv_tokens} tokens): "
-                             "lower max_tokens or n")
+    @property
+    def limits(self) -> Limits:
+        """What a request may ask of this scheduler (checked at `submit`)."""
+        return Limits(vocab_size=self.model.config.vocab_size, max_length=self.max_length, slots=self.config.slots,
+                      block_size=self.blocks.block_size, kv_blocks=self.blocks.capacity if self.blocks.paged else 0)
 
     def cancel(self, request: Request) -> None:
         """Stop ``request`` and free its slots at the next step boundary."""
@@ -274,6 +266,8 @@ class Scheduler:
             except Exception as e:  # a failed step must not take the server down: fail its requests
                 log.exception("scheduler step failed")
                 self._abort_all(f"internal error: {type(e).__name__}: {e}")
+            if self.on_step is not None:
+                self.on_step()
             with self._lock:
                 self._lock.notify_all()  # wakes `close` waiting for the batch to drain
 

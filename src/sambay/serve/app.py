@@ -63,14 +63,14 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: schemas.ChatCompletionRequest, http: HTTPRequest):
         runtime.check_model(body.model)
-        prepared = await run_in_threadpool(prepare_chat, body, runtime.engine.tokenizer, runtime.max_length,
+        prepared = await run_in_threadpool(prepare_chat, body, runtime.tokenizer, runtime.max_length,
                                            runtime.defaults)
         return await _complete(runtime, body, prepared, http, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: schemas.CompletionRequest, http: HTTPRequest):
         runtime.check_model(body.model)
-        prepared = await run_in_threadpool(prepare_completion, body, runtime.engine.tokenizer, runtime.max_length,
+        prepared = await run_in_threadpool(prepare_completion, body, runtime.tokenizer, runtime.max_length,
                                            runtime.defaults)
         return await _complete(runtime, body, prepared, http, chat=False)
 
@@ -100,7 +100,7 @@ async def _complete(runtime: Runtime, body: schemas._Request, prepared: Prepared
     """Submit; answer with a stream of chunks or, once finished, the whole response."""
     request, stream = runtime.submit(prepared)
     builder = ResponseBuilder(chat=chat, model=runtime.model_name, n=prepared.params.n,
-                              prompt_tokens=len(prepared.prompt), tokenizer=runtime.engine.tokenizer)
+                              prompt_tokens=len(prepared.prompt), tokenizer=runtime.tokenizer)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _sse(builder, runtime.batches(request, stream), include_usage)

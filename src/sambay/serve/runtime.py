@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request as HTTPRequest
 
-from sambay.generate import Engine, SamplingParams
+from sambay.generate import SamplingParams
 from sambay.generate.scheduler import (
     Output,
     PromptTooLong,
@@ -31,6 +31,7 @@ from sambay.generate.scheduler import (
 from sambay.serve.errors import APIError
 from sambay.serve.metrics import Metrics
 from sambay.serve.protocol import Prepared
+from sambay.tokenizer import Tokenizer
 
 
 class _Channel:
@@ -121,7 +122,7 @@ class AsyncStream:
 class Runtime:
     """The serving state shared by all routes."""
 
-    engine: Engine
+    tokenizer: Tokenizer
     scheduler: Scheduler
     model_name: str
     defaults: SamplingParams  # sampling fields a request leaves unset

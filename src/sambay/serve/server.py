@@ -44,7 +44,7 @@ def build_runtime(engine: Engine, config: ServeConfig, runner: ModelRunner | Non
     """A started scheduler over ``engine`` (and ``runner``, see `Scheduler`), wrapped for the HTTP layer."""
     scheduler = Scheduler(engine, config.scheduler, runner).start()
     name = config.model_name or config.model_dir.resolve().name
-    return Runtime(engine, scheduler, name, config.defaults, api_key=config.api_key)
+    return Runtime(engine.tokenizer, scheduler, name, config.defaults, api_key=config.api_key)
 
 
 class _Server(uvicorn.Server):
