@@ -7,10 +7,12 @@
     python -m torch.distributed.run --nproc-per-node 2 -m sambay.cli serve --tensor-parallel 2 --model DIR
 
 Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming or not), /health, /metrics.
-Memory is decided at start: --slots sequences of constant state (Mamba, sliding window) and a pool of
-shared-K/V blocks that sequences take as they grow (`sambay.generate.blocks`); by default the pool can
-hold every slot at --max-length, with --cache-memory-gb it is what fits in that budget, and requests are
-preempted and recomputed when it runs out. SIGTERM stops accepting requests, lets in-flight ones
+On a GPU the model and scheduler run in a process of their own (--engine-process; see
+`sambay.serve.engine_process`). Memory is decided at start: --slots sequences of constant state
+(Mamba, sliding window) and a pool of shared-K/V blocks that sequences take as they grow
+(`sambay.generate.blocks`); by default the pool can hold every slot at --max-length, with
+--cache-memory-gb it is what fits in that budget, and requests are preempted and recomputed when it
+runs out. SIGTERM stops accepting requests, lets in-flight ones
 finish for --shutdown-grace seconds, then aborts the rest.
 """
 
@@ -62,6 +64,9 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = model_options(args)
     if args.tensor_parallel is not None:
+        if args.engine_process:
+            raise UsageError("--engine-process does not combine with --tensor-parallel yet (rank 0 runs the "
+                             "model next to the HTTP server)")
         return _serve_tensor_parallel(args, options)
     engine_process = options.device.startswith("cuda") if args.engine_process is None else args.engine_process
     if engine_process:
