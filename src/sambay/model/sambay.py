@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from sambay.cache import SambaYCache, allocate_cache
 from sambay.config import LayerKind, SambaYConfig
-from sambay.model.attention import DifferentialCore, SharedKV
+from sambay.model.attention import DifferentialCore, FullAttention, SharedKV, SlidingWindowAttention
 from sambay.model.blocks import Block, build_mixer
 from sambay.model.init import init_weights
 from sambay.model.mamba import Mamba
@@ -151,20 +151,24 @@ class SambaY(nn.Module):
     ) -> SambaYCache:
         """Allocate an empty cache for ``batch_size`` rows of at most ``max_length`` tokens each.
 
-        ``block_size`` pages the full-attention K/V into a pool of ``kv_blocks`` blocks (`sambay.cache`)."""
+        ``block_size`` pages the full-attention K/V into a pool of ``kv_blocks`` blocks (`sambay.cache`).
+        Mamba channels and kv heads are read from the modules, not the config, so a model sharded by
+        `sambay.parallel.tensor_parallel` gets the cache of its rank."""
         c = self.config
         if not isinstance(max_length, int) or max_length > c.max_seq_len:
             raise ValueError(f"max_length must be an int <= max_seq_len ({c.max_seq_len}), got {max_length!r}")
+        mamba = next((m for m in self.modules() if isinstance(m, Mamba)), None)
+        attention = next((m for m in self.modules() if isinstance(m, SlidingWindowAttention | FullAttention)), None)
         return allocate_cache(
             n_mamba=c.count(LayerKind.MAMBA),
             n_sliding=c.count(LayerKind.SLIDING_ATTENTION),
             n_full=c.count(LayerKind.FULL_ATTENTION),
             batch_size=batch_size,
             max_length=max_length,
-            d_inner=c.d_inner,
+            d_inner=c.d_inner if mamba is None else mamba.D.shape[0],
             d_state=c.d_state,
             d_conv=c.d_conv,
-            n_kv_heads=c.n_kv_heads,
+            n_kv_heads=c.n_kv_heads if attention is None else attention.n_kv_heads,
             head_dim=c.head_dim,
             window=c.window,
             dtype=dtype or self.dtype,

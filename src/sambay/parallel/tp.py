@@ -38,7 +38,6 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
-from sambay.cache import SambaYCache, allocate_cache
 from sambay.config import LayerKind, SambaYConfig
 from sambay.model.attention import CrossAttention, FullAttention, SlidingWindowAttention
 from sambay.model.gmu import GatedMemoryUnit
@@ -105,66 +104,15 @@ def tensor_parallel(model: SambaY, group: dist.ProcessGroup | None = None) -> Sa
 
 
 class TensorParallel:
-    """Mixin of a tensor-parallel SambaY: `new_cache` allocates the per-rank (local) shapes."""
+    """Mixin marking a tensor-parallel SambaY (`SambaY.new_cache` already sizes its cache from the
+    sharded modules: this rank's heads and channels)."""
 
     tensor_parallel_size: int
-
-    def new_cache(
-        self,
-        *,
-        batch_size: int,
-        max_length: int,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        block_size: int | None = None,
-        kv_blocks: int | None = None,
-    ) -> SambaYCache:
-        """As `SambaY.new_cache`, sized for this rank's heads and channels."""
-        return new_local_cache(self, batch_size=batch_size, max_length=max_length, dtype=dtype, device=device,
-                               block_size=block_size, kv_blocks=kv_blocks)
 
 
 @functools.cache
 def _parallel_class(cls: type) -> type:
     return type(f"TensorParallel{cls.__name__}", (TensorParallel, cls), {})
-
-
-def new_local_cache(
-    model: SambaY,
-    *,
-    batch_size: int,
-    max_length: int,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    block_size: int | None = None,
-    kv_blocks: int | None = None,
-) -> SambaYCache:
-    """An empty cache for this rank of a tensor-parallel model: its Mamba channels and kv heads only.
-
-    The local sizes are read from the sharded modules, so this also sizes the cache of an unsharded model.
-    """
-    c = model.config
-    if not isinstance(max_length, int) or max_length > c.max_seq_len:
-        raise ValueError(f"max_length must be an int <= max_seq_len ({c.max_seq_len}), got {max_length!r}")
-    mamba = next((m for m in model.modules() if isinstance(m, Mamba)), None)
-    attention = next((m for m in model.modules() if isinstance(m, SlidingWindowAttention | FullAttention)), None)
-    return allocate_cache(
-        n_mamba=c.count(LayerKind.MAMBA),
-        n_sliding=c.count(LayerKind.SLIDING_ATTENTION),
-        n_full=c.count(LayerKind.FULL_ATTENTION),
-        batch_size=batch_size,
-        max_length=max_length,
-        d_inner=c.d_inner if mamba is None else mamba.D.shape[0],
-        d_state=c.d_state,
-        d_conv=c.d_conv,
-        n_kv_heads=c.n_kv_heads if attention is None else attention.n_kv_heads,
-        head_dim=c.head_dim,
-        window=c.window,
-        dtype=dtype or model.dtype,
-        device=device or model.device,
-        block_size=block_size,
-        kv_blocks=kv_blocks,
-    )
 
 
 # sharding --------------------------------------------------------------------------------------------
