@@ -69,15 +69,8 @@ class PagedKV:
 
     def gather(self, length: int) -> tuple[Tensor, Tensor]:
         """The first ``length`` positions of every row as contiguous (b, n_kv_heads, length, head_dim) K, V."""
-        n = -(-length // self.block_size)
-        table = self.block_table[:, :n].long()
-
-        def rows(pool: Tensor) -> Tensor:
-            blocks = pool[table]  # (b, n, n_kv_heads, block_size, head_dim)
-            b, _, h, size, d = blocks.shape
-            return blocks.transpose(1, 2).reshape(b, h, n * size, d)[:, :, :length]
-
-        return rows(self.k), rows(self.v)
+        table = self.block_table[:, : -(-length // self.block_size)]
+        return blocks_to_rows(self.k, table)[:, :, :length], blocks_to_rows(self.v, table)[:, :, :length]
 
     def write(self, rows: Tensor, pos: Tensor, k: Tensor, v: Tensor) -> None:
         """Store k[i], v[i] ((n_kv_heads, head_dim) each, stacked on dim 0) at position pos[i] of row rows[i]."""
@@ -167,6 +160,14 @@ class SambaYCache:
             for state in self.full:
                 state.k[to_blocks] = state.k[from_blocks]
                 state.v[to_blocks] = state.v[from_blocks]
+
+
+def blocks_to_rows(pool: Tensor, table: Tensor) -> Tensor:
+    """Rows of a block pool in position order: (n_blocks, h, block_size, d) pool, (b, n) block ids →
+    (b, h, n * block_size, d)."""
+    blocks = pool[table.long()]  # (b, n, h, block_size, d)
+    b, n, h, size, d = blocks.shape
+    return blocks.transpose(1, 2).reshape(b, h, n * size, d)
 
 
 def ring_positions(seqlens: Tensor, size: int) -> Tensor:

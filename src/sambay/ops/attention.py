@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sambay.cache import blocks_to_rows
+
 
 def visibility(q_pos: Tensor, k_pos: Tensor, window: int | None, kv_len: Tensor | None = None) -> Tensor:
     """Boolean (b, t, s) mask: which keys each query sees (see the module docstring)."""
@@ -59,13 +61,7 @@ def used_keys(
         k_pos = k_pos[:, :s]
     if block_table is None:
         return k, v, k_pos
-
-    def rows(pool: Tensor) -> Tensor:
-        blocks = pool[block_table.long()]  # (b, max_blocks, n_kv_heads, block_size, head_dim)
-        b, n, h, size, d = blocks.shape
-        return blocks.transpose(1, 2).reshape(b, h, n * size, d)
-
-    return rows(k), rows(v), k_pos
+    return blocks_to_rows(k, block_table), blocks_to_rows(v, block_table), k_pos
 
 
 def lambda_value(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, lambda_init: float) -> Tensor:
