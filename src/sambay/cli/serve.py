@@ -19,6 +19,7 @@ finish for --shutdown-grace seconds, then aborts the rest.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 from dataclasses import replace
@@ -75,21 +76,21 @@ def main(args: argparse.Namespace) -> int:
     return _serve(args, options, engine, _scheduler_config(args, engine.model))
 
 
-def _scheduler_config(args: argparse.Namespace, model, cuda_graph: bool = True):
-    """The scheduler's capacity from the flags; --cache-memory-gb is sized for this process's (shard of the) model."""
-    from sambay.generate.blocks import kv_blocks_for_budget
-    from sambay.generate.scheduler import SchedulerConfig
+def _scheduler_config(args: argparse.Namespace, model=None, cuda_graph: bool = True):
+    """The scheduler's capacity from the flags. --cache-memory-gb is sized for this process's (shard of the)
+    model; without ``model`` (the engine process loads it) the default length and the pool are left to it."""
+    from sambay.generate.scheduler import SchedulerConfig, sized_for_budget
 
-    max_length = args.max_length or model.config.max_seq_len
     try:
-        kv_blocks = None
+        config = SchedulerConfig(slots=args.slots, max_length=args.max_length, block_size=args.block_size,
+                                 prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
+                                 max_waiting=args.max_waiting, cuda_graph=cuda_graph)
+        if model is None:
+            return config
+        config = dataclasses.replace(config, max_length=config.max_length or model.config.max_seq_len)
         if args.cache_memory_gb is not None:
-            kv_blocks = kv_blocks_for_budget(model, args.slots, max_length, args.block_size,
-                                             int(args.cache_memory_gb * 1e9))
-        return SchedulerConfig(slots=args.slots, max_length=max_length, block_size=args.block_size,
-                               kv_blocks=kv_blocks, prefill_chunk=args.prefill_chunk,
-                               prefill_budget=args.prefill_budget, max_waiting=args.max_waiting,
-                               cuda_graph=cuda_graph)
+            config = sized_for_budget(config, model, int(args.cache_memory_gb * 1e9))
+        return config
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -122,18 +123,12 @@ def _serve(args: argparse.Namespace, options, engine, scheduler, runner=None) ->
 
 def _serve_engine_process(args: argparse.Namespace, options) -> int:
     """HTTP here, the model and scheduler in a child process (`sambay.serve.engine_process`)."""
-    from sambay.generate.requests import SchedulerConfig
     from sambay.serve.engine_process import EngineSpec, RemoteScheduler
     from sambay.serve.runtime import Runtime
     from sambay.serve.server import serve
     from sambay.tokenizer import load_tokenizer
 
-    try:
-        scheduler = SchedulerConfig(slots=args.slots, max_length=args.max_length, block_size=args.block_size,
-                                    prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
-                                    max_waiting=args.max_waiting)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    scheduler = _scheduler_config(args)
     if not (options.model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{options.model_dir} has no config.json: is it a model directory?")
     tokenizer = load_tokenizer(options.tokenizer_dir)

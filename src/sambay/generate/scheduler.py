@@ -49,6 +49,7 @@ Notable features:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -60,7 +61,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sambay.generate.blocks import BlockPool, MemoryBudget, blocks_for, memory_budget
+from sambay.generate.blocks import BlockPool, MemoryBudget, blocks_for, kv_blocks_for_budget, memory_budget
 from sambay.generate.engine import Engine, SequenceDelta, SequenceState, TokenLogprob
 from sambay.generate.requests import (
     Limits,
@@ -78,7 +79,7 @@ from sambay.generate.sampling import PenaltyState, SamplingParams, make_generato
 from sambay.model.sambay import SambaY
 
 __all__ = ["Limits", "MemoryBudget", "Output", "PromptTooLong", "QueueFull", "Request", "Scheduler", "SchedulerClosed",
-           "SchedulerConfig", "Timing", "make_runner", "reset_rows"]
+           "SchedulerConfig", "Timing", "make_runner", "reset_rows", "sized_for_budget"]
 
 log = logging.getLogger("sambay.scheduler")
 
@@ -137,6 +138,13 @@ def make_runner(model: SambaY, config: SchedulerConfig, cls: type[ModelRunner] =
                          f"max_length = {max_length}: give it more memory or lower max_length")
     return cls(model, slots=config.slots, max_length=max_length, block_size=config.block_size,
                kv_blocks=memory.kv_blocks or None, cuda_graph=config.cuda_graph)
+
+
+def sized_for_budget(config: SchedulerConfig, model: SambaY, budget_bytes: int) -> SchedulerConfig:
+    """``config`` with its K/V pool sized to a cache budget (`kv_blocks_for_budget`; ValueError if too small)."""
+    max_length = config.max_length or model.config.max_seq_len
+    kv_blocks = kv_blocks_for_budget(model, config.slots, max_length, config.block_size, budget_bytes)
+    return dataclasses.replace(config, kv_blocks=kv_blocks)
 
 
 def _sampling_key(p: SamplingParams) -> tuple:

@@ -17,7 +17,6 @@ If the engine process dies, every open request ends with an error and new ones g
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -178,8 +177,7 @@ def _engine_main(conn, spec: EngineSpec) -> None:
     import torch
 
     from sambay.generate import Engine
-    from sambay.generate.blocks import kv_blocks_for_budget
-    from sambay.generate.scheduler import Scheduler
+    from sambay.generate.scheduler import Scheduler, sized_for_budget
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     outbox: list[tuple[int, Output]] = []
@@ -217,9 +215,7 @@ def _engine_main(conn, spec: EngineSpec) -> None:
                              dtype=getattr(torch, spec.dtype) if spec.dtype else None, progress=False)
         config = spec.scheduler
         if spec.cache_memory_bytes is not None:
-            max_length = config.max_length or engine.model.config.max_seq_len
-            config = dataclasses.replace(config, kv_blocks=kv_blocks_for_budget(
-                engine.model, config.slots, max_length, config.block_size, spec.cache_memory_bytes))
+            config = sized_for_budget(config, engine.model, spec.cache_memory_bytes)
         scheduler = Scheduler(engine, config, on_step=flush)
         send(("ready", scheduler.limits, scheduler.memory, scheduler.stats()))
     except Exception as e:  # reported to the parent, which raises it
