@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from sambay.generate.blocks import blocks_for
 from sambay.generate.engine import SequenceDelta
 from sambay.generate.sampling import SamplingParams
 
@@ -81,7 +82,7 @@ class Limits:
             raise ValueError(f"n = {params.n} samples need more slots than the server has ({self.slots})")
         if self.kv_blocks:  # every sample must be able to reach its length limit, even alone
             tokens = min(len(prompt) + params.max_new_tokens, self.max_length)
-            need = params.n * -(-tokens // self.block_size)
+            need = params.n * blocks_for(tokens, self.block_size)
             if need > self.kv_blocks:
                 raise ValueError(f"n = {params.n} samples of up to {tokens} tokens need {need} K/V blocks but the "
                                  f"server holds {self.kv_blocks} ({self.kv_blocks * self.block_size} tokens): "
