@@ -148,10 +148,10 @@ def _server_means(before: dict, after: dict) -> dict:
 
 def warm_up(port: int) -> None:
     """One request of each prompt length first: Triton compiles the prefill kernels for new shapes."""
+    model = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
     for words in PROMPT_WORDS:
-        body = {"model": "x", "prompt": " ".join(["word"] * words), "max_tokens": 4}
-        model = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
-        httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={**body, "model": model}, timeout=120)
+        body = {"model": model, "prompt": " ".join(["word"] * words), "max_tokens": 4}
+        httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
 
 
 def main() -> int:
