@@ -96,9 +96,10 @@ def offline_baseline(engine: Engine, concurrency: int, max_tokens: int) -> dict:
 
 def scheduler_baseline(engine: Engine, concurrency: int, max_tokens: int, slots: int, max_length: int) -> dict:
     """The server's scheduler driven in-process: C requests in flight, ``max(16, 4 C)`` in all, no HTTP."""
-    from sambay.generate.scheduler import Scheduler, SchedulerConfig
+    from sambay.generate.core import EngineCore
+    from sambay.generate.requests import SchedulerConfig
 
-    scheduler = Scheduler(engine, SchedulerConfig(slots=slots, max_length=max_length))
+    scheduler = EngineCore(engine, SchedulerConfig(slots=slots, max_length=max_length))
     params = SamplingParams(temperature=0, max_new_tokens=max_tokens, stop_token_ids=())
     total, state = max(16, 4 * concurrency), {"submitted": 0, "finished": 0, "tokens": 0}
 
@@ -176,7 +177,7 @@ def main() -> int:
             warm_up(args.port)
             for c in args.concurrency:
                 config = LoadConfig(url=f"http://127.0.0.1:{args.port}", concurrency=c, requests=max(16, 4 * c),
-                                    prompt_words=PROMPT_WORDS, max_tokens=args.max_tokens, workers=max(1, c // 8))
+                                    prompt_lengths=PROMPT_WORDS, max_tokens=args.max_tokens, workers=max(1, c // 8))
                 before = server_sums(args.port)
                 report = asyncio.run(run_load(config))
                 report["server_side"] = _server_means(before, server_sums(args.port))

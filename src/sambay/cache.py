@@ -15,6 +15,11 @@ is the null block: unassigned table entries point at it, so the static decode st
 writes there and never into a block another row owns.
 
 Layers receive only their own slice. `SambaY.forward` advances `seqlens` once per call; no layer does.
+
+A scheduler decodes a few of its slots at a time: `SambaYCache.view` makes a cache whose batch row i
+is slot ``rows[i]`` of the full cache, sharing its storage (the Mamba and sliding-window states carry
+that index, the ops read and write those rows in place, the paged K/V gets the rows' block table), so
+idle slots cost nothing and no state is copied.
 Dtypes: K/V and conv inputs in the model dtype (as the reference); the SSM state in fp32, a deliberate
 deviation from the reference's bf16 state: it accumulates over every step of the sequence.
 
@@ -37,6 +42,7 @@ class MambaState:
 
     conv: Tensor  # (b, d_inner, d_conv - 1) last conv inputs, oldest first
     ssm: Tensor  # (b, d_inner, d_state) fp32
+    rows: Tensor | None = None  # (b,) int64: batch row i's state is row rows[i] of conv/ssm (`SambaYCache.view`)
 
 
 @dataclass
@@ -45,6 +51,12 @@ class SlidingKV:
 
     k: Tensor  # (b, n_kv_heads, size, head_dim), size = min(window, max_length)
     v: Tensor
+    rows: Tensor | None = None  # (b,) int64: batch row i's ring is row rows[i] of k/v (`SambaYCache.view`)
+
+
+def _tensors(state) -> list[Tensor]:
+    """The state tensors of one layer's cache (not its view index)."""
+    return [getattr(state, f.name) for f in fields(state) if f.name != "rows"]
 
 
 @dataclass
@@ -53,6 +65,22 @@ class FullKV:
 
     k: Tensor  # (b, n_kv_heads, max_length, head_dim)
     v: Tensor
+
+    block_table = None  # not paged: row r's position p is at k[r, :, p]
+
+    @property
+    def capacity(self) -> int:
+        """Positions each row can address."""
+        return self.k.shape[2]
+
+    def gather(self, length: int) -> tuple[Tensor, Tensor]:
+        """The first ``length`` positions of every row, (b, n_kv_heads, length, head_dim) K and V (views)."""
+        return self.k[:, :, :length], self.v[:, :, :length]
+
+    def write(self, rows: Tensor, pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store k[i], v[i] ((n_kv_heads, head_dim) each, stacked on dim 0) at position pos[i] of row rows[i]."""
+        self.k[rows, :, pos] = k
+        self.v[rows, :, pos] = v
 
 
 @dataclass
@@ -66,6 +94,11 @@ class PagedKV:
     @property
     def block_size(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        """Positions each row can address through its table."""
+        return self.block_table.shape[1] * self.block_size
 
     def gather(self, length: int) -> tuple[Tensor, Tensor]:
         """The first ``length`` positions of every row as contiguous (b, n_kv_heads, length, head_dim) K, V."""
@@ -101,7 +134,23 @@ class SambaYCache:
     def row_tensors(self) -> list[Tensor]:
         """State tensors indexed by row first: all of them except the block pools and tables."""
         full = [] if self.paged else self.full
-        return [getattr(s, f.name) for group in (self.mamba, self.sliding, full) for s in group for f in fields(s)]
+        return [t for group in (self.mamba, self.sliding, full) for s in group for t in _tensors(s)]
+
+    def view(self, rows: Tensor, seqlens: Tensor, block_table: Tensor | None) -> SambaYCache:
+        """A cache whose batch row i is row ``rows[i]`` of this one, sharing its storage (decode only).
+
+        Args:
+            rows: (b,) int64 rows of this cache; a row may repeat (padding rows of a batch bucket).
+            seqlens: (b,) int64 lengths of those rows, which a forward over the view reads (and advances:
+                the owner writes them back into this cache's `seqlens`).
+            block_table: (b, max_blocks) int32 the rows' block tables (paged caches), else None.
+        """
+        if self.full and not self.paged:
+            raise ValueError("a cache view needs a paged shared K/V (new_cache(block_size=...))")
+        full = [PagedKV(k=s.k, v=s.v, block_table=block_table) for s in self.full]
+        return SambaYCache(mamba=[MambaState(s.conv, s.ssm, rows) for s in self.mamba],
+                           sliding=[SlidingKV(s.k, s.v, rows) for s in self.sliding],
+                           full=full, seqlens=seqlens, max_length=self.max_length)
 
     def tensors(self) -> list[Tensor]:
         """Every state tensor (not `seqlens` nor the block table)."""
@@ -128,7 +177,7 @@ class SambaYCache:
         def take(state):
             if isinstance(state, PagedKV):
                 return PagedKV(k=state.k, v=state.v, block_table=table)
-            return type(state)(**{f.name: getattr(state, f.name)[rows] for f in fields(state)})
+            return type(state)(*[t[rows] for t in _tensors(state)])
 
         table = self.full[0].block_table[rows] if self.paged else None
         return SambaYCache(mamba=[take(s) for s in self.mamba], sliding=[take(s) for s in self.sliding],

@@ -1,5 +1,6 @@
-"""The continuous-batching scheduler on a GPU: the CUDA-graph decode step over the paged cache gives the
-eager reference's tokens, alone, among others and through preemption."""
+"""The engine core on a GPU: decode steps replayed from the CUDA graph of each batch bucket, over the
+running rows only, give the eager reference's tokens alone, among others, across bucket changes,
+finishes and preemption, with synchronous and asynchronous scheduling."""
 
 from __future__ import annotations
 
@@ -8,16 +9,16 @@ import torch
 
 import sambay
 from sambay.generate import Engine, SamplingParams
-from sambay.generate.scheduler import Scheduler, SchedulerConfig
+from sambay.generate.core import EngineCore
+from sambay.generate.requests import SchedulerConfig
 from tests.conftest import TINY_FIXTURE
 
 pytestmark = pytest.mark.gpu
-GREEDY = SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=())
 
 
-def _run(scheduler: Scheduler, prompts: list[list[int]]) -> list[list[int]]:
-    out = [[] for _ in prompts]
-    done = [False] * len(prompts)
+def _run(core: EngineCore, requests: list[tuple[list[int], SamplingParams]], overlap: bool) -> list[list[int]]:
+    out = [[] for _ in requests]
+    done = [False] * len(requests)
 
     def sink(i):
         def put(output):
@@ -25,22 +26,31 @@ def _run(scheduler: Scheduler, prompts: list[list[int]]) -> list[list[int]]:
             done[i] = done[i] or output.finished
         return put
 
-    for i, prompt in enumerate(prompts):
-        scheduler.submit(prompt, GREEDY, sink(i))
-        scheduler.step()
+    for i, (prompt, params) in enumerate(requests):
+        core.submit(prompt, params, sink(i))
+        core.step(overlap)
     while not all(done):
-        scheduler.step()
+        core.step(overlap)
     return out
 
 
-def test_graphed_scheduler_equals_reference_engine():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bucketed_graphs_equal_the_reference_engine(overlap):
     gpu = sambay.load_model(TINY_FIXTURE / "checkpoint", device="cuda", dtype=torch.float32, progress=False)
     ref = sambay.load_model(TINY_FIXTURE / "checkpoint", dtype=torch.float32, backend="reference", progress=False)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 37, 12, 60, 3)]
-    expected = [Engine(ref).generate([p], GREEDY)[0][0].token_ids for p in prompts]
-    config = SchedulerConfig(slots=4, max_length=128, block_size=16, kv_blocks=14, prefill_chunk=16)
-    scheduler = Scheduler(Engine(gpu), config)
-    assert scheduler.runner._graph is not None
-    assert _run(scheduler, prompts) == expected
-    assert scheduler.preemptions > 0
+    requests = []
+    for i in range(30):  # staggered lengths: the running batch crosses buckets 1 .. 24 and back
+        prompt = torch.randint(0, 256, (int(torch.randint(2, 60, (1,), generator=g)),), generator=g).tolist()
+        params = SamplingParams(temperature=0, max_new_tokens=10 + 7 * (i % 5), stop_token_ids=())
+        if i % 4 == 3:  # seeded sampling with penalties in the same batches
+            params = params.replace(temperature=0.8, seed=i, frequency_penalty=0.4)
+        requests.append((prompt, params))
+    config = SchedulerConfig(slots=24, max_length=128, block_size=16, kv_blocks=60, prefill_chunk=16)
+    # greedy rows: the CPU reference engine; sampled rows (CUDA generators): the same request alone on the GPU
+    expected = [Engine(ref).generate([p], params)[0][0].token_ids if params.is_greedy
+                else _run(EngineCore(Engine(gpu), config), [(p, params)], False)[0] for p, params in requests]
+    core = EngineCore(Engine(gpu), config)
+    assert len(core.runner._graphs) == len(core.runner.buckets) > 5
+    assert _run(core, requests, overlap) == expected
+    assert core.scheduler.preemptions > 0

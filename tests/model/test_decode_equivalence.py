@@ -147,31 +147,3 @@ def test_copy_rows_fans_out_one_prefill_and_reset_clears():
         assert cache.seqlens.tolist() == [0, 0, 0] and all(not t.any() for t in cache.tensors())
     with pytest.raises(ValueError, match="out of range"):
         cache.copy_rows([0], [3])
-
-
-@pytest.mark.parametrize("variant", ["sambay-da", "samba+yoco", "transformer++"])
-def test_masked_decode_step_leaves_inactive_rows_untouched(variant):
-    """A decode step with ``active`` advances only the active rows, even past the window, and mid-prefill."""
-    model = random_model(VARIANTS[variant])
-    a, b = _tokens(1, 14, seed=21)[0], _tokens(1, 14, seed=22)[0]
-    with torch.no_grad():
-        cache = model.new_cache(batch_size=2, max_length=32)
-        model(torch.stack([a[:8], b[:8]]), cache, lengths=torch.tensor([8, 3]))  # row 1 is mid-prefill
-        for s in range(4):  # row 0 decodes across the window (5); row 1 gets garbage tokens, inactive
-            model(torch.stack([a[8 + s : 9 + s], torch.tensor([96])]), cache, active=torch.tensor([True, False]))
-        assert cache.seqlens.tolist() == [12, 3]
-        chunk = torch.zeros(2, 5, dtype=torch.long)
-        chunk[0, :2], chunk[1, :5] = a[12:14], b[3:8]
-        got = model(chunk, cache, lengths=torch.tensor([2, 5]))
-        for row, seq, n in ((0, a, 14), (1, b, 8)):
-            alone = model(seq[:n].view(1, -1))[0, -1]
-            assert_close(got[row, -1], alone, **FP32_MODEL, what=f"{variant} row {row}")
-
-
-def test_active_needs_a_single_token_decode():
-    model = random_model(small_config())
-    cache = model.new_cache(batch_size=2, max_length=8)
-    with pytest.raises(ValueError, match="active must be"):
-        model(torch.zeros(2, 2, dtype=torch.long), cache, active=torch.tensor([True, False]))
-    with pytest.raises(ValueError, match="active must be"):
-        model(torch.zeros(2, 1, dtype=torch.long), cache, active=torch.tensor([1, 0]))

@@ -37,18 +37,42 @@ def test_paged_decode_and_chunked_prefill_equal_the_full_forward(variant):
     assert_close(torch.cat(pieces, 1), full, **FP32_MODEL, what=f"{variant} paged")
 
 
-def test_idle_rows_on_the_null_block_leave_other_rows_untouched():
-    """Row 1 owns no block (all null); its masked decode writes land in block 0, not in row 0's blocks."""
-    model = random_model(VARIANTS["sambay-da"])
-    a = _tokens(1, 30, seed=3)[0]
+def _decode_view(model, cache, rows: list[int], tokens: list[int]):
+    """One decode step of ``rows`` only, through a view of the cache (the model runner's decode)."""
+    index = torch.tensor(rows)
+    start = cache.seqlens[index]
+    view = cache.view(index, start.clone(), cache.full[0].block_table[index] if cache.paged else None)
+    logits = model(torch.tensor(tokens).view(-1, 1), view, check_inputs=False)
+    cache.seqlens[index] = start + 1
+    return logits
+
+
+@pytest.mark.parametrize("variant", ["sambay-da", "samba+yoco", "transformer++"])
+def test_decoding_a_view_leaves_the_other_rows_untouched(variant):
+    """Rows 0 and 2 decode through views (past the window, in another order, with a padding row that
+    repeats row 3); row 1 stays mid-prefill and then continues: every row equals its sequence alone."""
+    model = random_model(VARIANTS[variant])
+    a, b, c = (_tokens(1, 16, seed=s)[0] for s in (21, 22, 23))
     with torch.no_grad():
-        cache = paged_cache(model, 2, 32)
-        cache.full[0].block_table[1] = 0
-        model(torch.stack([a[:20], a[:20]]), cache, lengths=torch.tensor([20, 0]))
-        for s in range(20, 30):
-            out = model(torch.stack([a[s : s + 1], torch.tensor([5])]), cache, active=torch.tensor([True, True]))
-        alone = model(a.view(1, -1))[0, -1]
-    assert_close(out[0, -1], alone, **FP32_MODEL, what="row 0 next to an idle row")
+        cache = paged_cache(model, 4, 32)
+        model(torch.stack([a[:8], b[:8], c[:8], c[:8]]), cache, lengths=torch.tensor([8, 3, 6, 0]))
+        for s in range(5):  # the window is 5: rows 0 and 2 wrap their rings
+            out = _decode_view(model, cache, [2, 0, 3, 3], [int(c[6 + s]), int(a[8 + s]), 7, 7])
+        assert cache.seqlens.tolist() == [13, 3, 11, 5]
+        for row, seq, n in ((0, a, 13), (2, c, 11)):
+            alone = model(seq[:n].view(1, -1))[0, -1]
+            assert_close(out[[2, 0].index(row), -1], alone, **FP32_MODEL, what=f"{variant} row {row}")
+        chunk = torch.zeros(4, 5, dtype=torch.long)
+        chunk[1] = b[3:8]
+        got = model(chunk, cache, lengths=torch.tensor([0, 5, 0, 0]), last_only=True)
+        assert_close(got[1, -1], model(b[:8].view(1, -1))[0, -1], **FP32_MODEL, what=f"{variant} row 1")
+
+
+def test_a_view_needs_a_paged_cache():
+    model = random_model(VARIANTS["sambay-da"])
+    cache = model.new_cache(batch_size=2, max_length=8)
+    with pytest.raises(ValueError, match="paged"):
+        cache.view(torch.tensor([0]), torch.tensor([0]), None)
 
 
 def test_paged_fan_out_copies_the_blocks():

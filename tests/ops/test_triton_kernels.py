@@ -132,6 +132,32 @@ def test_causal_conv_matches_reference(dtype, b, t, d, w):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_indexed_state_updates_touch_only_their_rows(dtype):
+    """state_index (a scheduler's running slots, in any order): the indexed rows advance exactly as the
+    unindexed update of those rows alone; every other row is left bit for bit."""
+    b, rows, d, n, w = 3, 7, 40, 16, 4
+    index = torch.tensor([5, 0, 3], device=DEVICE)
+    u, delta, A, B, C, D, z, bias = (x[:, 0] if x.ndim == 3 else x for x in _scan_inputs(b, 1, d, n, dtype, 4))
+    state = torch.randn(rows, d, n, generator=_gen(6), device=DEVICE)
+    for update in (tri_scan.selective_state_update, selective_state_update_ref):
+        full, alone = state.clone(), state[index].clone()
+        y = update(full, u, delta, A, B, C, D, z, bias, index)
+        y_alone = update(alone, u, delta, A, B, C, D, z, bias)
+        assert torch.equal(y, y_alone) and torch.equal(full[index], alone)
+        untouched = torch.ones(rows, dtype=torch.bool, device=DEVICE)
+        untouched[index] = False
+        assert torch.equal(full[untouched], state[untouched])
+    x = torch.randn(b, d, generator=_gen(7), device=DEVICE).to(dtype)
+    weight = torch.randn(d, w, generator=_gen(8), device=DEVICE).to(dtype)
+    conv = torch.randn(rows, d, w - 1, generator=_gen(9), device=DEVICE).to(dtype)
+    for update in (tri_conv.causal_conv1d_update, causal_conv1d_update_ref):
+        full, alone = conv.clone(), conv[index].clone()
+        out = update(x, full, weight, None, index)
+        assert torch.equal(out, update(x, alone, weight, None)) and torch.equal(full[index], alone)
+        assert torch.equal(full[[1, 2, 4, 6]], conv[[1, 2, 4, 6]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_swiglu_matches_reference(dtype):
     xz = torch.randn(5, 3, 2 * 1000, generator=_gen(3), device=DEVICE).to(dtype)
     gate, up = xz.chunk(2, -1)  # strided halves, as the MLP produces them

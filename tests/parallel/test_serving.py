@@ -27,7 +27,8 @@ import torch.multiprocessing as mp
 import sambay
 from sambay.default_model import default_model_dir
 from sambay.generate import Engine, SamplingParams
-from sambay.generate.scheduler import Scheduler, SchedulerConfig, make_runner
+from sambay.generate.core import EngineCore, make_runner
+from sambay.generate.requests import SchedulerConfig
 from sambay.parallel import tensor_parallel
 from sambay.parallel.serving import BroadcastRunner, follow
 from tests.conftest import random_model, small_config
@@ -42,8 +43,9 @@ REQUESTS = [
 ]
 
 
-def _collect(scheduler: Scheduler) -> list[dict[int, list[int]]]:
-    """Submit REQUESTS one step apart; step until all finish; each request's tokens per sample."""
+def _collect(scheduler: EngineCore, overlap: bool = False) -> list[dict[int, list[int]]]:
+    """Submit REQUESTS one step apart; step (asynchronously with ``overlap``) until all finish; each request's
+    tokens per sample."""
     results = [{} for _ in REQUESTS]
     done = [False] * len(REQUESTS)
 
@@ -56,11 +58,11 @@ def _collect(scheduler: Scheduler) -> list[dict[int, list[int]]]:
 
     for i, (prompt, params) in enumerate(REQUESTS):
         scheduler.submit(prompt, params, sink(i))
-        scheduler.step()
+        scheduler.step(overlap)
     for _ in range(500):
         if all(done):
             return results
-        scheduler.step()
+        scheduler.step(overlap)
     raise AssertionError("requests did not finish")
 
 
@@ -76,13 +78,13 @@ def _worker(rank: int, port: int) -> None:
             return
         runner = make_runner(sharded, SCHEDULER, BroadcastRunner)
         try:
-            scheduler = Scheduler(Engine(sharded), SCHEDULER, runner)
-            actual = _collect(scheduler)
+            scheduler = EngineCore(Engine(sharded), SCHEDULER, runner)
+            actual = _collect(scheduler, overlap=True)  # asynchronous here, synchronous alone
         finally:
             runner.stop()
-        single = Scheduler(Engine(reference), SCHEDULER)
+        single = EngineCore(Engine(reference), SCHEDULER)
         expected = _collect(single)
-        assert single.preemptions > 0 and scheduler.preemptions > 0
+        assert single.scheduler.preemptions > 0 and scheduler.scheduler.preemptions > 0
         assert actual == expected, f"{actual} != {expected}"
     finally:
         dist.destroy_process_group()

@@ -18,7 +18,7 @@ import torch
 import sambay
 from sambay.config import sambay_plan
 from sambay.generate import Engine, SamplingParams
-from sambay.generate.scheduler import SchedulerConfig
+from sambay.generate.requests import SchedulerConfig
 from sambay.tokenizer import write_tokenizer_json
 from tests.conftest import RELEASED_CONFIG_DIR
 

@@ -7,7 +7,8 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from sambay.generate.scheduler import Scheduler, SchedulerConfig
+from sambay.generate.core import EngineCore
+from sambay.generate.requests import SchedulerConfig
 from sambay.serve.app import create_app
 from sambay.serve.runtime import Runtime
 from tests.serve.conftest import GREEDY, MODEL
@@ -59,7 +60,7 @@ def test_bad_input_gets_an_openai_error(server, route, body, status, param):
 @pytest.fixture
 def parked(engine):
     """An app whose scheduler is never started: requests stay queued (1 slot, 2 waiting)."""
-    scheduler = Scheduler(engine, SchedulerConfig(slots=1, max_waiting=2, max_length=64))
+    scheduler = EngineCore(engine, SchedulerConfig(slots=1, max_waiting=2, max_length=64))
     runtime = Runtime(engine.tokenizer, scheduler, MODEL, GREEDY, api_key="sekret")
     with TestClient(create_app(runtime), base_url="http://127.0.0.1") as client:
         yield scheduler, client

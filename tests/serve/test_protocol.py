@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sambay.generate import SequenceDelta
-from sambay.generate.scheduler import Output
+from sambay.generate.requests import Output
 from sambay.serve.protocol import ResponseBuilder
 
 PIECES = ["<th", "ink>", "2 + 2", " is 4", "</thi", "nk>\n\n", "The answer", " is 4."]

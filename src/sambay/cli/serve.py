@@ -43,9 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "every slot at --max-length)")
     group.add_argument("--max-length", type=int, help="prompt + completion tokens per sequence (default: max_seq_len)")
     group.add_argument("--block-size", type=int, default=128, help="tokens per shared-K/V block (default: 128)")
-    group.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per request per step")
-    group.add_argument("--prefill-budget", type=int, default=1024, help="prompt tokens per step, all requests")
+    group.add_argument("--prefill-chunk", type=int, default=512,
+                       help="prompt tokens per request per step while other rows decode (default: 512)")
+    group.add_argument("--prefill-budget", type=int, default=2048, help="prompt tokens per step, all requests "
+                       "(default: 2048; also the chunk of a prompt when nothing decodes)")
     group.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default: 64)")
+    group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                       help="plan step n+1 while the host processes step n's tokens (default: on)")
     group.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
                    help="run the model in its own process, so HTTP and the scheduler do not share a GIL "
@@ -79,12 +83,14 @@ def main(args: argparse.Namespace) -> int:
 def _scheduler_config(args: argparse.Namespace, model=None, cuda_graph: bool = True):
     """The scheduler's capacity from the flags. --cache-memory-gb is sized for this process's (shard of the)
     model; without ``model`` (the engine process loads it) the default length and the pool are left to it."""
-    from sambay.generate.scheduler import SchedulerConfig, sized_for_budget
+    from sambay.generate.core import sized_for_budget
+    from sambay.generate.requests import SchedulerConfig
 
     try:
         config = SchedulerConfig(slots=args.slots, max_length=args.max_length, block_size=args.block_size,
                                  prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
-                                 max_waiting=args.max_waiting, cuda_graph=cuda_graph)
+                                 max_waiting=args.max_waiting, cuda_graph=cuda_graph,
+                                 async_scheduling=args.async_scheduling)
         if model is None:
             return config
         config = dataclasses.replace(config, max_length=config.max_length or model.config.max_seq_len)
@@ -96,7 +102,7 @@ def _scheduler_config(args: argparse.Namespace, model=None, cuda_graph: bool = T
 
 
 def _make_runner(model, scheduler, cls=None):
-    from sambay.generate.scheduler import make_runner
+    from sambay.generate.core import make_runner
 
     try:
         return make_runner(model, scheduler) if cls is None else make_runner(model, scheduler, cls)

@@ -99,7 +99,8 @@ class MemoryBudget:
 
     @property
     def total_bytes(self) -> int:
-        return self.slots * self.bytes_per_slot + (self.kv_blocks + 1) * self.bytes_per_block
+        """Every byte of the cache: the slots and the runner's spare padding row, the pool and its null block."""
+        return (self.slots + 1) * self.bytes_per_slot + (self.kv_blocks + 1) * self.bytes_per_block
 
 
 def memory_budget(model: SambaY, slots: int, max_length: int, block_size: int, kv_blocks: int | None) -> MemoryBudget:
@@ -128,7 +129,7 @@ def kv_blocks_for_budget(
     unit = memory_budget(model, slots, max_length, block_size, 1)
     if unit.bytes_per_block == 0:
         return None
-    blocks = (budget_bytes - slots * unit.bytes_per_slot) // unit.bytes_per_block - 1  # - the null block
+    blocks = (budget_bytes - (slots + 1) * unit.bytes_per_slot) // unit.bytes_per_block - 1  # - the null block
     if blocks < 1:
         raise ValueError(f"a cache budget of {budget_bytes / 1e9:.2f} GB does not hold {slots} sequences' "
                          f"constant state ({slots * unit.bytes_per_slot / 1e9:.2f} GB) and any K/V block: "

@@ -38,23 +38,19 @@ class GraphedDecoder:
     next tokens in `tokens` and their logits in `logits`. With ``sample=False`` it only computes
     `logits` from `tokens`, for an engine that samples eagerly (per-request seeds, penalties, top-p).
 
-    With ``masked=True`` the step takes the `active` input (b,) bool: only those rows advance (a
-    continuous-batching scheduler, whose slots are at different stages).
-
     Capturing runs warm-up steps that write into ``cache``. With ``preserve=False`` the cache is reset
     afterwards (capture first, then prefill); with ``preserve=True`` its contents are saved before and
     restored after, so a cache that already holds a prefill can be captured mid-generation.
     """
 
     def __init__(self, model: SambaY, cache: SambaYCache, *, sample: bool = True, preserve: bool = False,
-                 masked: bool = False, warmup_steps: int = 2):
+                 warmup_steps: int = 2):
         if cache.seqlens.device.type != "cuda":
             raise ValueError("GraphedDecoder needs a model and cache on a CUDA device")
         b, device = cache.batch_size, cache.seqlens.device
         self.model, self.cache, self.sample = model, cache, sample
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)  # (b, 1) input of the next step
         self.temperature = torch.zeros(b, device=device)  # (b,) 0 = greedy
-        self.active = torch.ones(b, dtype=torch.bool, device=device) if masked else None  # (b,) rows that advance
         saved = [t.clone() for t in (*cache.tensors(), cache.seqlens)] if preserve else None
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -73,7 +69,7 @@ class GraphedDecoder:
         self.tokens.zero_()
 
     def _step(self) -> Tensor:
-        logits = self.model(self.tokens, self.cache, check_inputs=False, active=self.active)[:, -1]
+        logits = self.model(self.tokens, self.cache, check_inputs=False)[:, -1]
         if self.sample:
             self.tokens.copy_(sample_on_device(logits, self.temperature).view(-1, 1))
         return logits

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from sambay.cache import SambaYCache
+from sambay.generate.outputs import SequenceDelta, SequenceState, TokenLogprob
 from sambay.generate.sampling import PenaltyState, Sampled, SamplingParams, make_generator, sample
-from sambay.generate.stops import StopStringMatcher
 from sambay.model.sambay import SambaY
 from sambay.tokenizer import Tokenizer
 
@@ -84,7 +84,7 @@ def leading_rows(cache: SambaYCache, rows: int) -> SambaYCache:
     """A cache made of views of the first ``rows`` rows of ``cache``: writes through it land in ``cache``."""
 
     def cut(state):
-        return replace(state, **{f.name: getattr(state, f.name)[:rows] for f in fields(state)})
+        return replace(state, **{f.name: getattr(state, f.name)[:rows] for f in fields(state) if f.name != "rows"})
 
     return SambaYCache(
         mamba=[cut(s) for s in cache.mamba],
@@ -93,28 +93,6 @@ def leading_rows(cache: SambaYCache, rows: int) -> SambaYCache:
         seqlens=cache.seqlens[:rows],
         max_length=cache.max_length,
     )
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """The log-probability of a generated token, and the most likely alternatives (see `sampling`)."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
-
-
-@dataclass(frozen=True)
-class SequenceDelta:
-    """What one step added to one sequence."""
-
-    index: int  # prompt_index * n + sample_index
-    prompt_index: int
-    sample_index: int
-    token_id: int
-    text: str  # text released by this step (may be "", e.g. while a stop-string prefix is held back)
-    logprob: TokenLogprob | None = None
-    finish_reason: str | None = None  # "stop" or "length" in the sequence's last delta
 
 
 @dataclass
@@ -128,38 +106,6 @@ class Completion:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
-
-
-class SequenceState:
-    """Host-side state of one row: token count, detokenizer, stop strings, finish reason (also used by
-    `sambay.generate.scheduler`)."""
-
-    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, stop_ids: frozenset[int], limit: int):
-        self.detok = tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens) if tokenizer else None
-        self.matcher = StopStringMatcher(params.stop)
-        self.stop_ids, self.limit = stop_ids, limit
-        self.generated = 0
-        self.finish_reason: str | None = None
-
-    def advance(self, token: int) -> str:
-        """Account for one generated token; returns the text it releases and sets `finish_reason`."""
-        self.generated += 1
-        if token in self.stop_ids:
-            self.finish_reason = "stop"
-            return self._release()
-        text, stopped = self.matcher.feed(self.detok.push(token)) if self.detok else ("", False)
-        if stopped:
-            self.finish_reason = "stop"
-        elif self.generated >= self.limit:
-            self.finish_reason = "length"
-            text += self._release()
-        return text
-
-    def _release(self) -> str:
-        if self.detok is None:
-            return ""
-        text, _ = self.matcher.feed(self.detok.finish())
-        return text + self.matcher.flush()
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What a caller of the continuous-batching scheduler sees: its configuration, requests, outputs and refusals.
 
-Kept apart from the scheduling logic (`sambay.generate.scheduler`), which re-exports every name here.
+Kept apart from the engine core (`sambay.generate.core`) and its scheduling policy (`sambay.generate.scheduler`).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sambay.generate.blocks import blocks_for
-from sambay.generate.engine import SequenceDelta
+from sambay.generate.outputs import SequenceDelta
 from sambay.generate.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from sambay.generate.scheduler import Scheduler
+    from sambay.generate.core import EngineCore
 
 log = logging.getLogger("sambay.scheduler")
 
@@ -41,10 +41,12 @@ class SchedulerConfig:
     max_length: int | None = None  # prompt + completion tokens per sequence; None: the model's max_seq_len
     block_size: int = 128  # tokens per block of the paged shared K/V (a power of two >= 16)
     kv_blocks: int | None = None  # blocks in the pool; None: every slot can reach max_length (no preemption)
-    prefill_chunk: int = 256  # prompt tokens one request consumes per step
-    prefill_budget: int = 1024  # prompt tokens all requests consume per step (>= prefill_chunk)
+    prefill_chunk: int = 512  # prompt tokens one request consumes per step while other rows decode
+    prefill_budget: int = 2048  # prompt tokens all requests consume per step (>= prefill_chunk)
     max_waiting: int = 64  # requests queued for a slot before `submit` raises QueueFull
-    cuda_graph: bool = True  # on a GPU, replay the decode step from a CUDA graph
+    cuda_graph: bool = True  # on a GPU, replay decode steps from CUDA graphs (one per batch bucket)
+    async_scheduling: bool = True  # plan and launch step n+1 before the host processes step n's tokens
+    warm_up: bool | None = None  # compile the prefill kernels at start; None: on a GPU only
 
     def __post_init__(self):
         for name in ("slots", "prefill_chunk", "max_waiting", "block_size"):
@@ -111,7 +113,8 @@ class Timing:
 class Request:
     """A submitted request: its prompt, parameters, sink and timing; `cancel` frees its slots."""
 
-    def __init__(self, scheduler: Scheduler, prompt: list[int], params: SamplingParams, sink: Callable[[Output], None]):
+    def __init__(self, scheduler: EngineCore, prompt: list[int], params: SamplingParams,
+                 sink: Callable[[Output], None]):
         self.id = next(scheduler._ids)
         self.prompt, self.params, self.sink = prompt, params, sink
         self.timing = Timing()

@@ -1,109 +1,228 @@
-"""Everything a scheduler does to the model and its cache, behind one small interface.
+"""The model runner: the one place that touches the model and its cache (`execute(plan)`).
 
-The scheduler decides (which requests, which rows, which blocks); a runner executes: it owns the
-cache and runs the forwards. Keeping the two apart lets a tensor-parallel server replay every cache
-operation on every rank (`sambay.parallel.serving` broadcasts each call), and keeps device policy
-(the CUDA graph of the decode step) out of the scheduling logic.
+The scheduler decides (which rows prefill which tokens, which rows decode, which blocks they own) and
+writes it down as a `StepPlan`; the runner carries it out. It owns the cache of ``slots`` rows, advances
+their lengths, keeps each row's last sampled token on the device (so a decode step never waits for
+the host to read a token back), and runs the decode step over the running rows only:
 
-Inputs arrive as CPU tensors; outputs (logits) stay on the model's device.
+    running rows [3, 9, 12] ─► smallest bucket ≥ 3 (4) ─► rows [3, 9, 12, pad] ─► graph of bucket 4
+                                                          (a cache view: `SambaYCache.view`)
+
+Decode cost thus follows the running batch, not the slot count: idle slots do no attention and no
+state traffic, and no state is copied (the kernels read and write the running rows in place). On a
+GPU each bucket's step is a CUDA graph captured at start (largest first, one shared memory pool);
+padding rows point at a spare cache row (``pad``) whose table entries are the null block. Prefill
+chunks run eagerly over the rows that have tokens (their state is taken out with
+`SambaYCache.select` and written back).
+
+`warm_up` runs every kernel specialisation a request can reach (prefill of short, long and
+block-aligned chunks at aligned and unaligned starts) so that the first request costs what the
+hundredth does. Inputs arrive as CPU tensors or lists; outputs (logits) stay on the model's device.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from sambay.cache import SambaYCache
-from sambay.generate.cuda_graphs import GraphedDecoder
+from sambay.generate.plan import PrefillChunk, StepPlan
 from sambay.model.sambay import SambaY
 
 log = logging.getLogger("sambay.runner")
 
 
-def reset_rows(cache: SambaYCache, rows: Sequence[int]) -> None:
-    """Make cache rows fresh for a new sequence: zero their Mamba states and lengths.
+def upload(values, device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
+    """Host values (a list or CPU tensor) → a tensor on ``device`` without stalling the device's queue.
 
-    The sliding-window rings and the shared K/V need no zeroing: which entries are valid is derived
-    from ``seqlens`` alone, so a row of length 0 never reads its stale keys.
-    """
-    index = torch.as_tensor(list(rows), dtype=torch.long, device=cache.seqlens.device)
-    for state in cache.mamba:
-        state.conv[index] = 0
-        state.ssm[index] = 0
-    cache.seqlens[index] = 0
+    A copy from pageable host memory makes CUDA wait for all work already queued on the stream; from
+    page-locked memory it is truly asynchronous (PyTorch's caching host allocator keeps the buffer until
+    the copy is done). Every host → device copy of a step goes through here."""
+    host = values if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def decode_buckets(slots: int) -> tuple[int, ...]:
+    """Batch sizes that get a decode graph: 1, 2, 4, 8, 16, 24, 32, 48, 64, then every 32, up to ``slots``."""
+    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, *range(96, slots + 32, 32)]
+    return tuple(sorted({s for s in sizes if s < slots} | {slots}))
+
+
+class _BucketGraph:
+    """The decode step of ``size`` rows, captured once: write `rows`, replay, read `logits`."""
+
+    def __init__(self, runner: ModelRunner, size: int, pool):
+        self.rows = torch.full((size,), runner.pad, dtype=torch.long, device=runner.device)  # (size,) input
+        side = torch.cuda.Stream(runner.device)
+        side.wait_stream(torch.cuda.current_stream(runner.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):  # compiles the kernels of this batch size, outside the capture
+                runner._decode_rows(self.rows)
+        torch.cuda.current_stream(runner.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
+            self.logits = runner._decode_rows(self.rows)  # (size, vocab_size) static output
 
 
 class ModelRunner:
-    """Runs the forwards of a scheduler over one cache of ``slots`` rows.
+    """Executes step plans over one cache of ``slots`` rows (module docstring).
 
     Args:
         model: the language model, on its device.
-        slots: cache rows.
+        slots: cache rows available to sequences (one more is allocated as the padding row).
         max_length: tokens per row.
         block_size: tokens per block of the paged shared K/V.
         kv_blocks: blocks in the pool (None: every row can reach ``max_length``).
-        cuda_graph: on a CUDA device, replay the decode step from a CUDA graph captured at start.
+        cuda_graph: on a CUDA device, replay decode steps from graphs captured per batch bucket.
     """
 
     def __init__(self, model: SambaY, *, slots: int, max_length: int, block_size: int, kv_blocks: int | None,
                  cuda_graph: bool = True):
-        self.model = model
-        self.cache = model.new_cache(batch_size=slots, max_length=max_length, block_size=block_size,
+        self.model, self.slots, self.pad = model, slots, slots
+        self.cache = model.new_cache(batch_size=slots + 1, max_length=max_length, block_size=block_size,
                                      kv_blocks=kv_blocks)
-        self._graph = None
-        if cuda_graph and self.cache.seqlens.device.type == "cuda":
-            self._graph = GraphedDecoder(model, self.cache, sample=False, masked=True)
-            log.info("decode step captured in a CUDA graph (%d rows)", slots)
+        self.last_tokens = torch.zeros(slots + 1, dtype=torch.long, device=self.device)  # (slots + 1,)
+        self.buckets = decode_buckets(slots)
+        self._graphs: dict[int, _BucketGraph] = {}
+        if cuda_graph and self.device.type == "cuda":
+            started, pool = time.perf_counter(), torch.cuda.graph_pool_handle()
+            for size in sorted(self.buckets, reverse=True):  # largest first: the others reuse its pool
+                self._graphs[size] = _BucketGraph(self, size, pool)
+            self.reset_rows([self.pad])
+            log.info("decode steps captured in %d CUDA graphs (batch buckets %s) in %.1f s", len(self._graphs),
+                     ", ".join(map(str, self.buckets)), time.perf_counter() - started)
 
     @property
     def device(self) -> torch.device:
         return self.cache.seqlens.device
 
-    def reset_rows(self, rows: Sequence[int]) -> None:
-        reset_rows(self.cache, rows)
+    # the plan --------------------------------------------------------------------------------------
 
-    def copy_rows(self, src: Sequence[int], dst: Sequence[int]) -> None:
-        """Fan a prefilled row out (`SambaYCache.copy_rows`); the destination blocks must be assigned."""
-        self.cache.copy_rows(list(src), list(dst))
+    def execute(self, plan: StepPlan) -> Tensor | None:
+        """Carry out ``plan``; returns (len(plan.emit), vocab) next-token logits of the emitting rows (None
+        if none). The logits of decode rows may be a graph's static buffer: use them before the next call."""
+        if plan.reset:
+            self.reset_rows(plan.reset)
+        if plan.block_rows:
+            self.set_block_rows(plan.block_rows, plan.block_table)
+        outs = []
+        if plan.prefill:
+            logits = self.prefill(plan.prefill)
+            emit = [i for i, chunk in enumerate(plan.prefill) if chunk.emit]
+            if emit:
+                outs.append(logits[emit])
+        if plan.copies:
+            src = upload([s for s, _ in plan.copies], self.device)
+            dst = upload([d for _, d in plan.copies], self.device)
+            self.cache.copy_rows(src, dst)
+            self.last_tokens[dst] = self.last_tokens[src]
+        if plan.decode:
+            outs.append(self.decode(plan.decode))
+        if not outs:
+            return None
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def set_tokens(self, rows: Tensor, tokens: Tensor) -> None:
+        """Record the tokens just sampled for ``rows`` ((k,) each, on the device): each row's next decode input."""
+        self.last_tokens[rows] = tokens
+
+    # cache operations ------------------------------------------------------------------------------
+
+    def reset_rows(self, rows: Sequence[int]) -> None:
+        """Make cache rows fresh for a new sequence: zero their Mamba states and lengths.
+
+        The sliding-window rings and the shared K/V need no zeroing: which entries are valid is derived
+        from ``seqlens`` alone, so a row of length 0 never reads its stale keys."""
+        index = upload(list(rows), self.device)
+        for state in self.cache.mamba:
+            state.conv[index] = 0
+            state.ssm[index] = 0
+        self.cache.seqlens[index] = 0
 
     def set_block_rows(self, rows: Sequence[int], table: Tensor) -> None:
         """Write rows of the block table: table (len(rows), max_blocks) int32 on the CPU."""
         if self.cache.paged:
-            index = torch.as_tensor(list(rows), device=self.device)
-            self.cache.full[0].block_table[index] = table.to(self.device)
+            self.cache.full[0].block_table[upload(list(rows), self.device)] = upload(table, self.device)
 
-    def prefill(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """(slots, t) tokens, (slots,) lengths (0 = idle row) → (slots, vocab) logits of each row's last token
-        (rows of length 0: zeros).
+    # forwards --------------------------------------------------------------------------------------
 
-        Only the rows with tokens are computed: their state is taken out of the cache (`SambaYCache.select`)
-        and written back, so a prompt arriving alone costs its own tokens, not ``slots`` times them. Inputs
-        are checked by the scheduler and the slot limit caps generation, hence ``check_inputs=False``."""
-        rows = lengths.nonzero().flatten()
-        if rows.numel() == lengths.numel():
-            logits = self.model(tokens.to(self.device), self.cache, lengths=lengths.to(self.device),
-                                check_inputs=False)
-            return logits[:, -1]
-        index = rows.to(self.device)
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> Tensor:
+        """Run the chunks (one per row, ragged) in one forward; returns (len(chunks), vocab) logits of each
+        chunk's last token. Only these rows are computed: their state is taken out of the cache and written
+        back, so a prompt arriving alone costs its own tokens. Inputs were checked by the scheduler."""
+        t = max(len(c.tokens) for c in chunks)
+        tokens = torch.zeros(len(chunks), t, dtype=torch.long)  # (k, t) right-padded
+        for i, chunk in enumerate(chunks):
+            tokens[i, : len(chunk.tokens)] = torch.tensor(chunk.tokens)
+        lengths = torch.tensor([len(c.tokens) for c in chunks])  # (k,)
+        index = upload([c.slot for c in chunks], self.device)
         part = self.cache.select(index)
-        t = int(lengths.max())
-        logits = self.model(tokens[rows, :t].to(self.device), part, lengths=lengths[rows].to(self.device),
-                            check_inputs=False)
+        logits = self.model(upload(tokens, self.device), part, lengths=upload(lengths, self.device), check_inputs=False)
         self.cache.update_rows(index, part)
-        out = torch.zeros(lengths.numel(), logits.shape[-1], dtype=logits.dtype, device=logits.device)
-        out[index] = logits[:, -1]
-        return out
-
-    def decode(self, tokens: Tensor, active: Tensor) -> Tensor:
-        """(slots, 1) tokens, (slots,) bool rows that advance → (slots, vocab) logits (the static decode path,
-        whatever the other slots are doing; replayed from the CUDA graph when there is one)."""
-        if self._graph is not None:
-            self._graph.tokens.copy_(tokens, non_blocking=True)
-            self._graph.active.copy_(active, non_blocking=True)
-            self._graph.graph.replay()
-            return self._graph.logits
-        logits = self.model(tokens.to(self.device), self.cache, active=active.to(self.device), check_inputs=False)
         return logits[:, -1]
+
+    def decode(self, rows: Sequence[int]) -> Tensor:
+        """One token for each of ``rows`` (their last sampled token) → (len(rows), vocab) logits.
+
+        On a GPU the rows are padded to the smallest bucket that holds them and the bucket's graph is
+        replayed; elsewhere the step runs eagerly over exactly these rows."""
+        k = len(rows)
+        if not self._graphs:
+            return self._decode_rows(upload(list(rows), self.device))
+        size = next(s for s in self.buckets if s >= k)
+        graph = self._graphs[size]
+        index = torch.full((size,), self.pad, dtype=torch.long)
+        index[:k] = torch.tensor(list(rows))
+        graph.rows.copy_(index.pin_memory(), non_blocking=True)
+        graph.graph.replay()
+        return graph.logits[:k]
+
+    def _decode_rows(self, rows: Tensor) -> Tensor:
+        """The decode step of ``rows`` (B,) int64 on the device, sync-free (captured per bucket)."""
+        start = self.cache.seqlens[rows]  # (B,)
+        table = self.cache.full[0].block_table[rows] if self.cache.paged else None  # (B, max_blocks)
+        view = self.cache.view(rows, start.clone(), table)
+        logits = self.model(self.last_tokens[rows].view(-1, 1), view, check_inputs=False)[:, -1]
+        self.cache.seqlens[rows] = start + 1
+        self.cache.seqlens[self.pad :].zero_()  # padding rows always start at position 0 of the spare row
+        return logits
+
+    # warm-up ---------------------------------------------------------------------------------------
+
+    def warm_up(self, prefill_chunk: int) -> float:
+        """Compile every prefill specialisation a request can hit, on the spare row; returns the seconds taken.
+
+        Triton specialises kernels on whether integer arguments are 1 or multiples of 16: chunks of 1, 16,
+        17 and ``prefill_chunk`` tokens at starts 0 and unaligned cover them, including attention over
+        cached keys and the paged K/V (the spare row borrows blocks; nothing is running yet). It goes
+        through `execute`, so a tensor-parallel runner warms every rank."""
+        started = time.perf_counter()
+        lengths = sorted({1, 16, 17, min(prefill_chunk, self.cache.max_length // 4)})
+        room, table, vocab = self.cache.max_length, None, self.model.config.vocab_size
+        if self.cache.paged:
+            full = self.cache.full[0]
+            table = torch.zeros(1, full.block_table.shape[1], dtype=torch.int32)
+            blocks = min(table.shape[1], full.k.shape[0] - 1)
+            table[0, :blocks] = torch.arange(1, blocks + 1)
+            room = min(room, blocks * full.block_size)
+        plans, used = [], 0
+        for n in lengths * 2:  # the second round starts unaligned
+            if used + n > room:
+                break
+            plans.append(StepPlan(prefill=(PrefillChunk(self.pad, tuple(i % vocab for i in range(1, n + 1)), True),)))
+            used += n
+        blocks = ((self.pad,), table) if table is not None else ((), None)
+        plans[0] = StepPlan(reset=(self.pad,), block_rows=blocks[0], block_table=blocks[1], prefill=plans[0].prefill)
+        with torch.inference_mode():
+            for plan in plans:
+                self.execute(plan)
+            cleared = None if table is None else torch.zeros_like(table)
+            self.execute(StepPlan(reset=(self.pad,), block_rows=blocks[0], block_table=cleared))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started

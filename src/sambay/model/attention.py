@@ -175,12 +175,14 @@ class SlidingWindowAttention(_SelfAttention):
             return self._attend(q, k, v, span.q_pos, span.q_pos), None
         size = cache.k.shape[2]
         if span.is_decode:  # static shapes, no host sync: write the slot, attend over the ring
-            rows = torch.arange(h.shape[0], device=h.device)
+            rows = torch.arange(h.shape[0], device=h.device) if cache.rows is None else cache.rows
             slot = span.start % size
             cache.k[rows, :, slot] = k[:, :, 0]
             cache.v[rows, :, slot] = v[:, :, 0]
             k_pos, kv_len = span.decode_ring(size)  # (b, size), (b,); slot j holds a position >= j
-            return self._attend(q, cache.k, cache.v, span.q_pos, k_pos, kv_len), None
+            # a view's rings are read in place: the ring buffers as a pool of one-block rows
+            table = None if cache.rows is None else cache.rows.view(-1, 1).to(torch.int32)
+            return self._attend(q, cache.k, cache.v, span.q_pos, k_pos, kv_len, table), None
         k_all = torch.cat([cache.k, k], dim=2)  # (b, n_kv_heads, size + t, hd): ring, then the new keys
         v_all = torch.cat([cache.v, v], dim=2)
         k_pos = torch.cat([ring_positions(span.start, size), span.q_pos], dim=1)  # (b, size + t)
@@ -214,38 +216,25 @@ class FullAttention(_SelfAttention):
 
     @staticmethod
     def _decode(k: Tensor, v: Tensor, span: Span, cache: FullKV | PagedKV) -> SharedKV:
-        """Write the step's K/V at each row's position; share the whole buffer, visible up to ``kv_len``."""
+        """Write the step's K/V at each row's position; share the whole buffer, visible up to ``kv_len``.
+        A paged cache's idle table entries point at the null block, so padding rows write nowhere that matters."""
         rows = torch.arange(k.shape[0], device=k.device)
         end = span.start + 1
-        if isinstance(cache, PagedKV):
-            cache.write(rows, span.start, k[:, :, 0], v[:, :, 0])  # idle rows write into the null block
-            slots, table = cache.block_table.shape[1] * cache.block_size, cache.block_table
-        else:
-            cache.k[rows, :, span.start] = k[:, :, 0]
-            cache.v[rows, :, span.start] = v[:, :, 0]
-            slots, table = cache.k.shape[2], None
-        idx = torch.arange(slots, device=k.device).view(1, -1)
-        k_pos = torch.where(idx < end.view(-1, 1), idx, -1)  # (b, slots); index j holds position j
-        return SharedKV(k=cache.k, v=cache.v, k_pos=k_pos, kv_len=end, block_table=table)
+        cache.write(rows, span.start, k[:, :, 0], v[:, :, 0])
+        idx = torch.arange(cache.capacity, device=k.device).view(1, -1)
+        k_pos = torch.where(idx < end.view(-1, 1), idx, -1)  # (b, capacity); index j holds position j
+        return SharedKV(k=cache.k, v=cache.v, k_pos=k_pos, kv_len=end, block_table=cache.block_table)
 
     @staticmethod
     def _prefill(k: Tensor, v: Tensor, span: Span, cache: FullKV | PagedKV) -> SharedKV:
         """[keys already cached | this call's keys] for attention; the valid new K/V go into the cache."""
         before = int(span.start.max())
-        if isinstance(cache, PagedKV):
-            k_old, v_old = cache.gather(before)
-        else:
-            k_old, v_old = cache.k[:, :, :before], cache.v[:, :, :before]
+        k_old, v_old = cache.gather(before)
         idx = torch.arange(before, device=k.device).view(1, -1)
         k_pos = torch.cat([torch.where(idx < span.start.view(-1, 1), idx, -1), span.q_pos], dim=1)
         shared = SharedKV(k=torch.cat([k_old, k], dim=2), v=torch.cat([v_old, v], dim=2), k_pos=k_pos)
         rows, cols = _valid_cells(span)
-        pos = span.q_pos[rows, cols]
-        if isinstance(cache, PagedKV):
-            cache.write(rows, pos, k[rows, :, cols], v[rows, :, cols])
-        else:
-            cache.k[rows, :, pos] = k[rows, :, cols]
-            cache.v[rows, :, pos] = v[rows, :, cols]
+        cache.write(rows, span.q_pos[rows, cols], k[rows, :, cols], v[rows, :, cols])
         return shared
 
 

@@ -55,17 +55,12 @@ class Mamba(nn.Module):
         """Conv + selective scan; gated by silu(z) unless z is None. Returns (b, t, d_inner)."""
         weight = self.conv.weight.squeeze(1)  # (d_inner, d_conv)
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
-        if state is not None and x.shape[1] == 1 and span.lengths is None:  # decode: one token per row
-            before = None if span.active is None else (state.conv.clone(), state.ssm.clone())
-            u = self.ops.causal_conv1d_update(x[:, 0], state.conv, weight, self.conv.bias)  # (b, d_inner)
+        if state is not None and span.is_decode:  # one token per row: the fused single-step updates
+            u = self.ops.causal_conv1d_update(x[:, 0], state.conv, weight, self.conv.bias, state.rows)  # (b, d_inner)
             delta, B, C = self._project(u)
             y = self.ops.selective_state_update(
-                state.ssm, u, delta, A, B, C, self.D, None if z is None else z[:, 0], self.dt_proj.bias
+                state.ssm, u, delta, A, B, C, self.D, None if z is None else z[:, 0], self.dt_proj.bias, state.rows
             )
-            if before is not None:  # inactive rows keep their states (no host sync: a masked copy)
-                keep = ~span.active.view(-1, 1, 1)
-                state.conv.copy_(torch.where(keep, before[0], state.conv))
-                state.ssm.copy_(torch.where(keep, before[1], state.ssm))
             return y.unsqueeze(1)
         conv_state = None if state is None else state.conv
         u, new_conv = self.ops.causal_conv1d(x, weight, self.conv.bias, conv_state, span.lengths)

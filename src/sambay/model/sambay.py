@@ -187,7 +187,6 @@ class SambaY(nn.Module):
         lengths: Tensor | None = None,
         last_only: bool | None = None,
         check_inputs: bool = True,
-        active: Tensor | None = None,
     ) -> Tensor:
         """Logits for new tokens, continuing the sequences held in ``cache``.
 
@@ -202,19 +201,15 @@ class SambaY(nn.Module):
             check_inputs: validate ids, lengths and cache room (each check reads a value back to the
                 host). An engine that has already checked passes False, which makes a one-token decode
                 step free of host synchronisation and so capturable in a CUDA graph.
-            active: (b,) bool, for a one-token decode step with a cache and no ``lengths``: only these
-                rows advance; the others keep their state (their logits are meaningless). Lets a
-                scheduler run every decode step on the static decode path whatever the other slots do.
-                Attention writes of inactive rows land in slots their own next tokens never read.
 
         Returns:
             (b, t, vocab_size) logits, or (b, 1, vocab_size) when ``last_only``; model dtype.
         """
         if check_inputs:
-            span = self._span(tokens, cache, lengths, active)
+            span = self._span(tokens, cache, lengths)
         else:
             start = torch.zeros_like(tokens[:, 0]) if cache is None else cache.seqlens.clone()
-            span = Span.make(start, tokens.shape[1], lengths, active)
+            span = Span.make(start, tokens.shape[1], lengths)
         last_only = cache is not None if last_only is None else last_only
         x = self.embed(tokens).float()  # (b, t, d_model) fp32 residual stream
         x, memory, shared = self.self_decoder(x, span, cache)
@@ -227,15 +222,10 @@ class SambaY(nn.Module):
         _, h = self.ops.add_layer_norm(x, None, self.norm.weight, self.norm.bias, self.config.norm_eps)
         logits = F.linear(h, self.embed.weight if self.lm_head is None else self.lm_head.weight)
         if cache is not None:
-            if active is not None:
-                cache.seqlens += active.long()
-            else:
-                cache.seqlens += tokens.shape[1] if lengths is None else lengths
+            cache.seqlens += tokens.shape[1] if lengths is None else lengths
         return logits
 
-    def _span(
-        self, tokens: Tensor, cache: SambaYCache | None, lengths: Tensor | None, active: Tensor | None = None
-    ) -> Span:
+    def _span(self, tokens: Tensor, cache: SambaYCache | None, lengths: Tensor | None) -> Span:
         """Validate the inputs of `forward` and place the new tokens."""
         if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
             raise ValueError(f"tokens must be a 2-D integer tensor (b, t), got {_describe(tokens)}")
@@ -251,10 +241,6 @@ class SambaY(nn.Module):
                 raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
             if int(lengths.min()) < 0 or int(lengths.max()) > t:
                 raise ValueError(f"lengths must be in [0, {t}], got {lengths.tolist()}")
-        if active is not None and (
-            cache is None or lengths is not None or t != 1 or active.shape != (b,) or active.dtype != torch.bool
-        ):
-            raise ValueError("active must be a (b,) bool tensor, with a cache, one token per row and no lengths")
         if cache is None:
             return Span.make(torch.zeros(b, dtype=torch.long, device=tokens.device), t, lengths)
         self._check_cache(cache, b)
@@ -263,7 +249,7 @@ class SambaY(nn.Module):
             raise ValueError(
                 f"cache overflow: rows would hold {end.tolist()} tokens but max_length is {cache.max_length}"
             )
-        return Span.make(cache.seqlens.clone(), t, lengths, active)
+        return Span.make(cache.seqlens.clone(), t, lengths)
 
     def _check_cache(self, cache: SambaYCache, b: int) -> None:
         c = self.config

@@ -21,13 +21,12 @@ class Span:
     start: Tensor  # (b,) int64 tokens already in the cache before this call
     lengths: Tensor | None  # (b,) int64 valid new tokens; None: every row uses all t columns
     q_pos: Tensor  # (b, t) int64 absolute position of each new token
-    active: Tensor | None = None  # (b,) bool, decode only: rows to advance; the others are left as they were
     _memo: dict = field(default_factory=dict, compare=False, repr=False)  # per-call values shared by layers
 
     @staticmethod
-    def make(start: Tensor, t: int, lengths: Tensor | None, active: Tensor | None = None) -> Span:
+    def make(start: Tensor, t: int, lengths: Tensor | None) -> Span:
         q_pos = start.view(-1, 1) + torch.arange(t, device=start.device).view(1, -1)  # (b, t)
-        return Span(start=start, lengths=lengths, q_pos=q_pos, active=active)
+        return Span(start=start, lengths=lengths, q_pos=q_pos)
 
     @property
     def is_decode(self) -> bool:

@@ -52,20 +52,28 @@ def causal_conv1d_ref(
     return out, new_state.contiguous()
 
 
-def causal_conv1d_update_ref(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def causal_conv1d_update_ref(
+    x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, state_index: Tensor | None = None
+) -> Tensor:
     """One decode step of the causal conv; shifts ``conv_state`` in place.
 
     Args:
         x: (b, d) the new input.
-        conv_state: (b, d, w - 1) updated in place to end with ``x``.
+        conv_state: (b, d, w - 1) updated in place to end with ``x``; with ``state_index``, (rows, d, w - 1)
+            of which batch row i owns row ``state_index[i]``.
         weight: (d, w); bias: (d,) or None.
+        state_index: (b,) int row of ``conv_state`` for each batch row, or None (row i is row i).
 
     Returns:
         (b, d) silu(conv) output in ``x.dtype``.
     """
-    window = torch.cat([conv_state.float(), x.float().unsqueeze(-1)], dim=-1)  # (b, d, w)
+    before = conv_state if state_index is None else conv_state[state_index.long()]
+    window = torch.cat([before.float(), x.float().unsqueeze(-1)], dim=-1)  # (b, d, w)
     out = (window * weight.float()).sum(-1)
     if bias is not None:
         out = out + bias.float()
-    conv_state.copy_(window[:, :, 1:].to(conv_state.dtype))
+    if state_index is None:
+        conv_state.copy_(window[:, :, 1:].to(conv_state.dtype))
+    else:
+        conv_state[state_index.long()] = window[:, :, 1:].to(conv_state.dtype)
     return F.silu(out).to(x.dtype)

@@ -101,12 +101,15 @@ def selective_state_update_ref(
     D: Tensor,
     z: Tensor | None,
     delta_bias: Tensor,
+    state_index: Tensor | None = None,
 ) -> Tensor:
     """One decode step of the recurrence; updates ``state`` in place.
 
     Args:
-        state: (b, d, n) fp32 SSM state, updated in place.
+        state: (b, d, n) fp32 SSM state, updated in place; with ``state_index``, (rows, d, n) of which
+            batch row i owns row ``state_index[i]`` (a scheduler's slots: only the running rows are touched).
         u, delta: (b, d); A: (d, n); B, C: (b, n); D: (d,); z: (b, d) or None; delta_bias: (d,).
+        state_index: (b,) int row of ``state`` for each batch row, or None (row i is row i).
 
     Returns:
         y: (b, d) in ``u.dtype``.
@@ -114,8 +117,12 @@ def selective_state_update_ref(
     uf = u.float()
     dt = F.softplus(delta.float() + delta_bias.float())  # (b, d)
     decay = torch.exp(dt.unsqueeze(-1) * A.float())  # (b, d, n)
-    h = torch.addcmul(decay * state.float(), (dt * uf).unsqueeze(-1), B.float().unsqueeze(1))
-    state.copy_(h)
+    before = state if state_index is None else state[state_index.long()]
+    h = torch.addcmul(decay * before.float(), (dt * uf).unsqueeze(-1), B.float().unsqueeze(1))
+    if state_index is None:
+        state.copy_(h)
+    else:
+        state[state_index.long()] = h
     y = torch.einsum("bdn,bn->bd", h, C.float()) + uf * D.float()
     if z is not None:
         y = y * F.silu(z.float())

@@ -1,7 +1,7 @@
 """The model in its own process: the HTTP server and the scheduler stop competing for one GIL.
 
     HTTP process                                    engine process
-    event loop ─ RemoteScheduler.submit ── pipe ──► commands ─► Scheduler (its own thread) ─► GPU
+    event loop ─ RemoteScheduler.submit ── pipe ──► commands ─► EngineCore (its own thread) ─► GPU
                ◄─ sinks ◄─ receiver thread ◄─ pipe ── one message per step: outputs, admissions, stats
 
 In one process, the event loop (an SSE chunk per token per stream) and the scheduler thread take turns
@@ -43,7 +43,7 @@ class EngineSpec:
 
 
 class RemoteScheduler:
-    """A `Scheduler` running in a child process, seen through the interface `Runtime` uses.
+    """An `EngineCore` running in a child process, seen through the interface `Runtime` uses.
 
     Args:
         spec: what to load and how to schedule.
@@ -84,7 +84,7 @@ class RemoteScheduler:
             return {**self._stats, "waiting": max(self._stats["waiting"], self._waiting)}
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[Output], None]) -> Request:
-        """As `Scheduler.submit`: the same checks and errors, then the request goes to the engine process."""
+        """As `EngineCore.submit`: the same checks and errors, then the request goes to the engine process."""
         prompt = [int(i) for i in prompt]
         self.limits.check(prompt, params)
         request = Request(self, prompt, params, sink)
@@ -177,7 +177,7 @@ def _engine_main(conn, spec: EngineSpec) -> None:
     import torch
 
     from sambay.generate import Engine
-    from sambay.generate.scheduler import Scheduler, sized_for_budget
+    from sambay.generate.core import EngineCore, sized_for_budget
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     outbox: list[tuple[int, Output]] = []
@@ -216,7 +216,7 @@ def _engine_main(conn, spec: EngineSpec) -> None:
         config = spec.scheduler
         if spec.cache_memory_bytes is not None:
             config = sized_for_budget(config, engine.model, spec.cache_memory_bytes)
-        scheduler = Scheduler(engine, config, on_step=flush)
+        scheduler = EngineCore(engine, config, on_step=flush)
         send(("ready", scheduler.limits, scheduler.memory, scheduler.stats()))
     except Exception as e:  # reported to the parent, which raises it
         send(("failed", f"{type(e).__name__}: {e}"))

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from sambay.generate.scheduler import Output, Request, Scheduler
+from sambay.generate.core import EngineCore
+from sambay.generate.requests import Output, Request
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -27,7 +28,7 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: EngineCore):
         r = self.registry = CollectorRegistry()
         self.http = Counter("sambay_http_requests", "HTTP responses", ["path", "status"], registry=r)
         self.prompt_tokens = Counter("sambay_prompt_tokens", "Prompt tokens admitted to the queue", registry=r)

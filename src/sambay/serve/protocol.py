@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_str  # a str as JSON, non-ASCII kept (as ensure_ascii=False)
 
 from sambay.generate import SamplingParams, TokenLogprob
-from sambay.generate.scheduler import Output
+from sambay.generate.requests import Output
 from sambay.serve import schemas
 from sambay.serve.errors import APIError
 from sambay.text.reasoning import ReasoningParser
@@ -27,7 +27,7 @@ from sambay.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request ready for `Scheduler.submit`."""
+    """A request ready for `EngineCore.submit`."""
 
     prompt: list[int]
     params: SamplingParams

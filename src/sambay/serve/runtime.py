@@ -20,14 +20,8 @@ from dataclasses import dataclass
 from starlette.requests import Request as HTTPRequest
 
 from sambay.generate import SamplingParams
-from sambay.generate.scheduler import (
-    Output,
-    PromptTooLong,
-    QueueFull,
-    Request,
-    Scheduler,
-    SchedulerClosed,
-)
+from sambay.generate.core import EngineCore
+from sambay.generate.requests import Output, PromptTooLong, QueueFull, Request, SchedulerClosed
 from sambay.serve.errors import APIError
 from sambay.serve.metrics import Metrics
 from sambay.serve.protocol import Prepared
@@ -123,7 +117,7 @@ class Runtime:
     """The serving state shared by all routes."""
 
     tokenizer: Tokenizer
-    scheduler: Scheduler
+    scheduler: EngineCore  # or `RemoteScheduler`, its stand-in for a core in another process
     model_name: str
     defaults: SamplingParams  # sampling fields a request leaves unset
     api_key: str | None = None

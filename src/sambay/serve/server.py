@@ -18,8 +18,9 @@ from pathlib import Path
 import uvicorn
 
 from sambay.generate import REASONING_DEFAULTS, Engine, SamplingParams
+from sambay.generate.core import EngineCore
+from sambay.generate.requests import SchedulerConfig
 from sambay.generate.runner import ModelRunner
-from sambay.generate.scheduler import Scheduler, SchedulerConfig
 from sambay.serve.app import create_app
 from sambay.serve.runtime import Runtime
 
@@ -41,8 +42,8 @@ class ServeConfig:
 
 
 def build_runtime(engine: Engine, config: ServeConfig, runner: ModelRunner | None = None) -> Runtime:
-    """A started scheduler over ``engine`` (and ``runner``, see `Scheduler`), wrapped for the HTTP layer."""
-    scheduler = Scheduler(engine, config.scheduler, runner).start()
+    """A started scheduler over ``engine`` (and ``runner``, see `EngineCore`), wrapped for the HTTP layer."""
+    scheduler = EngineCore(engine, config.scheduler, runner).start()
     name = config.model_name or config.model_dir.resolve().name
     return Runtime(engine.tokenizer, scheduler, name, config.defaults, api_key=config.api_key)
 

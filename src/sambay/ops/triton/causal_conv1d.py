@@ -82,10 +82,10 @@ def causal_conv1d(
 
 @triton.jit
 def _conv_update(
-    x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr,  # pointers
+    x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, idx_ptr,  # pointers
     D,  # dimensions
     s_x, s_o,  # row strides
-    W: tl.constexpr, HAS_BIAS: tl.constexpr, BD: tl.constexpr,  # meta-parameters
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, BD: tl.constexpr, HAS_INDEX: tl.constexpr,  # meta-parameters
 ):
     pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs_d = pid_d * BD + tl.arange(0, BD)
@@ -94,7 +94,8 @@ def _conv_update(
     acc = tl.load(w_ptr + offs_d * W + (W - 1), mask=mask, other=0.0).to(tl.float32) * x.to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
-    row = state_ptr + (pid_b * D + offs_d) * (W - 1)
+    state_row = tl.load(idx_ptr + pid_b).to(tl.int64) if HAS_INDEX else pid_b
+    row = state_ptr + (state_row * D + offs_d) * (W - 1)
     prev = tl.load(row, mask=mask, other=0.0)
     for k in tl.static_range(W - 1):
         acc += prev.to(tl.float32) * tl.load(w_ptr + offs_d * W + k, mask=mask, other=0.0).to(tl.float32)
@@ -107,17 +108,23 @@ def _conv_update(
     tl.store(out_ptr + pid_b * s_o + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def causal_conv1d_update(
+    x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, state_index: Tensor | None = None
+) -> Tensor:
     """Triton decode step of the conv; see `causal_conv1d_update_ref`. Shifts ``conv_state`` in place."""
     b, d = x.shape
     w = weight.shape[-1]
-    if not conv_state.is_contiguous() or conv_state.shape != (b, d, w - 1):
+    rows = b if state_index is None else conv_state.shape[0]
+    if not conv_state.is_contiguous() or conv_state.shape != (rows, d, w - 1):
         raise ValueError("causal_conv1d_update: conv_state must be a contiguous (b, d, w - 1) tensor")
+    if state_index is not None and (state_index.shape != (b,) or state_index.is_floating_point()):
+        raise ValueError(f"causal_conv1d_update: state_index must be a ({b},) integer tensor")
     out = torch.empty_like(x)
     weight = weight.contiguous()
     _conv_update[(b, triton.cdiv(d, BLOCK_D))](
         x, conv_state, weight, bias if bias is not None else weight, out,
+        x if state_index is None else state_index.contiguous(),
         d, x.stride(0), out.stride(0),
-        W=w, HAS_BIAS=bias is not None, BD=BLOCK_D, num_warps=4,
+        W=w, HAS_BIAS=bias is not None, BD=BLOCK_D, HAS_INDEX=state_index is not None, num_warps=4,
     )
     return out

@@ -186,16 +186,17 @@ def selective_scan(
 
 @triton.jit
 def _state_update(
-    state_ptr, u_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,  # pointers
+    state_ptr, u_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, idx_ptr,  # pointers
     D,  # dimensions
     s_u, s_dt, s_b, s_c, s_z, s_y,  # row strides
-    N: tl.constexpr, BLOCK: tl.constexpr, HAS_Z: tl.constexpr,  # meta-parameters
+    N: tl.constexpr, BLOCK: tl.constexpr, HAS_Z: tl.constexpr, HAS_INDEX: tl.constexpr,  # meta-parameters
 ):
     pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
     offs_n = tl.arange(0, N)
     mask_d = offs_d < D
-    cell = pid_b * D * N + offs_d[:, None] * N + offs_n[None, :]
+    row = tl.load(idx_ptr + pid_b).to(tl.int64) if HAS_INDEX else pid_b  # the state row of this batch row
+    cell = row * D * N + offs_d[:, None] * N + offs_n[None, :]
     h = tl.load(state_ptr + cell, mask=mask_d[:, None], other=0.0)
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None], other=0.0)
     u = tl.load(u_ptr + pid_b * s_u + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -222,20 +223,25 @@ def selective_state_update(
     D: Tensor,
     z: Tensor | None,
     delta_bias: Tensor,
+    state_index: Tensor | None = None,
 ) -> Tensor:
     """Triton single decode step; see `selective_state_update_ref`. ``state`` (fp32) is updated in place."""
     b, d = u.shape
     n = A.shape[-1]
-    if state.dtype != torch.float32 or not state.is_contiguous() or state.shape != (b, d, n):
+    rows = b if state_index is None else state.shape[0]
+    if state.dtype != torch.float32 or not state.is_contiguous() or state.shape != (rows, d, n):
         raise ValueError("selective_state_update: state must be a contiguous fp32 (b, d, n) tensor")
+    if state_index is not None and (state_index.shape != (b,) or state_index.is_floating_point()):
+        raise ValueError(f"selective_state_update: state_index must be a ({b},) integer tensor")
     for name, x in (("u", u), ("delta", delta), ("B", B), ("C", C)) + ((("z", z),) if z is not None else ()):
         _check_last_dim(name, x)
     y = torch.empty_like(u)
     zz = z if z is not None else u
     _state_update[(b, triton.cdiv(d, BLOCK_D))](
         state, u, delta, A.float().contiguous(), B, C, D, zz, delta_bias, y,
+        u if state_index is None else state_index.contiguous(),
         d,
         u.stride(0), delta.stride(0), B.stride(0), C.stride(0), zz.stride(0), y.stride(0),
-        N=n, BLOCK=BLOCK_D, HAS_Z=z is not None, num_warps=2,
+        N=n, BLOCK=BLOCK_D, HAS_Z=z is not None, HAS_INDEX=state_index is not None, num_warps=2,
     )
     return y

@@ -1,0 +1,94 @@
+"""Where a served step's time goes, in process (no HTTP): the engine core against the offline decode step.
+
+    eval "$(bash benchmarks/device_setup.sh)"
+    python3 benchmarks/core_profile.py --batch 1 16 64 --prompt-tokens 2048 --max-tokens 1024
+
+On the full-size random model (bf16, built on the GPU: no checkpoint), for each batch C: C requests of
+``--prompt-tokens`` token ids and ``--max-tokens`` greedy tokens through `EngineCore` (synchronous and
+asynchronous scheduling), timing the decode phase (steps with no prefill) per step, beside the offline
+fixed-context CUDA-graph step at batch C and the mean context (`sambay.bench.runs`). Before that, a lone
+request on the warm core twice (TTFT: the second shows what the first paid), with every Triton
+compilation after warm-up printed (a warm-up that missed a specialisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import triton
+
+import sambay
+from sambay.bench.runs import decode_step_seconds
+from sambay.config import PRESETS
+from sambay.generate import Engine, SamplingParams
+from sambay.generate.core import EngineCore
+from sambay.generate.requests import SchedulerConfig
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(1000, 100000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(core: EngineCore, batch: int, prompt: int, max_tokens: int, overlap: bool) -> dict:
+    """C requests at once; returns TTFT of the last, and the decode-phase seconds per step."""
+    params = SamplingParams(temperature=0, max_new_tokens=max_tokens, stop_token_ids=())
+    done, first = [], []
+    for i in range(batch):
+        core.submit(_prompt(prompt, i), params, lambda o: (first.append(time.perf_counter()) if o.deltas else None,
+                                                            done.append(1) if o.finished else None))
+    start = time.perf_counter()
+    steps, decode_start, decode_steps = 0, None, 0
+    while len(done) < batch:
+        core.step(overlap)
+        steps += 1
+        if decode_start is None and len(first) >= batch:
+            torch.cuda.synchronize()
+            decode_start, decode_steps = time.perf_counter(), steps
+    torch.cuda.synchronize()
+    end = time.perf_counter()
+    n = steps - decode_steps
+    return {"batch": batch, "overlap": overlap, "ttft_s": round(first[batch - 1] - start, 4) if first else None,
+            "decode_step_ms": round((end - decode_start) / max(n, 1) * 1e3, 3), "decode_steps": n}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--slots", type=int, default=64)
+    args = p.parse_args()
+    with torch.device("cuda"):
+        model = sambay.SambaY(PRESETS["phi4-mini-flash"]).init_weights(torch.Generator("cuda").manual_seed(0))
+    model = model.to_dtype(torch.bfloat16).eval()
+    config = SchedulerConfig(slots=args.slots, max_length=args.prompt_tokens + args.max_tokens + 64,
+                             max_waiting=1024)
+    t0 = time.perf_counter()
+    core = EngineCore(Engine(model), config)
+    print(f"core ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    compiled = []
+    triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiled.append(str(k.get("fn", a[:1])))
+    for attempt in range(2):
+        lone = run(core, 1, args.prompt_tokens, 4, overlap=True)
+        print(json.dumps({"lone_request": attempt, **lone, "compiled_after_warm_up": compiled}), flush=True)
+        compiled.clear()
+    rows = []
+    for c in args.batch:
+        for overlap in (False, True):
+            r = run(core, c, args.prompt_tokens, args.max_tokens, overlap)
+            context = args.prompt_tokens + args.max_tokens // 2
+            r["offline_step_ms"] = round(decode_step_seconds(model, c, context, 30, graphs=True) * 1e3, 3)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    print("| batch | async | decode step ms (core) | offline step ms | core / offline |")
+    for r in rows:
+        print(f"| {r['batch']} | {r['overlap']} | {r['decode_step_ms']} | {r['offline_step_ms']} | "
+              f"{r['decode_step_ms'] / r['offline_step_ms']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
