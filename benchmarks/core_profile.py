@@ -32,26 +32,59 @@ def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(1000, 100000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+class HostClock:
+    """Host seconds spent in the core's phases (monkeypatched wrappers): plan, launch, wait, deliver."""
+
+    def __init__(self, core: EngineCore):
+        self.totals: dict[str, float] = {}
+        for name, owner in (("schedule", core.scheduler), ("_launch", core), ("update", core.scheduler)):
+            setattr(owner, name, self._timed(name, getattr(owner, name)))
+
+    def _timed(self, name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+
 def run(core: EngineCore, batch: int, prompt: int, max_tokens: int, overlap: bool) -> dict:
     """C requests at once; returns TTFT of the last, and the decode-phase seconds per step."""
     params = SamplingParams(temperature=0, max_new_tokens=max_tokens, stop_token_ids=())
-    done, first = [], []
+    done, first = [], {}
+
+    def sink(i):
+        def put(output):
+            if output.deltas and i not in first:
+                first[i] = time.perf_counter()
+            if output.finished:
+                done.append(i)
+        return put
+
     for i in range(batch):
-        core.submit(_prompt(prompt, i), params, lambda o: (first.append(time.perf_counter()) if o.deltas else None,
-                                                            done.append(1) if o.finished else None))
+        core.submit(_prompt(prompt, i), params, sink(i))
     start = time.perf_counter()
-    steps, decode_start, decode_steps = 0, None, 0
+    steps, decode_start, decode_steps, clock = 0, None, 0, None
     while len(done) < batch:
         core.step(overlap)
         steps += 1
         if decode_start is None and len(first) >= batch:
             torch.cuda.synchronize()
             decode_start, decode_steps = time.perf_counter(), steps
+        if decode_start is not None and clock is None:
+            clock = HostClock(core)
     torch.cuda.synchronize()
     end = time.perf_counter()
     n = steps - decode_steps
-    return {"batch": batch, "overlap": overlap, "ttft_s": round(first[batch - 1] - start, 4) if first else None,
-            "decode_step_ms": round((end - decode_start) / max(n, 1) * 1e3, 3), "decode_steps": n}
+    host = {k: round(v / max(n, 1) * 1e3, 3) for k, v in clock.totals.items()} if clock else {}
+    for name in ("schedule", "_launch", "update"):  # unwrap
+        for owner in (core, core.scheduler):
+            owner.__dict__.pop(name, None)
+    return {"batch": batch, "overlap": overlap, "ttft_s": round(max(first.values()) - start, 4) if first else None,
+            "decode_step_ms": round((end - decode_start) / max(n, 1) * 1e3, 3), "decode_steps": n,
+            "host_ms_per_step": host}
 
 
 def main() -> int:
@@ -60,6 +93,7 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--slots", type=int, default=64)
+    p.add_argument("--cprofile", action="store_true", help="profile the host side of the largest batch, then stop")
     args = p.parse_args()
     with torch.device("cuda"):
         model = sambay.SambaY(PRESETS["phi4-mini-flash"]).init_weights(torch.Generator("cuda").manual_seed(0))
@@ -75,6 +109,16 @@ def main() -> int:
         lone = run(core, 1, args.prompt_tokens, 4, overlap=True)
         print(json.dumps({"lone_request": attempt, **lone, "compiled_after_warm_up": compiled}), flush=True)
         compiled.clear()
+    if args.cprofile:  # where the host's time goes in a synchronous decode phase of the largest batch
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run(core, max(args.batch), args.prompt_tokens, args.max_tokens, False)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        return 0
     rows = []
     for c in args.batch:
         for overlap in (False, True):

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from sambay.generate import Engine, SamplingParams
-from sambay.generate import engine as engine_module
 from tests.generate.conftest import ScriptedModel, TableTokenizer, letters_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=8)
@@ -41,19 +40,23 @@ def test_ragged_batch_equals_each_prompt_alone(model):
     assert together == [tokens(engine.generate([p], GREEDY))[0] for p in PROMPTS]
 
 
-def counting_prefill(calls: list[int]):
-    def prefill(model, tokens, cache, lengths=None):
-        calls.append(tokens.shape[0])
-        return engine_module.prefill(model, tokens, cache, lengths)
-    return prefill
-
-
 def test_n_samples_share_one_prefill(model):
-    calls = []
-    engine = Engine(model, prefill=counting_prefill(calls))
+    engine, calls = Engine(model), []
+    engine.generate(PROMPTS[:2], GREEDY.replace(n=3))  # builds the core; then count its prefill forwards
+    forward = engine._core.runner.prefill
+    engine._core.runner.prefill = lambda chunks: calls.append(len(chunks)) or forward(chunks)
     greedy = engine.generate(PROMPTS[:2], GREEDY.replace(n=3))
     assert calls == [2]  # one prefill of the two prompt rows, not six
     assert tokens(greedy) == [[t[0]] * 3 for t in tokens(Engine(model).generate(PROMPTS[:2], GREEDY))]
+
+
+def test_a_stream_closed_early_frees_its_rows(model):
+    engine = Engine(model)
+    stream = engine.stream(PROMPTS, GREEDY.replace(max_new_tokens=50))
+    next(stream)
+    stream.close()
+    assert engine._core.stats()["free_slots"] == 3 and not engine._core.scheduler.busy
+    assert tokens(engine.generate(PROMPTS[:1], GREEDY)) == [[manual_greedy(model, PROMPTS[0], 8)]]
 
 
 def test_sample_j_uses_seed_plus_j_and_a_faithful_copy_of_the_prefill(model):

@@ -46,7 +46,7 @@ def test_bucketed_graphs_equal_the_reference_engine(overlap):
         if i % 4 == 3:  # seeded sampling with penalties in the same batches
             params = params.replace(temperature=0.8, seed=i, frequency_penalty=0.4)
         requests.append((prompt, params))
-    config = SchedulerConfig(slots=24, max_length=128, block_size=16, kv_blocks=60, prefill_chunk=16)
+    config = SchedulerConfig(slots=24, max_length=128, block_size=16, kv_blocks=24, prefill_chunk=16)
     # greedy rows: the CPU reference engine; sampled rows (CUDA generators): the same request alone on the GPU
     expected = [Engine(ref).generate([p], params)[0][0].token_ids if params.is_greedy
                 else _run(EngineCore(Engine(gpu), config), [(p, params)], False)[0] for p, params in requests]

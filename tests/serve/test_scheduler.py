@@ -244,3 +244,15 @@ def test_asynchronous_scheduling_equals_synchronous(engine, kv_blocks):
         assert core.stats()["free_slots"] == 4 and core.stats()["running"] == 0
     assert runs[True] == runs[False]
     assert runs[False][0][1] == {0: "stop"} and len(runs[False][0][0][0]) < 30
+
+
+def test_warm_up_leaves_no_trace(engine):
+    """Warm-up prefills on the spare row through `execute`; afterwards every row, length and block is free
+    and requests give the tokens they give without it."""
+    core = EngineCore(engine, config(max_length=64, warm_up=True))
+    cache = core.runner.cache
+    assert cache.seqlens.tolist() == [0] * 5 and int(cache.full[0].block_table.abs().sum()) == 0
+    assert core.stats()["free_blocks"] == core.blocks.capacity
+    ps = prompts(3, seed=2)
+    assert [s.tokens[0] for s in run_staggered(core, [(p, GREEDY) for p in ps], 1, overlap=True)] == [
+        engine.generate([p], GREEDY)[0][0].token_ids for p in ps]

@@ -1,5 +1,8 @@
 """Timed runs of our engine: decode steps at a fixed context, YOCO prefill, and a real long generation.
 
+The long generation goes through the engine core, as users' generations do; the fixed-context decode
+step is a microbenchmark of the model's graphed step alone (the baseline the core is measured against).
+
 Decode is timed at a fixed context (METHOD.md): a cache is filled with random state and its lengths set
 to ``context``, then the CUDA-graph decode step is replayed ``steps`` times between two CUDA events
 (each replay moves the context by one token, which is noise at these lengths). Without a GPU the same
@@ -77,19 +80,23 @@ def prefill_seconds(model: SambaY, tokens: int, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-@torch.inference_mode()
 def long_generation(model: SambaY, batch: int, prompt: int, new_tokens: int) -> dict:
-    """A real run: prefill ``prompt`` tokens per row, then generate ``new_tokens`` greedy tokens per row."""
-    cache = model.new_cache(batch_size=batch, max_length=prompt + new_tokens + 8)
-    decoder = GraphedDecoder(model, cache)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=model.device)
+    """A real run through the engine core (`Engine.stream`, what `sambay generate` runs): ``batch`` random
+    prompts of ``prompt`` tokens, ``new_tokens`` greedy tokens each; prefill = time to the first tokens."""
+    from sambay.generate import Engine, SamplingParams
+
+    engine = Engine(model)
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, stop_token_ids=())
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt)).tolist()
+    list(engine.stream(prompts, params.replace(max_new_tokens=2)))  # builds the core (cache, graphs)
     _sync()
     t0 = time.perf_counter()
-    decoder.tokens.copy_(model(ids, cache)[:, -1].argmax(-1, keepdim=True))
+    stream = engine.stream(prompts, params)
+    next(stream)
     _sync()
     t1 = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        decoder.step()
+    for _ in stream:
+        pass
     _sync()
     t2 = time.perf_counter()
     return {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "prefill_s": t1 - t0,

@@ -29,12 +29,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from sambay.generate.blocks import BlockPool, MemoryBudget, blocks_for, kv_blocks_for_budget, memory_budget
-from sambay.generate.engine import Engine
 from sambay.generate.outputs import OutputProcessor, token_logprobs
 from sambay.generate.requests import (
     Limits,
@@ -49,6 +49,9 @@ from sambay.generate.runner import ModelRunner, upload
 from sambay.generate.sampling import PenaltyState, SamplingParams, make_generator, sample
 from sambay.generate.scheduler import Run, Sample, Scheduler, Step
 from sambay.model.sambay import SambaY
+
+if TYPE_CHECKING:
+    from sambay.generate.engine import Engine
 
 log = logging.getLogger("sambay.core")
 

@@ -8,9 +8,10 @@ sampling of the next token, can be captured once and replayed (gpt-fast applies 
 CUDA graphs for the same reason).
 
 Sampling inside the graph: greedy where a row's temperature is 0, otherwise the exponential race
-(argmax of p / E with E ~ Exp(1), which draws from p) on the device's default generator. Per-request
-seeds and top-k / top-p / penalties are not captured: an engine that needs them samples eagerly from
-`GraphedDecoder.logits` instead.
+(argmax of p / E with E ~ Exp(1), which draws from p) on the device's default generator.
+
+This is the fixed-batch step the benchmarks time (`sambay.bench.runs`) as the baseline of the engine
+core; generation itself runs through `sambay.generate.runner`, whose graphs cover batch buckets.
 """
 
 from __future__ import annotations
@@ -78,24 +79,3 @@ class GraphedDecoder:
         """Run one decode step for every row; returns `tokens` (b, 1), the tokens just sampled."""
         self.graph.replay()
         return self.tokens
-
-
-class CudaGraphDecode:
-    """A drop-in ``decode(model, token, cache) -> logits`` for `Engine` that replays a CUDA graph.
-
-    The first call for a cache captures a graph bound to it (about a second, preserving what the cache
-    holds); later calls copy the tokens in and replay. The engine keeps sampling eagerly.
-    """
-
-    def __init__(self) -> None:
-        self._decoder: GraphedDecoder | None = None
-
-    def __call__(self, model: SambaY, token: Tensor, cache: SambaYCache) -> Tensor:
-        if token.device.type != "cuda":
-            return model(token, cache, check_inputs=False)[:, -1]
-        if self._decoder is None or self._decoder.cache is not cache or self._decoder.model is not model:
-            self._decoder = None  # release the previous graph's memory pool first
-            self._decoder = GraphedDecoder(model, cache, sample=False, preserve=True)
-        self._decoder.tokens.copy_(token)
-        self._decoder.graph.replay()
-        return self._decoder.logits

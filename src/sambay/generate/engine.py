@@ -1,47 +1,44 @@
-"""Generation: pure prefill / decode / sample functions, and an `Engine` that streams completions.
+"""Generation for a caller with prompts in hand: `Engine` streams completions through the engine core.
 
-The loop is gpt-fast's, in small pieces:
+The building blocks are gpt-fast's, as pure functions:
     prefill(model, tokens, cache, lengths)  → (b, vocab) logits of each row's last prompt token
     decode_step(model, token, cache)        → (b, vocab) logits after one more token per row
     sample(logits, params, generators)      → (b,) tokens, on the device, no sync  (`sampling.py`)
 
-`Engine` adds what a caller needs around them: one cache per call with static shapes, ragged batches
-of prompts (right-padded, ``lengths=``), n samples per prompt that share ONE prefill (the prompt rows
-are prefilled through a view of the cache's leading rows, then `SambaYCache.copy_rows` fans them out),
-stop conditions, incremental detokenization and streaming.
+`Engine` is the offline face of the one generation loop (`sambay.generate.core.EngineCore`: the same
+scheduler, model runner with bucketed CUDA-graph decode, sampler and `OutputProcessor` that serve
+HTTP): a call submits one request per prompt (``params.n`` samples each, fanned out from one
+prefill), steps the core until every sequence has finished, and yields each step's deltas.
 
 Notable features:
-- `decode_step` is a pure function of (model, token, cache) with static shapes: finished rows keep
-  decoding (their tokens are ignored) rather than shrinking the batch. A compiled or CUDA-graph
-  version plugs in through ``Engine(decode=...)``, and so does ``prefill``.
-- One host sync per step: the sampled tokens (and logprobs) come to the host together, once, for
-  detokenization and every row's stop checks; penalty statistics are updated on the device.
-- Rows are laid out sample-major (row ``j * b + i`` is sample j of prompt i), so the prompts occupy
-  the leading rows. A seeded request's sample j draws its noise from a generator seeded ``seed + j``,
-  whatever else is in the batch.
+- Rows at different points of their sequences share every step; a finished row stops costing anything.
+- A seeded request's sample j draws its noise from a generator seeded ``seed + j``, whatever else is in
+  the batch (``params.n`` samples of one prompt are samples 0 .. n-1).
 - Stop conditions: a stop token id (default: the eos ids of the model directory's
   `generation_config.json`) ends a sequence with finish reason "stop"; it counts as a generated token
   but adds no text. Stop strings end it too and are cut from the text (`stops.py`). Reaching
   ``max_new_tokens`` (or the model's `max_seq_len`) gives "length".
 - Logits of embedding rows the tokenizer does not define (the release has 200064 rows, 200029 ids)
   are masked, so every generated id decodes.
-- Runs under `torch.inference_mode` (entered around each step only, never left on while the caller
-  holds the stream).
+- The core (its cache and graphs) is kept between calls and rebuilt only when a call needs more rows or
+  a longer sequence than it holds.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from sambay.cache import SambaYCache
-from sambay.generate.outputs import SequenceDelta, SequenceState, TokenLogprob
-from sambay.generate.sampling import PenaltyState, Sampled, SamplingParams, make_generator, sample
+from sambay.generate.core import EngineCore
+from sambay.generate.outputs import SequenceDelta, TokenLogprob
+from sambay.generate.requests import Output, SchedulerConfig
+from sambay.generate.sampling import SamplingParams
 from sambay.model.sambay import SambaY
 from sambay.tokenizer import Tokenizer
 
@@ -80,21 +77,6 @@ def decode_step(model: SambaY, token: Tensor, cache: SambaYCache) -> Tensor:
     return model(token, cache, check_inputs=False)[:, -1]
 
 
-def leading_rows(cache: SambaYCache, rows: int) -> SambaYCache:
-    """A cache made of views of the first ``rows`` rows of ``cache``: writes through it land in ``cache``."""
-
-    def cut(state):
-        return replace(state, **{f.name: getattr(state, f.name)[:rows] for f in fields(state) if f.name != "rows"})
-
-    return SambaYCache(
-        mamba=[cut(s) for s in cache.mamba],
-        sliding=[cut(s) for s in cache.sliding],
-        full=[cut(s) for s in cache.full],
-        seqlens=cache.seqlens[:rows],
-        max_length=cache.max_length,
-    )
-
-
 @dataclass
 class Completion:
     """One finished sequence (from `Engine.generate`)."""
@@ -108,25 +90,15 @@ class Completion:
     finish_reason: str | None = None
 
 
-@dataclass
-class _Batch:
-    """Prompts as one right-padded tensor."""
-
-    tokens: Tensor  # (b, t) int64
-    lengths: Tensor  # (b,) int64
-    max_new_tokens: int  # after capping by the model's max_seq_len
-
-
 class Engine:
-    """Streams completions of a batch of prompts from one model.
+    """Streams completions of a batch of prompts from one model, through an `EngineCore`.
 
     Args:
         model: the language model (in eval mode, on its device).
         tokenizer: text ↔ ids; None for token-only use (no text, no stop strings).
         stop_token_ids: default stop ids for requests that name none (default: the tokenizer's,
             i.e. its directory's generation_config eos ids).
-        prefill: the prefill function (e.g. a compiled one).
-        decode: the decode-step function (e.g. a compiled or CUDA-graph one).
+        cuda_graphs: replay decode steps from CUDA graphs (default: on when the model is on a GPU).
     """
 
     def __init__(
@@ -135,14 +107,14 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         *,
         stop_token_ids: Sequence[int] | None = None,
-        prefill: Callable[..., Tensor] = prefill,
-        decode: Callable[[SambaY, Tensor, SambaYCache], Tensor] = decode_step,
+        cuda_graphs: bool | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         if stop_token_ids is None:
             stop_token_ids = tokenizer.stop_token_ids() if tokenizer is not None else ()
         self.stop_token_ids = tuple(stop_token_ids)
-        self._prefill, self._decode = prefill, decode
+        self.cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._core: EngineCore | None = None
         vocab = model.config.vocab_size
         self._unused = None
         if tokenizer is not None and tokenizer.vocab_size < vocab:
@@ -166,7 +138,7 @@ class Engine:
             model_dir: checkpoint directory (see `sambay.load_model`).
             tokenizer_dir: where the tokenizer files are (default: ``model_dir``).
             device, dtype, backend, progress: as for `sambay.load_model`.
-            cuda_graphs: replay decode steps from a CUDA graph (default: on when the model is on a GPU).
+            cuda_graphs: replay decode steps from CUDA graphs (default: on when the model is on a GPU).
         """
         from sambay.checkpoint import load_model
         from sambay.tokenizer import load_tokenizer
@@ -175,12 +147,8 @@ class Engine:
         tokenizer = load_tokenizer(tokenizer_dir or model_dir)
         config_file = Path(model_dir) / "generation_config.json"
         generation_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        stop_ids = tokenizer.stop_token_ids(generation_config)
-        if cuda_graphs if cuda_graphs is not None else model.device.type == "cuda":
-            from sambay.generate.cuda_graphs import CudaGraphDecode
-
-            return cls(model, tokenizer, stop_token_ids=stop_ids, decode=CudaGraphDecode())
-        return cls(model, tokenizer, stop_token_ids=stop_ids)
+        return cls(model, tokenizer, stop_token_ids=tokenizer.stop_token_ids(generation_config),
+                   cuda_graphs=cuda_graphs)
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Prompt ids: a string is encoded as plain text (no chat template), ids are passed through."""
@@ -208,9 +176,8 @@ class Engine:
                 c.finish_reason = d.finish_reason
         return results
 
-    @torch.inference_mode()
     def stream(self, prompts: Sequence[Prompt], params: SamplingParams) -> Iterator[list[SequenceDelta]]:
-        """Generate; yield, after every step, one delta per sequence that was still running.
+        """Generate; yield, after every step that produced tokens, one delta per sequence that advanced.
 
         Args:
             prompts: b prompts (strings are encoded as plain text, see `encode`), of any lengths.
@@ -220,38 +187,46 @@ class Engine:
             Per step, a list of `SequenceDelta` (sequence order: prompt-major). A sequence's last delta
             carries its finish reason; the stream ends when every sequence has finished.
         """
-        batch = self._batch([self.encode(p) for p in prompts], params)
-        b, n = batch.tokens.shape[0], params.n
-        stop_ids = frozenset(self.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        device = self.model.device
-        cache = self.model.new_cache(
-            batch_size=b * n, max_length=int(batch.lengths.max()) + batch.max_new_tokens, device=device
-        )
-        seeds = [None if params.seed is None else params.seed + j for j in range(n) for _ in range(b)]
-        generators = [make_generator(seed, device) for seed in seeds]  # one per row, sample-major
-        penalties = None
-        if params.has_penalties:
-            vocab = self.model.config.vocab_size
-            penalties = PenaltyState.from_prompts(batch.tokens, batch.lengths, vocab).repeat(n)
-        seqs = [SequenceState(self.tokenizer, params, stop_ids, batch.max_new_tokens) for _ in range(b * n)]
+        ids = self._check([self.encode(p) for p in prompts], params)
+        longest = max(len(p) for p in ids)
+        max_new = min(params.max_new_tokens, self.model.config.max_seq_len - longest)
+        core = self._core_for(len(ids) * params.n, longest + max_new)
+        step: list[tuple[int, Output]] = []
+        requests = [core.submit(p, params.replace(max_new_tokens=max_new), lambda o, i=i: step.append((i, o)))
+                    for i, p in enumerate(ids)]
+        open_ = len(requests)
+        try:
+            while open_:
+                core.step(overlap=True)
+                deltas = []
+                for i, output in step:
+                    if output.error:
+                        raise RuntimeError(f"generation failed: {output.error}")
+                    deltas += [replace(d, index=i * params.n + d.sample_index, prompt_index=i) for d in output.deltas]
+                    open_ -= output.finished
+                step.clear()
+                if deltas:
+                    yield sorted(deltas, key=lambda d: d.index)
+        finally:
+            if open_:  # the consumer stopped early: free the rows
+                for request in requests:
+                    request.cancel()
+                while core.scheduler.busy or core._inflight is not None:
+                    core.step(overlap=True)
 
-        logits = self._prefill(self.model, batch.tokens, leading_rows(cache, b), batch.lengths)  # (b, vocab)
-        if n > 1:
-            rows = torch.arange(b, device=device)
-            cache.copy_rows(rows.repeat(n - 1), torch.arange(b, b * n, device=device))
-            logits = logits.repeat(n, 1)  # (b * n, vocab)
-        while True:
-            out = sample(self.mask_unused(logits), params, generators, penalties)
-            if penalties is not None:
-                penalties.update(out.tokens)
-            yield self._step(seqs, out, b, n)
-            if all(s.finish_reason for s in seqs):
-                return
-            logits = self._decode(self.model, out.tokens.view(-1, 1), cache)
+    def _core_for(self, rows: int, length: int) -> EngineCore:
+        """The kept core if it holds ``rows`` sequences of ``length`` tokens, else a new, larger one."""
+        core = self._core
+        if core is None or core.config.slots < rows or core.max_length < length:
+            self._core = None  # release the old cache and graphs first
+            slots = max(rows, 1 if core is None else core.config.slots)
+            length = max(length, 0 if core is None else core.max_length)
+            config = SchedulerConfig(slots=slots, max_length=length, prefill_chunk=8192, prefill_budget=8192,
+                                     max_waiting=max(slots, 64), cuda_graph=self.cuda_graphs, warm_up=False)
+            self._core = core = EngineCore(self, config)
+        return core
 
-    def _batch(self, prompts: list[list[int]], params: SamplingParams) -> _Batch:
+    def _check(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         if not prompts or any(not p for p in prompts):
             raise ValueError("need at least one prompt, and every prompt needs at least one token")
         vocab, max_len = self.model.config.vocab_size, self.model.config.max_seq_len
@@ -261,32 +236,10 @@ class Engine:
         longest = max(len(p) for p in prompts)
         if longest >= max_len:
             raise ValueError(f"prompt of {longest} tokens leaves no room: the model's max_seq_len is {max_len}")
-        tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
-        for row, p in enumerate(prompts):
-            tokens[row, : len(p)] = torch.tensor(p)
-        lengths = torch.tensor([len(p) for p in prompts])
-        device = self.model.device
-        return _Batch(tokens.to(device), lengths.to(device), min(params.max_new_tokens, max_len - longest))
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        return prompts
 
     def mask_unused(self, logits: Tensor) -> Tensor:
         """Mask (-inf) the logits of embedding rows the tokenizer does not define. logits: (b, vocab)."""
         return logits if self._unused is None else logits.masked_fill(self._unused, float("-inf"))
-
-    def _step(self, seqs: list[SequenceState], out: Sampled, b: int, n: int) -> list[SequenceDelta]:
-        """Bring the step's tokens to the host (the one sync), update every running row."""
-        tokens = out.tokens.tolist()
-        logprobs = None
-        if out.logprobs is not None:
-            chosen, top_ids, top_lp = out.logprobs.tolist(), out.top_ids.tolist(), out.top_logprobs.tolist()
-            logprobs = [TokenLogprob(t, c, tuple(zip(i, v, strict=True)))
-                        for t, c, i, v in zip(tokens, chosen, top_ids, top_lp, strict=True)]
-        deltas = []
-        for i in range(b):
-            for j in range(n):
-                row, seq = j * b + i, seqs[j * b + i]
-                if seq.finish_reason:
-                    continue
-                text = seq.advance(tokens[row])
-                deltas.append(SequenceDelta(i * n + j, i, j, tokens[row], text,
-                                            None if logprobs is None else logprobs[row], seq.finish_reason))
-        return deltas

@@ -22,6 +22,7 @@ hundredth does. Inputs arrive as CPU tensors or lists; outputs (logits) stay on 
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -58,6 +59,9 @@ class _BucketGraph:
 
     def __init__(self, runner: ModelRunner, size: int, pool):
         self.rows = torch.full((size,), runner.pad, dtype=torch.long, device=runner.device)  # (size,) input
+        # nothing of earlier work may touch CUDA during the capture (a freed pinned buffer queries its event)
+        torch.cuda.synchronize(runner.device)
+        gc.collect()
         side = torch.cuda.Stream(runner.device)
         side.wait_stream(torch.cuda.current_stream(runner.device))
         with torch.cuda.stream(side), torch.inference_mode():
@@ -65,7 +69,7 @@ class _BucketGraph:
                 runner._decode_rows(self.rows)
         torch.cuda.current_stream(runner.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"), torch.inference_mode():
             self.logits = runner._decode_rows(self.rows)  # (size, vocab_size) static output
 
 
@@ -197,12 +201,13 @@ class ModelRunner:
     def warm_up(self, prefill_chunk: int) -> float:
         """Compile every prefill specialisation a request can hit, on the spare row; returns the seconds taken.
 
-        Triton specialises kernels on whether integer arguments are 1 or multiples of 16: chunks of 1, 16,
-        17 and ``prefill_chunk`` tokens at starts 0 and unaligned cover them, including attention over
-        cached keys and the paged K/V (the spare row borrows blocks; nothing is running yet). It goes
-        through `execute`, so a tensor-parallel runner warms every rank."""
+        Triton specialises kernels on whether integer arguments (lengths, starts, key counts) are 1 or
+        multiples of 16. Each of the lengths 1, 16, 17 and ``prefill_chunk`` is prefilled into a fresh
+        row, then continued by each of them, which covers aligned and unaligned chunks at aligned and
+        unaligned starts, the key counts they make, and the cross-decoder's one-query step over them.
+        The spare row borrows blocks (nothing is running yet). It goes through `execute`, so a
+        tensor-parallel runner warms every rank."""
         started = time.perf_counter()
-        lengths = sorted({1, 16, 17, min(prefill_chunk, self.cache.max_length // 4)})
         room, table, vocab = self.cache.max_length, None, self.model.config.vocab_size
         if self.cache.paged:
             full = self.cache.full[0]
@@ -210,17 +215,19 @@ class ModelRunner:
             blocks = min(table.shape[1], full.k.shape[0] - 1)
             table[0, :blocks] = torch.arange(1, blocks + 1)
             room = min(room, blocks * full.block_size)
-        plans, used = [], 0
-        for n in lengths * 2:  # the second round starts unaligned
-            if used + n > room:
-                break
-            plans.append(StepPlan(prefill=(PrefillChunk(self.pad, tuple(i % vocab for i in range(1, n + 1)), True),)))
-            used += n
+        lengths = sorted({1, 16, 17, max(17, min(prefill_chunk, room // 4))})
         blocks = ((self.pad,), table) if table is not None else ((), None)
-        plans[0] = StepPlan(reset=(self.pad,), block_rows=blocks[0], block_table=blocks[1], prefill=plans[0].prefill)
+
+        def chunk(n: int) -> tuple[PrefillChunk, ...]:
+            return (PrefillChunk(self.pad, tuple(i % vocab for i in range(1, n + 1)), True),)
+
         with torch.inference_mode():
-            for plan in plans:
-                self.execute(plan)
+            self.execute(StepPlan(block_rows=blocks[0], block_table=blocks[1]))
+            for first in lengths:
+                for n in lengths:
+                    if first + n <= room:
+                        self.execute(StepPlan(reset=(self.pad,), prefill=chunk(first)))
+                        self.execute(StepPlan(prefill=chunk(n)))
             cleared = None if table is None else torch.zeros_like(table)
             self.execute(StepPlan(reset=(self.pad,), block_rows=blocks[0], block_table=cleared))
         if self.device.type == "cuda":

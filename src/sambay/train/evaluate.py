@@ -3,10 +3,9 @@
 Bits per byte (nanochat's metric, comparable across tokenizers) is the summed next-token loss in
 bits over the summed UTF-8 bytes of the target tokens; markers count zero bytes and are left out.
 
-`greedy_generate` is a minimal batched greedy loop over the model's own cache: one prefill of the
-right-padded prompts (``lengths`` keeps the padding out of every cache), then one token per step
-for all rows. `exact_match` asks each held-out question, takes the text after `</think>`, and compares
-it with the reference answer.
+`greedy_generate` runs the prompts through the engine core (`sambay.generate.Engine`), the one
+generation loop of the codebase. `exact_match` asks each held-out question, takes the text after
+`</think>`, and compares it with the reference answer.
 """
 
 from __future__ import annotations
@@ -54,11 +53,10 @@ def summarize(totals: dict[str, float]) -> dict[str, float]:
     return {"loss": loss, "bpb": bpb}
 
 
-@torch.no_grad()
 def greedy_generate(
     model: SambaY, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int]
 ) -> list[list[int]]:
-    """Greedy continuations of ``prompts``, each cut at its first stop id (excluded).
+    """Greedy continuations of ``prompts`` through the engine core, each cut at its first stop id (excluded).
 
     Args:
         model: a plain SambaY (not wrapped).
@@ -69,28 +67,17 @@ def greedy_generate(
     Returns:
         Generated ids per row.
     """
-    b, device = len(prompts), model.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    tokens = torch.zeros(b, int(lengths.max()), dtype=torch.long, device=device)  # (b, t) right-padded
-    for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = torch.tensor(prompt, device=device)
-    cache = model.new_cache(batch_size=b, max_length=int(lengths.max()) + max_new_tokens)
-    logits = model(tokens, cache, lengths=lengths)  # (b, 1, vocab_size)
-    stops = torch.tensor(list(stop_ids), device=device)
-    out = torch.zeros(b, 0, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        next_token = logits[:, -1].argmax(-1, keepdim=True)  # (b, 1)
-        out = torch.cat([out, next_token], dim=1)
-        done |= torch.isin(next_token[:, 0], stops)
-        if bool(done.all()):
-            break
-        logits = model(next_token, cache)
-    result = []
-    for row in out.tolist():
-        cut = next((i for i, t in enumerate(row) if t in set(stop_ids)), len(row))
-        result.append(row[:cut])
-    return result
+    from sambay.generate import Engine, SamplingParams
+
+    was_training = model.training
+    model.eval()
+    try:
+        params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_ids))
+        results = Engine(model, cuda_graphs=False).generate(prompts, params)
+    finally:
+        model.train(was_training)
+    stops = set(stop_ids)
+    return [[t for t in samples[0].token_ids if t not in stops] for samples in results]
 
 
 def exact_match(
