@@ -66,3 +66,13 @@ def random_model(config: SambaYConfig, seed: int = 0, dtype: torch.dtype = torch
         if p.shape[-1] == config.head_dim:  # λ vectors
             p.normal_(0.0, 0.3, generator=g)
     return model.to_dtype(dtype).eval()
+
+
+def forward(model: nn.Module, tokens: torch.Tensor, cache, **kwargs) -> torch.Tensor:
+    """One forward that continues ``cache``, then advances it by each row's valid tokens, as the engine does
+    (`sambay.generate.engine.prefill` / `decode_step`); without a cache, a plain forward."""
+    logits = model(tokens, cache, **kwargs)
+    if cache is not None:
+        lengths = kwargs.get("lengths")
+        cache.advance(tokens.shape[1] if lengths is None else torch.as_tensor(lengths, device=tokens.device))
+    return logits

@@ -14,7 +14,8 @@ tokens actually held: whoever owns the cache (the scheduler) hands blocks out as
 is the null block: unassigned table entries point at it, so the static decode step of an idle row
 writes there and never into a block another row owns.
 
-Layers receive only their own slice. `SambaY.forward` advances `seqlens` once per call; no layer does.
+Layers receive only their own slice. The model reads `seqlens` and never changes it: whoever runs the
+forward (the engine's `prefill` / `decode_step`, the model runner) calls `advance` once per forward.
 
 A scheduler decodes a few of its slots at a time: `SambaYCache.view` makes a cache whose batch row i
 is slot ``rows[i]`` of the full cache, sharing its storage (the Mamba and sliding-window states carry
@@ -131,6 +132,10 @@ class SambaYCache:
     def paged(self) -> bool:
         return bool(self.full) and isinstance(self.full[0], PagedKV)
 
+    def advance(self, tokens: Tensor | int) -> None:
+        """Count ``tokens`` more tokens in every row (an int, or (b,) per row) after a forward wrote them."""
+        self.seqlens += tokens
+
     def row_tensors(self) -> list[Tensor]:
         """State tensors indexed by row first: all of them except the block pools and tables."""
         full = [] if self.paged else self.full
@@ -141,8 +146,8 @@ class SambaYCache:
 
         Args:
             rows: (b,) int64 rows of this cache; a row may repeat (padding rows of a batch bucket).
-            seqlens: (b,) int64 lengths of those rows, which a forward over the view reads (and advances:
-                the owner writes them back into this cache's `seqlens`).
+            seqlens: (b,) int64 lengths of those rows, which a forward over the view reads (the owner
+                advances this cache's `seqlens` of those rows).
             block_table: (b, max_blocks) int32 the rows' block tables (paged caches), else None.
         """
         if self.full and not self.paged:

@@ -49,8 +49,8 @@ def letters_tokenizer(vocab_size: int = 97) -> TableTokenizer:
 class ScriptedModel(nn.Module):
     """Runs a real model (so the cache is exercised) but makes token ``script[k]`` the only choice at step k.
 
-    Step k is read from the cache: after the prefill a row holds ``prompt_len`` tokens, after k decode
-    steps ``prompt_len + k``.
+    Step k is read from the cache and this call's tokens: after the prefill a row holds ``prompt_len``
+    tokens, after k decode steps ``prompt_len + k``.
     """
 
     def __init__(self, inner: nn.Module, script: list[int], prompt_len: int):
@@ -67,7 +67,9 @@ class ScriptedModel(nn.Module):
 
     def forward(self, tokens: Tensor, cache=None, **kwargs) -> Tensor:
         logits = self.inner(tokens, cache, **kwargs)
-        steps = (cache.seqlens - self.prompt_len).clamp(max=len(self.script) - 1)  # (b,)
+        lengths = kwargs.get("lengths")
+        end = cache.seqlens + (tokens.shape[1] if lengths is None else lengths)  # (b,) after this call
+        steps = (end - self.prompt_len).clamp(max=len(self.script) - 1)  # (b,)
         scripted = torch.full_like(logits, -1e4)
         scripted[torch.arange(logits.shape[0]), -1, torch.tensor(self.script)[steps]] = 0.0
         return scripted

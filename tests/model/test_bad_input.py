@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import random_model, small_config
+from tests.conftest import forward, random_model, small_config
 
 
 @pytest.fixture(scope="module")
@@ -15,13 +15,13 @@ def model():
 
 def test_writing_past_max_length_is_an_error_and_changes_nothing(model):
     cache = model.new_cache(batch_size=1, max_length=8)
-    model(torch.zeros(1, 6, dtype=torch.long), cache)
+    forward(model, torch.zeros(1, 6, dtype=torch.long), cache)
     before = [t.clone() for t in cache.tensors()]
     with pytest.raises(ValueError, match=r"cache overflow.*max_length is 8"):
-        model(torch.zeros(1, 3, dtype=torch.long), cache)
+        forward(model, torch.zeros(1, 3, dtype=torch.long), cache)
     assert cache.seqlens.tolist() == [6]
     assert all(torch.equal(a, b) for a, b in zip(before, cache.tensors(), strict=True))
-    model(torch.zeros(1, 2, dtype=torch.long), cache)  # exactly full is fine
+    forward(model, torch.zeros(1, 2, dtype=torch.long), cache)  # exactly full is fine
     assert cache.seqlens.tolist() == [8]
 
 

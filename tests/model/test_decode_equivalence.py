@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sambay.config import LayerKind, sambay_plan
-from tests.conftest import random_model, small_config
+from tests.conftest import forward, random_model, small_config
 from tests.tolerances import FP32_MODEL, assert_close
 
 M, S, F, G, X = (LayerKind.MAMBA, LayerKind.SLIDING_ATTENTION, LayerKind.FULL_ATTENTION, LayerKind.GMU,
@@ -28,8 +28,8 @@ def _tokens(b, t, vocab=97, seed=1):
 @torch.no_grad()
 def _teacher_forced(model, ids, prompt_len):
     cache = model.new_cache(batch_size=ids.shape[0], max_length=ids.shape[1])
-    steps = [model(ids[:, :prompt_len], cache, last_only=False)]
-    steps += [model(ids[:, t : t + 1], cache) for t in range(prompt_len, ids.shape[1])]
+    steps = [forward(model, ids[:, :prompt_len], cache, last_only=False)]
+    steps += [forward(model, ids[:, t : t + 1], cache) for t in range(prompt_len, ids.shape[1])]
     assert cache.seqlens.tolist() == [ids.shape[1]] * ids.shape[0]
     return torch.cat(steps, dim=1)
 
@@ -52,7 +52,7 @@ def test_chunked_prefill_equals_one_shot(variant, chunk):
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(batch_size=2, max_length=32)
-        pieces = [model(ids[:, i : i + chunk], cache, last_only=False) for i in range(0, 23, chunk)]
+        pieces = [forward(model, ids[:, i : i + chunk], cache, last_only=False) for i in range(0, 23, chunk)]
     assert_close(torch.cat(pieces, 1), full, **FP32_MODEL, what=f"{variant} chunk={chunk}")
 
 
@@ -64,7 +64,7 @@ def test_yoco_last_only_prefill_equals_full_path(variant):
         full = model(ids)
         last = model(ids, last_only=True)
         cache = model.new_cache(batch_size=3, max_length=16)
-        cached = model(ids, cache)  # with a cache, last-only is the default
+        cached = forward(model, ids, cache)  # with a cache, last-only is the default
     assert last.shape == cached.shape == (3, 1, 97)
     assert_close(last, full[:, -1:], **FP32_MODEL, what="last_only")
     assert_close(cached, full[:, -1:], **FP32_MODEL, what="cached prefill")
@@ -91,14 +91,15 @@ def test_ragged_batch_equals_rows_alone(variant):
         padded[i, :n] = rows[i][:n]
     with torch.no_grad():
         cache = model.new_cache(batch_size=b, max_length=32)
-        got = [model(padded, cache, lengths=torch.tensor(lengths))]
+        got = [forward(model, padded, cache, lengths=torch.tensor(lengths))]
         for s in range(4):  # decode steps: each row continues its own sequence
-            got.append(model(torch.stack([r[n + s] for r, n in zip(rows, lengths, strict=True)]).view(b, 1), cache))
+            step = torch.stack([r[n + s] for r, n in zip(rows, lengths, strict=True)]).view(b, 1)
+            got.append(forward(model, step, cache))
         extra = [2, 0, 4, 1]  # a ragged chunk after decoding, one row idle
         chunk = torch.zeros(b, 4, dtype=torch.long)
         for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
             chunk[i, : extra[i]] = r[n + 4 : n + 4 + extra[i]]
-        got.append(model(chunk, cache, lengths=torch.tensor(extra)))
+        got.append(forward(model, chunk, cache, lengths=torch.tensor(extra)))
         assert cache.seqlens.tolist() == [n + 4 + e for n, e in zip(lengths, extra, strict=True)]
         for i, n in enumerate(lengths):
             alone = model(rows[i][: n + 4 + extra[i]].view(1, -1))[0]  # (t, vocab)
@@ -121,10 +122,10 @@ def test_greedy_generation_with_cache_equals_without():
     ids = _tokens(2, 4)
     with torch.no_grad():
         cache = model.new_cache(batch_size=2, max_length=24)
-        logits, cached = model(ids, cache), ids
+        logits, cached = forward(model, ids, cache), ids
         for _ in range(20):
             cached = torch.cat([cached, logits[:, -1].argmax(-1, keepdim=True)], 1)
-            logits = model(cached[:, -1:], cache)
+            logits = forward(model, cached[:, -1:], cache)
         uncached = ids
         for _ in range(20):
             uncached = torch.cat([uncached, model(uncached)[:, -1].argmax(-1, keepdim=True)], 1)
@@ -136,10 +137,10 @@ def test_copy_rows_fans_out_one_prefill_and_reset_clears():
     ids = _tokens(1, 9)
     with torch.no_grad():
         cache = model.new_cache(batch_size=3, max_length=16)
-        model(torch.cat([ids, ids, ids]), cache, lengths=torch.tensor([9, 0, 0]))
+        forward(model, torch.cat([ids, ids, ids]), cache, lengths=torch.tensor([9, 0, 0]))
         cache.copy_rows([0, 0], [1, 2])
         nxt = torch.tensor([[5], [6], [7]])
-        out = model(nxt, cache)
+        out = forward(model, nxt, cache)
         for i in range(3):
             alone = model(torch.cat([ids, nxt[i : i + 1]], 1))[:, -1]
             assert_close(out[i], alone, **FP32_MODEL, what=f"fan-out row {i}")

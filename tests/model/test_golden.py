@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import sambay
-from tests.conftest import TINY_FIXTURE
+from tests.conftest import TINY_FIXTURE, forward
 from tests.tolerances import GOLDEN_FP32_REL_TO_MAX, LOW_PRECISION_FACTOR, max_err, rel_err
 
 FIXTURES = {"fp32-weights": TINY_FIXTURE, "released-dtypes": TINY_FIXTURE / "released-dtypes"}
@@ -22,8 +22,8 @@ def _cases(root):
 def _decode(model, ids, prompt_len):
     """Prefill the prompt into a cache, then feed the rest one token at a time; logits after each token."""
     cache = model.new_cache(batch_size=ids.shape[0], max_length=ids.shape[1])
-    model(ids[:, :prompt_len], cache)
-    return torch.cat([model(ids[:, t : t + 1], cache) for t in range(prompt_len, ids.shape[1])], dim=1)
+    forward(model, ids[:, :prompt_len], cache)
+    return torch.cat([forward(model, ids[:, t : t + 1], cache) for t in range(prompt_len, ids.shape[1])], dim=1)
 
 
 @pytest.mark.parametrize("fixture", FIXTURES)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import sambay
-from tests.conftest import TINY_FIXTURE, random_model, small_config
+from tests.conftest import TINY_FIXTURE, forward, random_model, small_config
 from tests.tolerances import GOLDEN_FP32_REL_TO_MAX, LOW_PRECISION_FACTOR, assert_close, max_err, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -22,8 +22,8 @@ def _case():
 @torch.inference_mode()
 def _decode(model, ids, p):
     cache = model.new_cache(batch_size=ids.shape[0], max_length=ids.shape[1])
-    model(ids[:, :p], cache)
-    return torch.cat([model(ids[:, t : t + 1], cache) for t in range(p, ids.shape[1])], 1)
+    forward(model, ids[:, :p], cache)
+    return torch.cat([forward(model, ids[:, t : t + 1], cache) for t in range(p, ids.shape[1])], 1)
 
 
 def test_triton_backend_matches_golden_logits_fp32():
@@ -49,11 +49,11 @@ def test_triton_backend_bf16_within_twice_reference_bf16_error():
 @torch.inference_mode()
 def _greedy(model, ids, steps):
     cache = model.new_cache(batch_size=ids.shape[0], max_length=ids.shape[1] + steps)
-    logits, out = model(ids, cache), []
+    logits, out = forward(model, ids, cache), []
     for _ in range(steps):
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(token)
-        logits = model(token, cache)
+        logits = forward(model, token, cache)
     return torch.cat(out, 1).cpu()
 
 
@@ -72,7 +72,7 @@ def test_cuda_graph_decode_equals_eager_decode():
     cache = model.new_cache(batch_size=3, max_length=40)
     decoder = GraphedDecoder(model, cache)
     with torch.inference_mode():
-        decoder.tokens.copy_(model(ids, cache)[:, -1].argmax(-1, keepdim=True))
+        decoder.tokens.copy_(forward(model, ids, cache)[:, -1].argmax(-1, keepdim=True))
     graphed = [decoder.tokens.clone()] + [decoder.step().clone() for _ in range(20)]
     eager = _greedy(model, ids, 21)
     assert torch.equal(torch.cat(graphed, 1).cpu(), eager)
@@ -88,8 +88,8 @@ def test_realistic_head_size_decode_equals_full_forward_across_the_window():
         full = ref(ids)
         assert_close(gpu(ids.cuda()).cpu(), full, atol=2e-3, rtol=2e-3, what="prefill")
         cache = gpu.new_cache(batch_size=2, max_length=150)
-        steps = [gpu(ids[:, :40].cuda(), cache, last_only=False)]
-        steps += [gpu(ids[:, t : t + 1].cuda(), cache) for t in range(40, 150)]
+        steps = [forward(gpu, ids[:, :40].cuda(), cache, last_only=False)]
+        steps += [forward(gpu, ids[:, t : t + 1].cuda(), cache) for t in range(40, 150)]
     assert_close(torch.cat(steps, 1).cpu(), full, atol=2e-3, rtol=2e-3, what="decode")
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sambay.cache import PagedKV
-from tests.conftest import random_model
+from tests.conftest import forward, random_model
 from tests.model.test_decode_equivalence import VARIANTS, _tokens
 from tests.tolerances import FP32_MODEL, assert_close
 
@@ -32,8 +32,8 @@ def test_paged_decode_and_chunked_prefill_equal_the_full_forward(variant):
         full = model(ids)
         cache = paged_cache(model, 2, 48)
         assert isinstance(cache.full[0], PagedKV) and cache.paged
-        pieces = [model(ids[:, i : i + 7], cache, last_only=False) for i in range(0, 21, 7)]
-        pieces += [model(ids[:, t : t + 1], cache) for t in range(21, 41)]  # crosses block boundaries
+        pieces = [forward(model, ids[:, i : i + 7], cache, last_only=False) for i in range(0, 21, 7)]
+        pieces += [forward(model, ids[:, t : t + 1], cache) for t in range(21, 41)]  # crosses block boundaries
     assert_close(torch.cat(pieces, 1), full, **FP32_MODEL, what=f"{variant} paged")
 
 
@@ -55,7 +55,7 @@ def test_decoding_a_view_leaves_the_other_rows_untouched(variant):
     a, b, c = (_tokens(1, 16, seed=s)[0] for s in (21, 22, 23))
     with torch.no_grad():
         cache = paged_cache(model, 4, 32)
-        model(torch.stack([a[:8], b[:8], c[:8], c[:8]]), cache, lengths=torch.tensor([8, 3, 6, 0]))
+        forward(model, torch.stack([a[:8], b[:8], c[:8], c[:8]]), cache, lengths=torch.tensor([8, 3, 6, 0]))
         for s in range(5):  # the window is 5: rows 0 and 2 wrap their rings
             out = _decode_view(model, cache, [2, 0, 3, 3], [int(c[6 + s]), int(a[8 + s]), 7, 7])
         assert cache.seqlens.tolist() == [13, 3, 11, 5]
@@ -64,7 +64,7 @@ def test_decoding_a_view_leaves_the_other_rows_untouched(variant):
             assert_close(out[[2, 0].index(row), -1], alone, **FP32_MODEL, what=f"{variant} row {row}")
         chunk = torch.zeros(4, 5, dtype=torch.long)
         chunk[1] = b[3:8]
-        got = model(chunk, cache, lengths=torch.tensor([0, 5, 0, 0]), last_only=True)
+        got = forward(model, chunk, cache, lengths=torch.tensor([0, 5, 0, 0]), last_only=True)
         assert_close(got[1, -1], model(b[:8].view(1, -1))[0, -1], **FP32_MODEL, what=f"{variant} row 1")
 
 
@@ -80,10 +80,10 @@ def test_paged_fan_out_copies_the_blocks():
     ids = _tokens(1, 19, seed=5)
     with torch.no_grad():
         cache = paged_cache(model, 3, 24)
-        model(torch.cat([ids, ids, ids]), cache, lengths=torch.tensor([19, 0, 0]))
+        forward(model, torch.cat([ids, ids, ids]), cache, lengths=torch.tensor([19, 0, 0]))
         cache.copy_rows([0, 0], [1, 2])
         nxt = torch.tensor([[5], [6], [7]])
-        out = model(nxt, cache)
+        out = forward(model, nxt, cache)
         for i in range(3):
             alone = model(torch.cat([ids, nxt[i : i + 1]], 1))[:, -1]
             assert_close(out[i], alone, **FP32_MODEL, what=f"paged fan-out row {i}")
@@ -110,13 +110,14 @@ def test_forward_over_selected_rows_equals_the_full_batch(paged):
         caches = [paged_cache(model, 3, 32) if paged else model.new_cache(batch_size=3, max_length=32)
                   for _ in range(2)]
         for cache in caches:
-            model(ids[:, :10], cache)
-        full = model(ids[:, 10:20], caches[0], lengths=torch.tensor([10, 0, 10]))
+            forward(model, ids[:, :10], cache)
+        full = forward(model, ids[:, 10:20], caches[0], lengths=torch.tensor([10, 0, 10]))
         rows = torch.tensor([0, 2])
         part = caches[1].select(rows)
-        partial = model(ids[rows, 10:20], part, lengths=torch.tensor([10, 10]))
+        partial = forward(model, ids[rows, 10:20], part, lengths=torch.tensor([10, 10]))
         caches[1].update_rows(rows, part)
         assert_close(partial, full[rows], **FP32_MODEL, what="selected rows")
         assert caches[1].seqlens.tolist() == [20, 10, 20]
         nxt = ids[:, 20:21]
-        assert_close(model(nxt, caches[1]), model(nxt, caches[0]), **FP32_MODEL, what="after write-back")
+        after = forward(model, nxt, caches[1]), forward(model, nxt, caches[0])
+        assert_close(*after, **FP32_MODEL, what="after write-back")

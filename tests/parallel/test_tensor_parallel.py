@@ -29,7 +29,7 @@ from sambay.config import LayerKind, sambay_plan
 from sambay.default_model import default_model_dir
 from sambay.generate import Engine, SamplingParams
 from sambay.parallel import TensorParallel, check_tensor_parallel, tensor_parallel
-from tests.conftest import random_model, small_config
+from tests.conftest import forward, random_model, small_config
 from tests.tolerances import FP32_MODEL, assert_close
 
 WORLD = 2
@@ -90,11 +90,12 @@ def _check_cached(reference, sharded) -> None:
     for chunk, lengths in ((7, [7, 3, 5]), (4, [2, 4, 1])):
         tokens = torch.randint(0, CONFIG.vocab_size, (3, chunk), generator=g)
         lengths = torch.tensor(lengths)
-        expected, actual = (m(tokens, c, lengths=lengths) for m, c in zip((reference, sharded), caches, strict=True))
+        pairs = zip((reference, sharded), caches, strict=True)
+        expected, actual = (forward(m, tokens, c, lengths=lengths) for m, c in pairs)
         assert_close(actual, expected, **FP32_MODEL, what=f"ragged prefill chunk of {chunk}")
     for step in range(8):
         token = torch.randint(0, CONFIG.vocab_size, (3, 1), generator=g)
-        expected, actual = (m(token, c) for m, c in zip((reference, sharded), caches, strict=True))
+        expected, actual = (forward(m, token, c) for m, c in zip((reference, sharded), caches, strict=True))
         assert_close(actual, expected, **FP32_MODEL, what=f"decode step {step}")
     assert torch.equal(caches[0].seqlens, caches[1].seqlens)
 

@@ -36,15 +36,7 @@ from torch import Tensor
 
 from sambay.generate.blocks import BlockPool, MemoryBudget, blocks_for, kv_blocks_for_budget, memory_budget
 from sambay.generate.outputs import OutputProcessor, token_logprobs
-from sambay.generate.requests import (
-    Limits,
-    Output,
-    QueueFull,
-    Request,
-    SchedulerClosed,
-    SchedulerConfig,
-    deliver,
-)
+from sambay.generate.requests import Limits, Output, Request, SchedulerConfig, deliver, refuse_if_busy
 from sambay.generate.runner import ModelRunner, upload
 from sambay.generate.sampling import PenaltyState, SamplingParams, make_generator, sample
 from sambay.generate.scheduler import Run, Sample, Scheduler, Step
@@ -152,10 +144,7 @@ class EngineCore:
         self.limits.check(prompt, params)
         request = Request(self, prompt, params, sink)
         with self._lock:
-            if self._closing:
-                raise SchedulerClosed("the server is shutting down")
-            if len(self.scheduler.waiting) >= self.config.max_waiting:
-                raise QueueFull(f"server overloaded: {len(self.scheduler.waiting)} requests are already waiting")
+            refuse_if_busy(self._closing, len(self.scheduler.waiting), self.config.max_waiting)
             self.scheduler.waiting.append(request)
             self._lock.notify_all()
         return request

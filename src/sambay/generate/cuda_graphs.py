@@ -71,6 +71,7 @@ class GraphedDecoder:
 
     def _step(self) -> Tensor:
         logits = self.model(self.tokens, self.cache, check_inputs=False)[:, -1]
+        self.cache.advance(1)
         if self.sample:
             self.tokens.copy_(sample_on_device(logits, self.temperature).view(-1, 1))
         return logits

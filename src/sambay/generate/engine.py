@@ -57,7 +57,9 @@ def prefill(model: SambaY, tokens: Tensor, cache: SambaYCache, lengths: Tensor |
     Returns:
         (b, vocab) logits after each row's last prompt token.
     """
-    return model(tokens, cache, lengths=lengths)[:, -1]
+    logits = model(tokens, cache, lengths=lengths)[:, -1]
+    cache.advance(tokens.shape[1] if lengths is None else lengths)
+    return logits
 
 
 def decode_step(model: SambaY, token: Tensor, cache: SambaYCache) -> Tensor:
@@ -74,7 +76,9 @@ def decode_step(model: SambaY, token: Tensor, cache: SambaYCache) -> Tensor:
     The inputs are not validated (``check_inputs=False``): each check would read a value back to the
     host. `Engine` guarantees them: sampled ids are below vocab_size and the cache has room.
     """
-    return model(token, cache, check_inputs=False)[:, -1]
+    logits = model(token, cache, check_inputs=False)[:, -1]
+    cache.advance(1)
+    return logits
 
 
 @dataclass

@@ -91,6 +91,15 @@ class Limits:
                                  "lower max_tokens or n")
 
 
+def refuse_if_busy(closing: bool, waiting: int, max_waiting: int) -> None:
+    """Raises SchedulerClosed while shutting down, QueueFull when ``waiting`` requests already wait (the
+    checks `submit` makes under its lock, in the core and in its stand-in for another process)."""
+    if closing:
+        raise SchedulerClosed("the server is shutting down")
+    if waiting >= max_waiting:
+        raise QueueFull(f"server overloaded: {waiting} requests are already waiting")
+
+
 @dataclass(frozen=True)
 class Output:
     """What one step produced for one request, delivered to its sink."""

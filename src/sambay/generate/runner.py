@@ -164,9 +164,10 @@ class ModelRunner:
         for i, chunk in enumerate(chunks):
             tokens[i, : len(chunk.tokens)] = torch.tensor(chunk.tokens)
         lengths = torch.tensor([len(c.tokens) for c in chunks])  # (k,)
-        index = upload([c.slot for c in chunks], self.device)
+        index, lengths = upload([c.slot for c in chunks], self.device), upload(lengths, self.device)
         part = self.cache.select(index)
-        logits = self.model(upload(tokens, self.device), part, lengths=upload(lengths, self.device), check_inputs=False)
+        logits = self.model(upload(tokens, self.device), part, lengths=lengths, check_inputs=False)
+        part.advance(lengths)
         self.cache.update_rows(index, part)
         return logits[:, -1]
 
@@ -190,7 +191,7 @@ class ModelRunner:
         """The decode step of ``rows`` (B,) int64 on the device, sync-free (captured per bucket)."""
         start = self.cache.seqlens[rows]  # (B,)
         table = self.cache.full[0].block_table[rows] if self.cache.paged else None  # (B, max_blocks)
-        view = self.cache.view(rows, start.clone(), table)
+        view = self.cache.view(rows, start, table)
         logits = self.model(self.last_tokens[rows].view(-1, 1), view, check_inputs=False)[:, -1]
         self.cache.seqlens[rows] = start + 1
         self.cache.seqlens[self.pad :].zero_()  # padding rows always start at position 0 of the spare row

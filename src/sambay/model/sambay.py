@@ -11,7 +11,8 @@ needed it runs on the last token of each row only (YOCO's linear-time prefill, S
 
 Notable features:
 - one pure-PyTorch op table (`sambay.ops`), chosen once at construction; it is also the CPU path;
-- typed caches (`sambay.cache`) passed in by the caller; the model advances `seqlens` once per call;
+- typed caches (`sambay.cache`) passed in by the caller; the model writes the new tokens' state but never
+  advances `seqlens`: the engine does, once per forward (`SambaYCache.advance`);
 - ragged batches: ``lengths`` marks right padding; padded tokens never reach any cache;
 - dtype policy: parameters in the model dtype except ``A_log`` and the λ vectors (fp32, as stored),
   fp32 residual stream, norms and projections in the model dtype, conv/scan/attention math in fp32,
@@ -193,8 +194,8 @@ class SambaY(nn.Module):
         Args:
             tokens: (b, t) int token ids; with ``lengths``, row r's tokens are ``tokens[r, :lengths[r]]``
                 and the rest is right padding.
-            cache: state from earlier calls (None: a fresh forward, nothing is kept). Advanced by the
-                number of valid tokens of each row.
+            cache: state from earlier calls (None: a fresh forward, nothing is kept). The new tokens'
+                state is written into it; its lengths are the caller's to advance (`SambaYCache.advance`).
             lengths: (b,) valid tokens per row (None: all t).
             last_only: return only each row's last valid position, (b, 1, vocab_size), running the
                 cross-decoder on that token alone. Default: True with a cache, False without.
@@ -208,7 +209,7 @@ class SambaY(nn.Module):
         if check_inputs:
             span = self._span(tokens, cache, lengths)
         else:
-            start = torch.zeros_like(tokens[:, 0]) if cache is None else cache.seqlens.clone()
+            start = torch.zeros_like(tokens[:, 0]) if cache is None else cache.seqlens
             span = Span.make(start, tokens.shape[1], lengths)
         last_only = cache is not None if last_only is None else last_only
         x = self.embed(tokens).float()  # (b, t, d_model) fp32 residual stream
@@ -221,8 +222,6 @@ class SambaY(nn.Module):
         x = self.cross_decoder(x, span, memory, shared)
         _, h = self.ops.add_layer_norm(x, None, self.norm.weight, self.norm.bias, self.config.norm_eps)
         logits = F.linear(h, self.embed.weight if self.lm_head is None else self.lm_head.weight)
-        if cache is not None:
-            cache.seqlens += tokens.shape[1] if lengths is None else lengths
         return logits
 
     def _span(self, tokens: Tensor, cache: SambaYCache | None, lengths: Tensor | None) -> Span:
@@ -249,7 +248,7 @@ class SambaY(nn.Module):
             raise ValueError(
                 f"cache overflow: rows would hold {end.tolist()} tokens but max_length is {cache.max_length}"
             )
-        return Span.make(cache.seqlens.clone(), t, lengths)
+        return Span.make(cache.seqlens, t, lengths)
 
     def _check_cache(self, cache: SambaYCache, b: int) -> None:
         c = self.config

@@ -24,7 +24,15 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sambay.generate.requests import Output, QueueFull, Request, SchedulerClosed, SchedulerConfig, deliver
+from sambay.generate.requests import (
+    Output,
+    QueueFull,
+    Request,
+    SchedulerClosed,
+    SchedulerConfig,
+    deliver,
+    refuse_if_busy,
+)
 from sambay.generate.sampling import SamplingParams
 
 log = logging.getLogger("sambay.serve")
@@ -89,10 +97,7 @@ class RemoteScheduler:
         self.limits.check(prompt, params)
         request = Request(self, prompt, params, sink)
         with self._lock:
-            if self._closing:
-                raise SchedulerClosed("the server is shutting down")
-            if self._waiting >= self.config.max_waiting:
-                raise QueueFull(f"server overloaded: {self._waiting} requests are already waiting")
+            refuse_if_busy(self._closing, self._waiting, self.config.max_waiting)
             self._requests[request.id] = request
             self._waiting += 1
         self._send(("submit", request.id, prompt, params))
