@@ -3,9 +3,14 @@
 Importing the package has no side effects and needs no GPU.
 """
 
-from sambay.checkpoint import load_model, save_model
-from sambay.config import PRESETS, LayerKind, SambaYConfig
-from sambay.model.sambay import SambaY
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sambay.checkpoint import load_model, save_model
+    from sambay.config import PRESETS, LayerKind, SambaYConfig
+    from sambay.generate import Engine, SamplingParams
+    from sambay.model.sambay import SambaY
+    from sambay.tokenizer import load_tokenizer
 
 __all__ = [
     "PRESETS",
@@ -20,7 +25,16 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_LAZY = {  # imported on first use: the tokenizer and generation stack pull in jinja2, tokenizers, regex
+# Everything is imported on first use: `import sambay` (the CLI's first step) stays cheap, so Ctrl-C during
+# start-up reaches the CLI's handler instead of interrupting torch's import, and the generation stack's
+# dependencies (jinja2, tokenizers, regex) load only when needed.
+_LAZY = {
+    "PRESETS": "sambay.config",
+    "LayerKind": "sambay.config",
+    "SambaYConfig": "sambay.config",
+    "SambaY": "sambay.model.sambay",
+    "load_model": "sambay.checkpoint",
+    "save_model": "sambay.checkpoint",
     "Engine": "sambay.generate",
     "SamplingParams": "sambay.generate",
     "load_tokenizer": "sambay.tokenizer",

@@ -6,9 +6,14 @@ This is the only module where Hugging Face key names appear (STYLE §2):
 - `PARAMETER_NAMES`: ONE table from our module paths to the checkpoint's (`attn` for every mixer,
   `Wqkv`, `inner_cross_attn`, `conv1d`, `fc1`/`fc2`, `input_layernorm`, …);
 - `load_model` / `save_model`: sharded safetensors with `model.safetensors.index.json` or one file.
-  Pickles are never read. Tensors go straight from the memory-mapped file to the target device and
-  dtype one at a time, so peak memory is the model plus one tensor. ``A_log`` and ``lambda_*`` stay
-  fp32 whatever the requested dtype, as the release stores them.
+  Pickles are never read. Tensors go straight from the file to the target device and dtype one at a
+  time, so peak memory is the model plus one tensor. ``A_log`` and ``lambda_*`` stay fp32 whatever
+  the requested dtype, as the release stores them. ``torch_dtype`` must name a float dtype we load
+  (int8 and other quantised checkpoints are refused, not read as float32). A tied head
+  (``tie_word_embeddings``) is the embedding: an ``lm_head.weight`` stored beside it is ignored, with
+  a warning if it differs;
+- errors in a config.json name its keys (``hidden_size``), not our fields (``d_model``); a path to a
+  file inside a model directory (``DIR/config.json``) stands for the directory (`model_directory`).
 
 Variants that the phi4flash format cannot describe (another plan, plain attention, RoPE) are stored
 with three extra keys, ``sambay_plan``, ``sambay_differential`` and ``sambay_rope_theta``.
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -51,6 +57,15 @@ _MAPPED_HF_KEYS = frozenset({
     "pad_token_id", "sambay_plan", "sambay_differential", "sambay_rope_theta",
 })
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# SambaYConfig field → the config.json key it comes from, so that validation errors of a config read from
+# config.json name the keys the user wrote (`hidden_size`, not `d_model`).
+_HF_FIELD_NAMES = {
+    "d_model": "hidden_size", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+    "d_ff": "intermediate_size", "n_layers": "num_hidden_layers", "window": "sliding_window",
+    "d_state": "mamba_d_state", "d_conv": "mamba_d_conv", "expand": "mamba_expand", "norm_eps": "layer_norm_eps",
+    "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
+    "rope_theta": "sambay_rope_theta", "mamba_every": "mb_per_layer",
+}  # no plain English words ("differential", "plan"): messages use them as words too
 
 # Our module path inside a block → the checkpoint's, for every parameter of every layer kind.
 PARAMETER_NAMES: dict[str, str] = {
@@ -101,7 +116,39 @@ def config_from_hf(d: dict) -> SambaYConfig:
                            "num_attention_heads", "sliding_window") if k not in d]
     if missing:
         raise ValueError(f"config.json lacks required keys: {missing}")
+    checkpoint_dtype(d)
     n_layers = d["num_hidden_layers"]
+    window = _sliding_window(d["sliding_window"])
+    try:  # sambay_plan's and SambaYConfig's checks name our fields; the user edited config.json's
+        plan = _plan(d, n_layers)
+        config = SambaYConfig(
+            vocab_size=d["vocab_size"],
+            d_model=d["hidden_size"],
+            n_heads=d["num_attention_heads"],
+            n_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+            d_ff=d["intermediate_size"],
+            plan=plan,
+            window=window,
+            differential=d.get("sambay_differential", True),
+            rope_theta=d.get("sambay_rope_theta"),
+            d_state=d.get("mamba_d_state", 16),
+            d_conv=d.get("mamba_d_conv", 4),
+            expand=d.get("mamba_expand", 2),
+            conv_bias=d.get("mamba_conv_bias", True),
+            norm_eps=d.get("layer_norm_eps", 1e-5),
+            tie_embeddings=d.get("tie_word_embeddings", True),
+            max_seq_len=d.get("max_position_embeddings", 262144),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+        )
+    except ValueError as e:
+        raise ValueError(_with_hf_names(str(e))) from None
+    _check_layer_types(d.get("layer_types"), plan)
+    return config
+
+
+def _plan(d: dict, n_layers: int) -> tuple[LayerKind, ...]:
     if "sambay_plan" in d:
         plan = tuple(LayerKind(k) for k in d["sambay_plan"])
     else:
@@ -110,28 +157,29 @@ def config_from_hf(d: dict) -> SambaYConfig:
         plan = sambay_plan(n_layers, 2)
     if len(plan) != n_layers:
         raise ValueError(f"the layer plan has {len(plan)} layers but num_hidden_layers is {n_layers}")
-    _check_layer_types(d.get("layer_types"), plan)
-    return SambaYConfig(
-        vocab_size=d["vocab_size"],
-        d_model=d["hidden_size"],
-        n_heads=d["num_attention_heads"],
-        n_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
-        d_ff=d["intermediate_size"],
-        plan=plan,
-        window=_sliding_window(d["sliding_window"]),
-        differential=d.get("sambay_differential", True),
-        rope_theta=d.get("sambay_rope_theta"),
-        d_state=d.get("mamba_d_state", 16),
-        d_conv=d.get("mamba_d_conv", 4),
-        expand=d.get("mamba_expand", 2),
-        conv_bias=d.get("mamba_conv_bias", True),
-        norm_eps=d.get("layer_norm_eps", 1e-5),
-        tie_embeddings=d.get("tie_word_embeddings", True),
-        max_seq_len=d.get("max_position_embeddings", 262144),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id"),
-        pad_token_id=d.get("pad_token_id"),
-    )
+    return plan
+
+
+def _with_hf_names(message: str) -> str:
+    """``d_model (256) must be divisible by n_heads (6)`` → ``hidden_size (256) must be divisible by
+    num_attention_heads (6)``: our field names in a validation message → config.json's keys."""
+    message = re.sub(r"\b(?:SambaYConfig\.)?([a-z_]+)\b", lambda m: _HF_FIELD_NAMES.get(m[1], m[1]), message)
+    return f"config.json: {message}"
+
+
+def checkpoint_dtype(d: dict) -> torch.dtype | None:
+    """The dtype config.json declares (``torch_dtype``, or newer transformers' ``dtype``); None if neither.
+
+    Raises:
+        ValueError: a dtype we cannot load (``int8``, ``float8_e4m3fn``, ...), naming the supported ones,
+            rather than reading a quantised checkpoint as something else.
+    """
+    declared = {key: d[key] for key in ("torch_dtype", "dtype") if d.get(key) is not None}
+    for key, name in declared.items():
+        if name not in _DTYPES:
+            raise ValueError(f"config.json {key}={name!r} is not supported; supported: {', '.join(_DTYPES)} "
+                             "(sambay does not load quantised weights)")
+    return next((_DTYPES[name] for name in declared.values()), None)
 
 
 def _sliding_window(value) -> int:
@@ -243,6 +291,8 @@ def from_hf_state_dict(model: SambaY, state: dict[str, Tensor]) -> None:
     pairs = name_pairs(model)
     _check_names(set(state), set(pairs), model.config, where="state dict")
     params = dict(model.named_parameters())
+    if model.config.tie_embeddings and "lm_head.weight" in state:
+        _check_tied_head(state["lm_head.weight"], state[_GLOBAL_NAMES["embed.weight"]], "state dict")
     with torch.no_grad():
         for hf, ours in pairs.items():
             _check_shape(hf, tuple(state[hf].shape), tuple(params[ours].shape))
@@ -274,9 +324,24 @@ def _preview(names: list[str], n: int = 6) -> str:
 # --- files ------------------------------------------------------------------------------------------------
 
 
+def model_directory(path: str | os.PathLike) -> Path:
+    """The model directory ``path`` names: itself, or the directory of a file in it (``DIR/config.json``,
+    a shard), so that ``--model DIR/config.json`` works.
+
+    Raises:
+        FileNotFoundError: ``path`` is a file whose directory has no config.json.
+    """
+    path = Path(path)
+    if path.is_file():
+        if not (path.parent / "config.json").is_file():
+            raise FileNotFoundError(f"expected a model directory, got a file: {path}; use its directory")
+        return path.parent
+    return path
+
+
 def read_config(path: str | os.PathLike) -> tuple[SambaYConfig, dict]:
-    """(SambaYConfig, raw dict) from ``path/config.json``."""
-    file = Path(path) / "config.json"
+    """(SambaYConfig, raw dict) from ``path/config.json`` (``path``: a model directory or a file in it)."""
+    file = model_directory(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a model directory needs config.json")
     try:
@@ -288,7 +353,7 @@ def read_config(path: str | os.PathLike) -> tuple[SambaYConfig, dict]:
 
 def weight_files(path: str | os.PathLike) -> dict[str, Path]:
     """{tensor name: safetensors file} for a model directory (sharded with an index, or one file)."""
-    root = Path(path)
+    root = model_directory(path)
     index = root / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map")
@@ -319,7 +384,8 @@ def load_model(
     """Load a model directory in the released format onto ``device`` in ``dtype``.
 
     Args:
-        path: directory with ``config.json`` and safetensors weights (sharded with an index, or one file).
+        path: directory with ``config.json`` and safetensors weights (sharded with an index, or one file);
+            a file in that directory (its ``config.json``) stands for the directory.
         device: target device (default CPU). Tensors are moved one at a time.
         dtype: parameter dtype (default: the checkpoint's ``torch_dtype``). ``A_log`` and ``lambda_*``
             stay fp32.
@@ -328,11 +394,13 @@ def load_model(
 
     Raises:
         FileNotFoundError: no config.json, no weights, or a shard named by the index is absent.
-        ValueError: unsupported config, or missing / unexpected / mis-shaped tensors (named).
+        ValueError: unsupported config or ``torch_dtype``, or missing / unexpected / mis-shaped tensors
+            (named).
     """
+    path = model_directory(path)
     config, raw = read_config(path)
     files = weight_files(path)
-    dtype = dtype or _DTYPES.get(raw.get("torch_dtype") or raw.get("dtype"), torch.float32)
+    dtype = dtype or checkpoint_dtype(raw) or torch.float32
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = SambaY(config, backend=backend)
@@ -351,7 +419,21 @@ def load_model(
                 target = params[pairs[hf]]
                 _assign(model, pairs[hf], value.to(device=device, dtype=target.dtype))
                 bar.advance(task, target.numel() * target.element_size())
+    if config.tie_embeddings and "lm_head.weight" in files:
+        [(_, head)] = _read_tensors(files["lm_head.weight"], ["lm_head.weight"],
+                                    {"lm_head.weight": model.embed.weight.shape})
+        _check_tied_head(head.to(device=device, dtype=model.embed.weight.dtype), model.embed.weight, str(path))
     return model.eval()
+
+
+def _check_tied_head(head: Tensor, embed: Tensor, where: str) -> None:
+    """A tied model reads its head from the embedding. An ``lm_head.weight`` stored beside it is ignored:
+    silently when it is the embedding (some exports write both), with a warning when it is not, since
+    then the checkpoint probably has an untied head that config.json mislabels."""
+    if not torch.equal(head, embed):
+        log.warning("%s: config.json says tie_word_embeddings: true, but the checkpoint's lm_head.weight differs "
+                    "from the embedding; it is ignored and the head is the embedding. If the head was trained "
+                    "separately, set \"tie_word_embeddings\": false in config.json.", where)
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

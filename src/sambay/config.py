@@ -114,7 +114,8 @@ class SambaYConfig:
                 f"got {self.n_heads} and {self.n_kv_heads}"
             )
         if self.rope_theta is not None and (self.rope_theta <= 0 or self.head_dim % 2):
-            raise ValueError("RoPE needs rope_theta > 0 and an even head_dim")
+            raise ValueError("RoPE needs rope_theta > 0 and an even head_dim (d_model / n_heads), got "
+                             f"rope_theta={self.rope_theta} and head_dim {self.head_dim}")
         if not (0.0 < self.norm_eps < 1.0):
             raise ValueError(f"norm_eps must be in (0, 1), got {self.norm_eps}")
         _validate_plan(self.plan)

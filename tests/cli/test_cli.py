@@ -5,51 +5,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import sambay
 from sambay.cli import __main__ as cli
 from sambay.cli import chat
 from sambay.generate import Engine, SamplingParams
 from sambay.text.reasoning import split_reasoning
-from sambay.tokenizer import write_tokenizer_json
-from tests.conftest import RELEASED_CONFIG_DIR, random_model, small_config
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A random model with the release's vocabulary size (tiny width), and the release's tokenizer files."""
-    directory = tmp_path_factory.mktemp("tiny-phi4")
-    config = small_config(vocab_size=200064, d_model=16, n_heads=4, n_kv_heads=2, d_ff=16, max_seq_len=256)
-    sambay.save_model(random_model(config), directory)
-    for name in ("tokenizer_config.json", "generation_config.json"):
-        shutil.copy(RELEASED_CONFIG_DIR / name, directory / name)
-    write_tokenizer_json(directory)  # loads in ~3 s, against ~8 s for the o200k ranks route
-    return directory
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir) -> Engine:
-    return Engine.load(model_dir, progress=False)
-
-
-def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "sambay.cli", *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=300)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, code: int, message: str) -> None:
-    assert result.returncode == code, result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+from tests.cli.conftest import assert_one_line_error, run
 
 
 def test_generate_json(model_dir, engine):
@@ -66,7 +31,16 @@ def test_generate_json(model_dir, engine):
     [[expected]] = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=5))
     split = split_reasoning(expected.text)
     assert (first["reasoning"], first["content"]) == (split.reasoning, split.content)
-    assert set(out["timing"]) == {"load_s", "prefill_s", "total_s", "tokens_per_s"}
+    timing = out["timing"]
+    assert set(timing) == {"load_s", "prefill_s", "decode_s", "total_s", "prompt_tokens_per_s",
+                           "decode_tokens_per_s", "tokens_per_s"}
+    assert timing["prefill_s"] > 0 and timing["decode_s"] > 0
+    assert timing["prefill_s"] + timing["decode_s"] == pytest.approx(timing["total_s"], abs=2e-4)
+    # llama.cpp's split: prompt tokens over the time to the first token; the tokens after the first step (one
+    # per sample) over the time after it; the end-to-end figure as before
+    assert timing["prompt_tokens_per_s"] == pytest.approx(len(prompt) / timing["prefill_s"], rel=0.01)
+    assert timing["decode_tokens_per_s"] == pytest.approx((10 - 2) / timing["decode_s"], rel=0.01)
+    assert timing["tokens_per_s"] == pytest.approx(10 / timing["total_s"], rel=0.01)
 
 
 def test_generate_raw_continues_plain_text(model_dir, engine):
@@ -81,7 +55,7 @@ def test_chat_through_stdin(model_dir):
     turns = "Hello there\n/reset\n/system Be brief.\nHi again\n/bogus\n/exit\nnever read\n"
     result = run("chat", "--model", str(model_dir), "--max-new-tokens", "4", "--seed", "0", stdin=turns)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("(4 tokens, ") == 2 and "tokens/s)" in result.stdout
+    assert result.stdout.count("(4 tokens, ") == 2 and "tokens/s; prompt " in result.stdout
     assert "(conversation reset)" in result.stdout and "(system message set; conversation reset)" in result.stdout
     assert "unknown command /bogus" in result.stdout
 

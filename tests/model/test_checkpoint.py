@@ -142,13 +142,63 @@ def test_missing_directory_and_config(tmp_path):
         sambay.load_model(tmp_path / "bad", progress=False)
 
 
-def test_tied_lm_head_in_checkpoint_is_accepted(tmp_path):
-    path = _copy(tmp_path)
-    _rewrite_shard(path, lambda t: t.__setitem__("lm_head.weight", torch.zeros(256, 64)))
+def _add_lm_head(path, head):
+    _rewrite_shard(path, lambda t: t.__setitem__("lm_head.weight", head))
     index = json.loads((path / "model.safetensors.index.json").read_text())
     index["weight_map"]["lm_head.weight"] = "model-00002-of-00002.safetensors"
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    sambay.load_model(path, progress=False)
+
+
+def test_tied_lm_head_equal_to_the_embedding_is_accepted_silently(tmp_path, caplog):
+    path = _copy(tmp_path)
+    _add_lm_head(path, _tensors(CHECKPOINT)["model.embed_tokens.weight"])
+    with caplog.at_level("WARNING", logger="sambay.checkpoint"):
+        sambay.load_model(path, progress=False)
+    assert not caplog.records
+
+
+def test_tied_lm_head_that_differs_from_the_embedding_warns(tmp_path, caplog):
+    path = _copy(tmp_path)
+    _add_lm_head(path, torch.zeros(256, 64))
+    with caplog.at_level("WARNING", logger="sambay.checkpoint"):
+        model = sambay.load_model(path, progress=False)
+    [record] = caplog.records
+    assert "lm_head.weight differs from the embedding" in record.message
+    assert '"tie_word_embeddings": false' in record.message
+    reference = sambay.load_model(CHECKPOINT, progress=False)  # the stored head is ignored, as before
+    assert torch.equal(model.embed.weight, reference.embed.weight)
+
+
+def test_tied_lm_head_in_a_state_dict_warns_when_it_differs(caplog):
+    model = random_model(small_config(), seed=3)
+    state = {k: v.clone() for k, v in to_hf_state_dict(model).items()}
+    with caplog.at_level("WARNING", logger="sambay.checkpoint"):
+        from_hf_state_dict(model, {**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()})
+        assert not caplog.records
+        from_hf_state_dict(model, {**state, "lm_head.weight": torch.zeros_like(state["model.embed_tokens.weight"])})
+    assert "tie_word_embeddings" in caplog.text
+
+
+@pytest.mark.parametrize("key,value", [("torch_dtype", "int8"), ("torch_dtype", "float8_e4m3fn"),
+                                       ("dtype", "int4")])
+def test_unsupported_torch_dtype_is_refused(tmp_path, key, value):
+    path = _copy(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=f"{key}='{value}' is not supported; supported: bfloat16, float16, float32"):
+        sambay.load_model(path, progress=False)
+
+
+def test_a_file_in_the_model_directory_stands_for_the_directory(tmp_path):
+    ids = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        expected = sambay.load_model(CHECKPOINT, progress=False)(ids)
+        for name in ("config.json", "model-00001-of-00002.safetensors"):
+            assert torch.equal(sambay.load_model(CHECKPOINT / name, progress=False)(ids), expected)
+    (tmp_path / "notes.txt").write_text("")  # a file whose directory is no model directory
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"expected a model directory, got a file: {tmp_path / 'notes.txt'}; use its directory")):
+        sambay.load_model(tmp_path / "notes.txt", progress=False)
 
 
 def test_truncated_shard_is_an_error(tmp_path):

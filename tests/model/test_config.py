@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -69,6 +70,26 @@ def test_bad_hf_configs_are_rejected_with_clear_errors(change, message):
     raw = {**_released_json(), **change}
     with pytest.raises(ValueError, match=message):
         config_from_hf(raw)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_size": 256, "num_attention_heads": 6}, "hidden_size (256) must be divisible by num_attention_heads (6)"),
+    ({"num_key_value_heads": 3}, "num_attention_heads (40) must be a multiple of num_key_value_heads (3)"),
+    ({"num_hidden_layers": 30}, "needs num_hidden_layers to be a positive multiple of 4"),
+    ({"mamba_d_conv": 1}, "mamba_d_conv must be >= 2"),
+    ({"layer_norm_eps": 2.0}, "layer_norm_eps must be in (0, 1)"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive int"),
+    ({"torch_dtype": "int8"}, "torch_dtype='int8' is not supported; supported: bfloat16, float16, float32"),
+])
+def test_hf_config_errors_name_the_config_json_keys(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        config_from_hf({**_released_json(), **change})
+    assert not re.search(r"\b(d_model|n_heads|n_kv_heads|n_layers|d_conv|norm_eps|max_seq_len)\b", str(error.value))
+
+
+def test_our_configs_keep_our_field_names():
+    with pytest.raises(ValueError, match=re.escape("d_model (30) must be divisible by n_heads (4)")):
+        small_config(d_model=30)
 
 
 def test_missing_required_key_is_named():

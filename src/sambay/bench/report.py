@@ -1,9 +1,13 @@
-"""Render a benchmark result: a Markdown table, the JSON record and a PNG plot."""
+"""Render a benchmark result: a Markdown table, the JSON record and a PNG plot (the plot needs matplotlib,
+the `plot` extra; without it `write` says so instead of writing nothing silently)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+
+PLOT_NEEDS = "bench.png not written: the plot needs matplotlib (pip install 'sambay[plot]')"
 
 
 def _fmt(x, digits=0) -> str:
@@ -16,9 +20,9 @@ def table(result: dict) -> str:
     out = ["| system | batch | context | tokens/s | ms/step | limit tokens/s | % of limit |",
            "|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r.get("kind") == "decode"):
-        if "error" in r:
-            out.append(f"| {r['system']} | {r.get('batch', '')} | {r.get('context', '')} | {r['error'][:60]} "
-                       "| | | |")
+        if "error" in r or "skipped" in r:
+            note = f"skipped: {r['skipped']}" if "skipped" in r else r["error"][:60]
+            out.append(f"| {r['system']} | {r.get('batch', '')} | {r.get('context', '')} | {note} | | | |")
             continue
         frac = r.get("fraction_of_limit")
         out.append(f"| {r['system']} | {r['batch']} | {r['context']} | {_fmt(r['tokens_per_s'], 1)} | "
@@ -39,6 +43,11 @@ def table(result: dict) -> str:
                 f"{r['new_tokens']} new tokens: prefill {r['prefill_s']:.2f} s, decode {r['decode_s']:.1f} s, "
                 f"{r['tokens_per_s']:,.1f} tokens/s."]
     return "\n".join(out)
+
+
+def can_plot() -> bool:
+    """Whether matplotlib is installed (`plot` needs it)."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot(result: dict, path: Path) -> bool:
@@ -67,11 +76,18 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-def write(result: dict, out_dir: Path) -> str:
-    """Write bench.json, bench.md and bench.png into ``out_dir``; returns the Markdown."""
+def write(result: dict, out_dir: Path) -> tuple[str, list[str]]:
+    """Write bench.json, bench.md and bench.png into ``out_dir``.
+
+    Returns:
+        The Markdown, and lines for the user: the files written, and why bench.png was not (no matplotlib).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
     md = table(result)
     (out_dir / "bench.md").write_text(md + "\n")
-    plot(result, out_dir / "bench.png")
-    return md
+    written = ["bench.json", "bench.md"] + (["bench.png"] if plot(result, out_dir / "bench.png") else [])
+    notes = [f"wrote {', '.join(written)} in {out_dir}"]
+    if "bench.png" not in written:
+        notes.append(PLOT_NEEDS)
+    return md, notes

@@ -11,6 +11,7 @@ Systems measured side by side (random bf16 weights; nothing here depends on thei
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import subprocess
@@ -103,17 +104,30 @@ def _prefill_rows(system: str, model: SambaY, tokens_list, rate) -> list[dict]:
     return rows
 
 
+HF_MODES = ("eager", "compile")
+
+
+def has_transformers() -> bool:
+    """Whether the HF baselines can run (their subprocess uses this interpreter)."""
+    return importlib.util.find_spec("transformers") is not None
+
+
 def _hf_rows(bench: BenchConfig) -> list[dict]:
+    if not has_transformers():
+        log.warning("HF baselines skipped: transformers is not installed (pip install transformers)")
+        return [{"system": f"hf-phi3-{mode}", "kind": "decode", "skipped": "transformers not installed"}
+                for mode in HF_MODES]
     rows = []
-    for mode, batches in (("eager", [1, 8]), ("compile", [1])):  # each compiled batch size recompiles (~1 min)
+    for mode, batches in zip(HF_MODES, ([1, 8], [1]), strict=True):  # each compiled batch size recompiles (~1 min)
         cmd = [sys.executable, "-m", "sambay.bench.hf_baseline", "--mode", mode, "--context", "2048",
                "--steps", "16" if mode == "eager" else "32", "--batch", *map(str, batches)]
         if bench.smoke:
             cmd += ["--tiny", "--context", "64", "--steps", "2"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         got = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode or not got:
-            got = [{"system": f"hf-phi3-{mode}", "error": done.stderr[-2000:]}]
+        if done.returncode or not got:  # the table shows the exception's line; the JSON keeps the traceback
+            last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no output")
+            got = [{"system": f"hf-phi3-{mode}", "error": f"failed: {last.strip()}", "stderr": done.stderr[-2000:]}]
         rows += [{**r, "kind": "decode"} for r in got]
         log.info("%s", got)
     return rows

@@ -1,14 +1,22 @@
-"""What the generation subcommands share: model and sampling flags, their config dataclasses, loading.
+"""What the generation subcommands share: model and sampling flags, their config dataclasses, loading,
+the CPU thread count, and stream timing.
 
 Flags are converted to dataclasses at once (`model_options`, `sampling_params`); nothing downstream
 reads `argparse.Namespace`. Errors the user can fix are exceptions with a one-line message:
 `UsageError` (bad arguments, exit 2) or `FileNotFoundError` / `ValueError` (exit 1), which
 `sambay.cli.__main__` prints without a traceback.
+
+Threads follow llama.cpp and ollama: one per physical core by default, since SMT siblings share the
+core's vector units and only add contention; but a small model decodes fastest on one thread, because
+its matmuls are too small to split, and a thread that waits for a core taken by another process stalls
+every step (issue 12: on 2 cores with one other busy process, the embedded model decoded at 1-2 tokens/s
+on 2 threads and at 45-50 on 1; at best, on a quiet moment, the two were equal, about 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +32,11 @@ _SAMPLING_FLAGS = {  # flag → (SamplingParams field, type)
     "temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
     "presence_penalty": float, "frequency_penalty": float, "seed": int, "max_new_tokens": int,
 }
+
+
+# Below this many parameters a model gets one CPU thread (see the module docstring). The embedded 3.7M
+# model is far below it; Phi-4-mini-flash (3.85B) far above.
+SMALL_MODEL_PARAMS = 100_000_000
 
 
 class UsageError(Exception):
@@ -46,7 +59,9 @@ def resolve_model_dir(arg: str | None) -> Path:
         from sambay.default_model import default_model_dir
 
         return default_model_dir()
-    return Path(arg)
+    from sambay.checkpoint import model_directory
+
+    return model_directory(arg)  # a file in the directory (DIR/config.json) stands for the directory
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,10 +92,24 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_device(device)
     dtype = _DTYPES[args.dtype]
     if dtype is None and not device.startswith("cuda"):
         dtype = torch.float32  # half-precision matmuls are slow on most CPUs
     return ModelOptions(model_dir, Path(args.tokenizer) if args.tokenizer else model_dir, device, dtype)
+
+
+def _check_device(device: str) -> None:
+    """A device this torch can use, else `UsageError` (not torch's 30-line traceback at load time)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {device}: {e}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise UsageError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
 def sampling_params(args: argparse.Namespace, **extra) -> SamplingParams:
@@ -98,6 +127,8 @@ def load_engine(options: ModelOptions, console: Console, *, cuda_graphs: bool | 
     ``cuda_graphs``: as for `Engine.load` (None: on when the model is on a GPU).
     """
     for directory in {options.model_dir, options.tokenizer_dir}:
+        if directory.is_file():
+            raise FileNotFoundError(f"expected a model directory, got a file: {directory}; use its directory")
         if not directory.is_dir():
             raise FileNotFoundError(f"model directory {directory} does not exist")
     if not (options.model_dir / "config.json").is_file():
@@ -109,6 +140,56 @@ def load_engine(options: ModelOptions, console: Console, *, cuda_graphs: bool | 
                            dtype=options.dtype, cuda_graphs=cuda_graphs)
 
 
+def _thread_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """--threads N (applied by `set_threads` once the model is loaded)."""
+    parser.add_argument("--threads", type=_thread_count, metavar="N",
+                        help="CPU threads for the model (default: OMP_NUM_THREADS if set, else 1 for a model "
+                        f"under {SMALL_MODEL_PARAMS // 1_000_000}M parameters, else one per physical core)")
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on: its CPU affinity, SMT siblings counted once."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # macOS, Windows: no affinity API and no sysfs topology
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:  # no sysfs (some containers): count logical CPUs
+            return len(cpus)
+    return len(cores)
+
+
+def default_threads(n_params: int, cores: int) -> int:
+    """CPU threads for a model of ``n_params`` parameters on ``cores`` physical cores."""
+    return 1 if n_params < SMALL_MODEL_PARAMS else cores
+
+
+def set_threads(requested: int | None, model: torch.nn.Module) -> int:
+    """Set torch's intra-op thread count, once, after loading; returns the count in effect.
+
+    ``requested`` (--threads) wins. Otherwise an explicit OMP_NUM_THREADS (which torch has already applied)
+    is kept, and so is torch's default for a GPU model, whose CPU threads only launch kernels; a CPU model
+    gets `default_threads`.
+    """
+    if requested is None:
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        if not on_cpu or os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        requested = default_threads(sum(p.numel() for p in model.parameters()), physical_cores())
+    torch.set_num_threads(requested)
+    return requested
+
+
 def prompt_ids(engine: Engine, messages: Sequence[dict] | str) -> list[int]:
     """Ids of a conversation (chat template, generation prompt) or of plain text (``str``, no template)."""
     if isinstance(messages, str):
@@ -118,27 +199,48 @@ def prompt_ids(engine: Engine, messages: Sequence[dict] | str) -> list[int]:
 
 @dataclass
 class StreamTimer:
-    """Wall-clock timing of one stream: time to the first token, then decode speed."""
+    """Wall-clock timing of one stream, split as llama.cpp reports it.
 
+    Prompt processing: ``prompt_tokens`` over the time to the first token (prefill and the first sample).
+    Generation: the tokens after the first step over the time after it, so a long prompt does not drag
+    the decode speed down. ``tokens_per_s`` stays the end-to-end figure (all tokens over the whole time).
+    """
+
+    prompt_tokens: int = 0  # prompt length, counted once however many samples share the prefill
     start: float = 0.0
     first: float = 0.0
     end: float = 0.0
-    tokens: int = 0
+    tokens: int = 0  # generated, all samples
+    first_tokens: int = 0  # generated by the first step: one per sample
 
     def run(self, stream: Iterator[list[SequenceDelta]]) -> Iterator[list[SequenceDelta]]:
         """Pass the stream through, counting generated tokens."""
         self.start = time.perf_counter()
         for step in stream:
-            self.first = self.first or time.perf_counter()
+            if not self.first:
+                self.first, self.first_tokens = time.perf_counter(), len(step)
             self.tokens += len(step)
             yield step
         self.end = time.perf_counter()
+        self.first = self.first or self.end
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        """Prompt tokens per second of the time to the first token."""
+        return self.prompt_tokens / max(self.first - self.start, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Generated tokens per second after the first step (0 when there was only one step)."""
+        return (self.tokens - self.first_tokens) / max(self.end - self.first, 1e-9)
 
     @property
     def tokens_per_s(self) -> float:
-        """Generated tokens per second of the whole stream (prefill included)."""
+        """Generated tokens per second of the whole stream, prefill included."""
         return self.tokens / max(self.end - self.start, 1e-9)
 
     def as_dict(self) -> dict[str, float]:
-        return {"prefill_s": round(self.first - self.start, 4), "total_s": round(self.end - self.start, 4),
-                "tokens_per_s": round(self.tokens_per_s, 2)}
+        return {"prefill_s": round(self.first - self.start, 4), "decode_s": round(self.end - self.first, 4),
+                "total_s": round(self.end - self.start, 4),
+                "prompt_tokens_per_s": round(self.prompt_tokens_per_s, 2),
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 2), "tokens_per_s": round(self.tokens_per_s, 2)}

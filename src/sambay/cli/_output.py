@@ -2,10 +2,15 @@
 
 Text deltas go through `ReasoningParser`, so the `<think>` tags never reach the screen. On a terminal
 the reasoning is printed dim (rich styles); when stdout is a pipe rich drops the styles and prints the
-plain text. Model text is printed verbatim: no rich markup, highlighting or emoji codes.
+plain text. Model text is printed verbatim: no rich markup, highlighting or emoji codes. A reader that
+closes the pipe early raises `BrokenPipeError` (rich would exit 1), which `sambay.cli.__main__` turns
+into a quiet exit 141.
 """
 
 from __future__ import annotations
+
+import errno
+import os
 
 from rich.console import Console
 
@@ -14,9 +19,15 @@ from sambay.text.reasoning import ReasoningParser, ReasoningSplit
 REASONING_STYLE = "dim"
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # drop whatever is still buffered
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 def make_console(*, stderr: bool = False) -> Console:
     """A console that prints model text as-is."""
-    return Console(stderr=stderr, highlight=False, emoji=False, markup=False, soft_wrap=True)
+    return _Console(stderr=stderr, highlight=False, emoji=False, markup=False, soft_wrap=True)
 
 
 class ReplyPrinter:

@@ -1,5 +1,11 @@
 """`sambay bench`: decode, prefill and long-generation throughput of our engine against baselines and the
-hardware limit, in one run (see `sambay.bench`). Writes bench.json, bench.md and bench.png."""
+hardware limit, in one run (see `sambay.bench`). Writes bench.json, bench.md and bench.png.
+
+    sambay bench --out bench-out        on a CUDA GPU: the released 3.85B configuration (about an hour)
+    sambay bench --smoke                anywhere, in seconds: a tiny model, to check the plumbing
+
+The plot needs matplotlib (pip install 'sambay[plot]'); the HF baselines need transformers.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,34 @@ import argparse
 import logging
 from pathlib import Path
 
+import torch
+
+from sambay.cli._common import UsageError
+
 HELP = "benchmark the engine against baselines and the hardware limit (needs a GPU for real numbers)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for bench.json/.md/.png")
+    p.add_argument("--out", type=Path, default=Path("bench-out"),
+                   help="directory for bench.json/.md/.png (default: bench-out)")
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes: check the plumbing (CPU ok)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run the full benchmark without a GPU anyway (the 3.85B model at about 1 token/s: hours)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
-    p.add_argument("--long-new-tokens", type=int, default=32768, help="tokens of the real long generation")
+    p.add_argument("--long-new-tokens", type=int, default=32768,
+                   help="tokens of the real long generation (default: 32768)")
 
 
 def main(args: argparse.Namespace) -> int:
     from sambay.bench import report, suite
 
+    if not (args.smoke or args.allow_cpu or torch.cuda.is_available()):
+        raise UsageError("no CUDA GPU: the full benchmark would run the 3.85B model on the CPU at about 1 token/s "
+                         "for hours; use --smoke for a quick check of the plumbing (or --allow-cpu to run it anyway)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log = logging.getLogger("sambay.bench")
+    if not report.can_plot():  # say it now, not after the run
+        log.warning("matplotlib is not installed: bench.png will not be written (pip install 'sambay[plot]')")
     if args.smoke:
         bench = suite.BenchConfig(batches=(1, 2), largest_batch=4, contexts=(16, 40), prefill_tokens=(16, 64),
                                   decode_steps=2, long_prompt=8, long_new_tokens=8, hf=not args.no_hf,
@@ -28,5 +48,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         bench = suite.BenchConfig(hf=not args.no_hf, long_new_tokens=args.long_new_tokens)
     result = suite.run(bench, checkpoint=lambda partial: report.write(partial, args.out))
-    print(report.write(result, args.out))
+    markdown, notes = report.write(result, args.out)
+    print(markdown)
+    print("", *notes, sep="\n")
     return 0

@@ -13,7 +13,8 @@ On a GPU the model and scheduler run in a process of their own (--engine-process
 (`sambay.generate.blocks`); by default the pool can hold every slot at --max-length, with
 --cache-memory-gb it is what fits in that budget, and requests are preempted and recomputed when it
 runs out. SIGTERM stops accepting requests, lets in-flight ones
-finish for --shutdown-grace seconds, then aborts the rest.
+finish for --shutdown-grace seconds, then aborts the rest. A port already in use is reported before the
+model loads.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", metavar="NAME", help="the model name clients use (default: the dir name)")
-    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: none, no key needed)")
     group = p.add_argument_group("capacity")
     group.add_argument("--slots", type=int, default=8, help="concurrent sequences (default: 8)")
     group.add_argument("--cache-memory-gb", type=float,
@@ -50,34 +52,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default: 64)")
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                        help="plan step n+1 while the host processes step n's tokens (default: on)")
-    group.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    group.add_argument("--shutdown-grace", type=float, default=30.0,
+                       help="seconds to finish requests on SIGTERM (default: 30)")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
                    help="run the model in its own process, so HTTP and the scheduler do not share a GIL "
                         "(default: on for CUDA devices)")
     p.add_argument("--tensor-parallel", type=int, metavar="N", help="shard the model over N processes started by "
                    "torchrun (python -m torch.distributed.run --nproc-per-node N -m sambay.cli serve ...); "
-                   "--cache-memory-gb is then per process")
+                   "--cache-memory-gb is then per process (default: off, one process)")
     add_model_arguments(p)
     add_sampling_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        import sambay.serve.server  # noqa: F401  (the serve extra: FastAPI, uvicorn, prometheus_client)
+        from sambay.serve.server import check_port  # the serve extra: FastAPI, uvicorn, prometheus_client
     except ImportError as e:
         raise RuntimeError(f"sambay serve needs the serve extra (pip install 'sambay[serve]'): {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = model_options(args)
+    options = _directories(model_options(args))
     if args.tensor_parallel is not None:
         if args.engine_process:
             raise UsageError("--engine-process does not combine with --tensor-parallel yet (rank 0 runs the "
                              "model next to the HTTP server)")
         return _serve_tensor_parallel(args, options)
+    check_port(args.host, args.port)  # before the model loads, which can take minutes
     engine_process = options.device.startswith("cuda") if args.engine_process is None else args.engine_process
     if engine_process:
         return _serve_engine_process(args, options)
     engine = load_engine(options, make_console(stderr=True))
     return _serve(args, options, engine, _scheduler_config(args, engine.model))
+
+
+def _directories(options):
+    """``--model DIR/config.json`` (or any file in DIR) means DIR; likewise for --tokenizer."""
+    from sambay.checkpoint import model_directory
+
+    model_dir = model_directory(options.model_dir)
+    tokenizer_dir = options.tokenizer_dir
+    if tokenizer_dir == options.model_dir:
+        tokenizer_dir = model_dir
+    elif tokenizer_dir.is_file():
+        tokenizer_dir = tokenizer_dir.parent
+    return replace(options, model_dir=model_dir, tokenizer_dir=tokenizer_dir)
 
 
 def _scheduler_config(args: argparse.Namespace, model=None, cuda_graph: bool = True):
@@ -162,10 +179,13 @@ def _serve_tensor_parallel(args: argparse.Namespace, options) -> int:
     broadcasts each forward and cache operation to the other ranks, which follow until it stops."""
     from sambay import parallel
     from sambay.parallel.serving import BroadcastRunner, follow
+    from sambay.serve.server import check_port
 
     if args.tensor_parallel < 1:
         raise UsageError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
     with parallel.torchrun_group(args.tensor_parallel, options.device) as member:
+        if member.rank == 0:  # the rank that serves HTTP; fail before every rank loads the model
+            check_port(args.host, args.port)
         # CUDA-graph capture of the all-reduces is untested: decode runs eagerly under tensor parallelism
         engine = load_engine(replace(options, device=member.device), make_console(stderr=True), cuda_graphs=False)
         parallel.tensor_parallel(engine.model)

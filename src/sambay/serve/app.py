@@ -7,7 +7,9 @@
     POST /v1/chat/completions    chat completion; the <think> trace in ``reasoning_content``
 
 Routes only map HTTP to the runtime: `protocol` prepares requests and assembles responses, `runtime`
-submits and streams, `errors` answers every failure in OpenAI's format. Streams are Server-Sent Events,
+submits and streams, `errors` answers every failure in OpenAI's format. A request body is read as JSON
+whatever its Content-Type (as OpenAI's and vLLM's servers do: ``curl -d`` sends form-urlencoded), and
+``model`` may be omitted: it defaults to the one model served. Streams are Server-Sent Events,
 ``data: {json}\\n\\n`` per chunk, ending with ``data: [DONE]\\n\\n``; a request aborted by shutdown ends
 its stream with an error event. With ``api_key`` set, /v1 routes need ``Authorization: Bearer KEY``
 (compared in constant time).
@@ -16,17 +18,52 @@ its stream with an error event. With ``api_key`` set, /v1 routes need ``Authoriz
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 from fastapi import Depends, FastAPI
 from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from sambay.serve import schemas
 from sambay.serve.errors import APIError, install_handlers
 from sambay.serve.protocol import Prepared, ResponseBuilder, prepare_chat, prepare_completion, sse_event
 from sambay.serve.runtime import Runtime
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def _json_body(schema: type[BaseModel]):
+    """A dependency: the request body parsed as JSON whatever its Content-Type, then validated as ``schema``.
+
+    FastAPI's own body parameter reads JSON only under ``application/json`` and reports anything else as
+    "not a JSON object", which turned away clients that send JSON under another type (``curl -d``)."""
+
+    async def parse(http: HTTPRequest) -> BaseModel:
+        raw = await http.body()
+        try:
+            data = json.loads(raw)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise APIError(400, f"the request body must be a JSON object; it is not valid JSON ({e})",
+                           code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, f"the request body must be a JSON object, got {_JSON_TYPES[type(data)]}",
+                           code="invalid_json")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:  # answered as a 422 naming the field, by `errors`
+            raise RequestValidationError(e.errors(include_url=False)) from None
+
+    return parse
+
+
+ChatBody = Annotated[schemas.ChatCompletionRequest, Depends(_json_body(schemas.ChatCompletionRequest))]
+CompletionBody = Annotated[schemas.CompletionRequest, Depends(_json_body(schemas.CompletionRequest))]
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -61,20 +98,26 @@ def create_app(runtime: Runtime) -> FastAPI:
         return schemas.ModelList(data=[card]).model_dump()
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(body: schemas.ChatCompletionRequest, http: HTTPRequest):
-        runtime.check_model(body.model)
+    async def chat(body: ChatBody, http: HTTPRequest):
+        _check_model(runtime, body)
         prepared = await run_in_threadpool(prepare_chat, body, runtime.tokenizer, runtime.max_length,
                                            runtime.defaults)
         return await _complete(runtime, body, prepared, http, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(body: schemas.CompletionRequest, http: HTTPRequest):
-        runtime.check_model(body.model)
+    async def completions(body: CompletionBody, http: HTTPRequest):
+        _check_model(runtime, body)
         prepared = await run_in_threadpool(prepare_completion, body, runtime.tokenizer, runtime.max_length,
                                            runtime.defaults)
         return await _complete(runtime, body, prepared, http, chat=False)
 
     return app
+
+
+def _check_model(runtime: Runtime, body: schemas._Request) -> None:
+    """A named model must be the one served; an omitted one is it (as vLLM)."""
+    if body.model is not None:
+        runtime.check_model(body.model)
 
 
 class _CountResponses:

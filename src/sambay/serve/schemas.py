@@ -4,7 +4,7 @@ Requests are validated here: types, ranges and required fields (a violation beco
 error format, see `sambay.serve.errors`). Unknown request fields are ignored, as OpenAI-compatible
 servers do, so clients that send optional fields we do not implement (``user``, ...) still work.
 Responses follow the OpenAI wire format; the reasoning trace travels in ``reasoning_content`` (the field
-name vLLM and DeepSeek use), next to ``content``.
+name vLLM and DeepSeek use), next to ``content``. ``model`` may be omitted: a server serves one model.
 
 Extensions beyond OpenAI's parameters: ``top_k`` (-1 or 0 = off), ``min_p``, ``repetition_penalty``.
 """
@@ -28,7 +28,7 @@ class _Request(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str | None = None  # None: the one model this server serves (as vLLM)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)

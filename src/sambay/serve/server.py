@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -71,6 +72,30 @@ class _Server(uvicorn.Server):
             self._draining = threading.Thread(target=self.runtime.scheduler.close, args=(self.grace,), daemon=True)
             self._draining.start()
         super().handle_exit(sig, frame)
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail now if uvicorn could not listen on ``host:port`` later: called before the model loads, which
+    can take minutes. Binds and closes a socket per address of ``host`` the way asyncio's
+    ``create_server`` (uvicorn's) does: SO_REUSEADDR, so a port in TIME_WAIT passes and one in use fails.
+
+    Raises:
+        OSError: one line naming the address and port.
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot serve on {host}:{port}: unknown host ({e.strerror})") from None
+    for family, kind, proto, _, address in dict.fromkeys(infos):
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                raise OSError(f"cannot serve on {host}:{port}: {e.strerror} (is another server using port "
+                              f"{port}? choose another with --port)") from None
 
 
 SWITCH_INTERVAL_S = 0.0005

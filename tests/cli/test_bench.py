@@ -1,0 +1,79 @@
+"""`sambay bench` tells the user what it does and does not do: it refuses the full run on a CPU (naming
+--smoke), skips the HF baselines cleanly without transformers, and says when bench.png needs matplotlib."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from sambay.bench import report, suite
+from sambay.cli import __main__ as cli
+
+RESULT = {"config": {}, "hardware": {"device": "cpu"}, "rows": [
+    {"system": "sambay", "kind": "decode", "batch": b, "context": 16, "step_s": 0.01 * b, "tokens_per_s": 100.0}
+    for b in (1, 2)]}
+
+
+@pytest.fixture
+def fake_suite(monkeypatch):
+    """`suite.run` replaced by one that returns RESULT at once; the configs it was given are recorded."""
+    calls = []
+    monkeypatch.setattr(suite, "run", lambda bench, checkpoint=None: calls.append(bench) or RESULT)
+    return calls
+
+
+def test_full_bench_on_a_cpu_is_refused_naming_smoke(monkeypatch, capsys, tmp_path, fake_suite):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--smoke" in err and "--allow-cpu" in err
+    assert not fake_suite and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag", ["--smoke", "--allow-cpu"])
+def test_smoke_or_allow_cpu_runs_on_a_cpu(monkeypatch, capsys, tmp_path, fake_suite, flag):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "--out", str(tmp_path), flag]) == 0
+    [bench] = fake_suite
+    assert bench.smoke == (flag == "--smoke")
+    assert "wrote bench.json, bench.md" in capsys.readouterr().out
+
+
+def test_hf_baselines_are_skipped_without_transformers(monkeypatch):
+    monkeypatch.setattr(suite, "has_transformers", lambda: False)
+    monkeypatch.setattr(suite.subprocess, "run", lambda *a, **k: pytest.fail("no subprocess without transformers"))
+    rows = suite._hf_rows(suite.BenchConfig(smoke=True))
+    assert {r["system"] for r in rows} == {"hf-phi3-eager", "hf-phi3-compile"}
+    table = report.table({**RESULT, "rows": RESULT["rows"] + rows})
+    assert table.count("| skipped: transformers not installed |") == 2 and "Traceback" not in table
+
+
+def test_a_failed_hf_baseline_shows_its_exception_not_a_traceback(monkeypatch):
+    class Done:
+        returncode, stdout = 1, ""
+        stderr = 'Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: CUDA driver too old\n'
+
+    monkeypatch.setattr(suite, "has_transformers", lambda: True)
+    monkeypatch.setattr(suite.subprocess, "run", lambda *a, **k: Done())
+    rows = suite._hf_rows(suite.BenchConfig(smoke=True))
+    assert rows[0]["error"] == "failed: RuntimeError: CUDA driver too old" and "Traceback" in rows[0]["stderr"]
+    assert "Traceback" not in report.table({**RESULT, "rows": rows})
+
+
+def test_without_matplotlib_the_output_says_the_plot_needs_it(monkeypatch, capsys, tmp_path, fake_suite):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    assert not report.can_plot()
+    assert cli.main(["bench", "--smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "bench.png not written: the plot needs matplotlib (pip install 'sambay[plot]')" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]
+
+
+def test_with_matplotlib_bench_png_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    markdown, notes = report.write(RESULT, tmp_path)
+    assert (tmp_path / "bench.png").stat().st_size > 0 and "| sambay | 2 | 16 |" in markdown
+    assert notes == [f"wrote bench.json, bench.md, bench.png in {tmp_path}"]
