@@ -47,8 +47,7 @@ def test_only_assistant_tokens_carry_loss(corpus):
 def test_packed_masks_follow_the_chat(corpus, tmp_path):
     tokenizer = load_tokenizer(corpus / "tokenizer")
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")
-    data_dir = prepare_data([str(tmp_path / "chat.jsonl")], tokenizer, tmp_path / "data", heldout_fraction=0.0,
-                            progress=False)
+    data_dir = prepare_data([str(tmp_path / "chat.jsonl")], tokenizer, tmp_path / "data", heldout_fraction=0.0)
     ids, mask = encode_chat(tokenizer, CHAT)
     assert np.fromfile(data_dir / "train" / "shard_00000.mask", dtype=np.uint8).tolist() == mask
     batch = PackedData(data_dir, "train", len(ids) - 1, shuffle=False).batch(0, 1)

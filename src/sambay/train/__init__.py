@@ -8,6 +8,8 @@
     state.py      atomic, pickle-free, resumable checkpoints
     setup.py      process group, tokenizer, data, model
     loop.py       `train(config)`: the loop
+    memory.py     a step's memory, measured; on the CPU the micro-batch is split to fit
+    progress.py   what a run prints: messages, a live bar on a terminal, plain lines elsewhere
     evaluate.py   held-out loss, bits per byte, greedy exact match
     metrics.py    JSONL (+ optional TensorBoard) logging
     arithmetic.py the embedded arithmetic task and its small tokenizer

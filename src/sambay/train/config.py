@@ -4,11 +4,18 @@ The architecture is named by `model` (a key of `sambay.config.PRESETS`) or read 
 (a released-format directory, for fine-tuning); everything else a run needs is a field here. A TOML
 file holds any subset of the fields at top level; `load_train_config` applies overrides on top (the
 CLI turns `--max-steps 100` into ``{"max_steps": 100}``) and rejects unknown names.
+
+The comments in the class body are the fields' documentation, for the reader of this file and for
+``sambay train --help`` alike: `field_docs` reads them (section comment lines and each field's trailing
+comment), and a test requires one on every field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
+import tokenize
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -23,53 +30,53 @@ class TrainConfig:
     # model
     model: str = "sambay-da-tiny"  # preset name in sambay.config.PRESETS (ignored with init_from)
     init_from: str | None = None  # released-format model directory to start from (SFT)
-    tokenizer: str | None = None  # directory with tokenizer.json / tokenizer_config.json (default: init_from)
+    tokenizer: str | None = None  # directory with tokenizer.json / tokenizer_config.json; unset: init_from
     # data
     train_files: list[str] = field(default_factory=list)  # .txt (one document each) or .jsonl ({"text"} / {"messages"})
-    eval_files: list[str] = field(default_factory=list)  # held-out files; empty: hold out heldout_fraction of train
+    eval_files: list[str] = field(default_factory=list)  # held-out files; none: hold out heldout_fraction of train
     heldout_fraction: float = 0.01  # share of training documents held out when eval_files is empty
-    data_dir: str | None = None  # where token shards go (default: out_dir/data); reused when inputs are unchanged
+    data_dir: str | None = None  # where token shards go (reused while inputs are unchanged); unset: out_dir/data
     seq_len: int = 512  # tokens per training sequence (documents are packed)
     # batch: global batch = micro_batch_size * grad_accum * world size sequences
-    micro_batch_size: int = 8
-    grad_accum: int = 1
+    micro_batch_size: int = 8  # sequences per forward/backward (on the CPU: split to fit, see train.memory)
+    grad_accum: int = 1  # micro-batches per optimiser step
     # optimiser (AdamW; weight decay on matrices only)
-    max_steps: int = 1000
+    max_steps: int = 1000  # optimiser steps
     max_minutes: float = 0.0  # training time budget (0: none); fits max_steps to it, see sambay.train.loop
-    lr: float = 3e-4
+    lr: float = 3e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr as a fraction of lr
     schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant"
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to lr
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
     # precision, speed, parallelism
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    dtype: str = "bfloat16"  # autocast dtype ("float32" disables autocast); parameters stay fp32
+    dtype: str = "auto"  # autocast: "bfloat16", "float32" (none) or "auto" (bfloat16 on CUDA, float32 on the CPU)
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in backward
     parallel: str = "ddp"  # with several processes: "ddp" or "fsdp"
     # evaluation, logging, checkpoints
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default"  # run directory: log.jsonl, checkpoints/, data/, model/
     eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
     eval_batches: int = 8  # micro-batches of held-out data per evaluation
     generate_eval: int = 0  # at the end: held-out chat examples scored by greedy exact match
     max_new_tokens: int = 512  # generation budget of that evaluation
-    log_every: int = 10
+    log_every: int = 10  # steps between log.jsonl records and progress lines
     peak_tflops: float = 0.0  # the accelerator's dense peak (H200 bf16: ~790) for the logged MFU; 0: not logged
     tensorboard: bool = False  # also write TensorBoard events (needs the `tensorboard` package)
     checkpoint_every: int = 100  # steps between training checkpoints (0: never)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest training checkpoints kept on disk
     resume: bool = True  # continue from the latest checkpoint in out_dir/checkpoints if any
-    final_model_dir: str | None = None  # released-format output (default: out_dir/model)
+    final_model_dir: str | None = None  # released-format output; unset: out_dir/model
     save_dtype: str = "bfloat16"  # dtype of the released-format weights
-    seed: int = 0
+    seed: int = 0  # seeds the initialisation and the data order
 
     def __post_init__(self) -> None:
         choices = {"schedule": ("cosine", "wsd", "constant"), "parallel": ("ddp", "fsdp"),
-                   "device": ("auto", "cpu", "cuda"), "dtype": ("bfloat16", "float32"),
+                   "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "bfloat16", "float32"),
                    "save_dtype": ("bfloat16", "float32")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -102,6 +109,28 @@ def field_types() -> dict[str, type]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         origin = typing.get_origin(hint)
         out[name] = list if origin is list else (args[0] if args else hint)
+    return out
+
+
+def field_docs() -> dict[str, tuple[str, str]]:
+    """Field name -> (section, help): the comment line above its group and its own trailing comment.
+
+    Read from the source of `TrainConfig` with `tokenize`, so a ``#`` inside a string is no comment.
+    A field without a comment gets "".
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    lines: dict[int, list[tokenize.TokenInfo]] = {}
+    skip = {tokenize.INDENT, tokenize.DEDENT, tokenize.NL, tokenize.NEWLINE}
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(TrainConfig)).readline):
+        if tok.type not in skip:
+            lines.setdefault(tok.start[0], []).append(tok)
+    section, out = "", {}
+    for toks in lines.values():
+        if toks[0].type == tokenize.COMMENT:
+            section = toks[0].string.lstrip("# ").strip()
+        elif toks[0].string in names and len(toks) > 1 and toks[1].string == ":":
+            comment = toks[-1].string.lstrip("# ").strip() if toks[-1].type == tokenize.COMMENT else ""
+            out[toks[0].string] = (section, comment)
     return out
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import Progress
 
 from sambay.tokenizer import Tokenizer
 from sambay.train.chat import encode_chat
+from sambay.train.progress import Reporter
 
 SHARD_TOKENS = 1 << 26  # 64M tokens (128 MB of uint16) per shard
 
@@ -101,7 +102,7 @@ def _atomic_tofile(array: np.ndarray, path: Path) -> None:
 
 def prepare_data(
     files: list[str], tokenizer: Tokenizer, data_dir: str | Path, *, eval_files: list[str] = (),
-    heldout_fraction: float = 0.01, progress: bool = True,
+    heldout_fraction: float = 0.01, report: Reporter | None = None,
 ) -> Path:
     """Tokenizes ``files`` into shards under ``data_dir`` (skipped when already done for these inputs).
 
@@ -111,30 +112,34 @@ def prepare_data(
         data_dir: output directory.
         eval_files: held-out documents; when empty, ``heldout_fraction`` of ``files`` is held out.
         heldout_fraction: see above.
-        progress: show a rich progress bar over input bytes.
+        report: says whether the shards are reused or written, with a bar over the input bytes on a
+            terminal (default: silent).
 
     Returns:
         ``data_dir``.
     """
-    data_dir, eval_files = Path(data_dir), list(eval_files)
+    data_dir, eval_files, report = Path(data_dir), list(eval_files), report or Reporter()
     fingerprint = _fingerprint(list(files), eval_files, heldout_fraction, tokenizer)
     meta_path = data_dir / "meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text())["fingerprint"] == fingerprint:
+        report.say(f"data: reusing the token shards in {data_dir} (same input files)")
         return data_dir
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     is_chat = next(_documents(Path([*files, *eval_files][0])), ("text", ""))[0] == "chat"
     writers = {s: _ShardWriter(data_dir / s, dtype, is_chat) for s in ("train", "eval")}
-    total = sum(os.path.getsize(f) for f in [*files, *eval_files])
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("tokenizing", total=total)
+    total, t0 = sum(os.path.getsize(f) for f in [*files, *eval_files]), time.perf_counter()
+    report.say(f"data: tokenizing {len(files) + len(eval_files)} file(s), {total / 1e6:,.1f} MB, into {data_dir}")
+    with report.task("tokenizing", total) as advance:
         for path, fixed_split in [*((f, None) for f in files), *((f, "eval") for f in eval_files)]:
             for kind, doc in _documents(Path(path)):
                 ids, mask, n_bytes = _encode(tokenizer, kind, doc)
                 split = fixed_split or _split_of(doc, heldout_fraction if not eval_files else 0.0)
                 writers[split].add(ids, mask, n_bytes)
-            bar.advance(task, os.path.getsize(path))
+            advance(os.path.getsize(path))
     for writer in writers.values():
         writer.flush()
+    report.say(f"data: {sum(writers['train'].shards):,} train and {sum(writers['eval'].shards):,} held-out tokens "
+               f"in {time.perf_counter() - t0:.0f} s")
     token_bytes = np.array([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)], dtype=np.int32)
     token_bytes[list(tokenizer.marker_ids)] = 0  # markers are structure, not text: no bytes, no bits
     np.save(data_dir / "token_bytes.npy", token_bytes)

@@ -14,8 +14,13 @@ fit the budget, so the schedule (a WSD decay, say) still runs to its end; it als
 if the budget is spent, then saves and evaluates as usual. The budget covers the steps only, not the
 data preparation, the final evaluation or the save. A resumed run fits its own remaining budget.
 
-Dtype policy: parameters and optimiser state fp32; forward under bf16 autocast (CPU or CUDA) unless
-``dtype = "float32"``; the loss in fp32. Released-format weights are written at the end in
+Before the first step the run says what it trains (see `sambay.train.progress`: silent unless the
+caller passes a `Reporter`), and on the CPU splits a micro-batch that would not fit in memory into
+several micro-steps of the same global batch (`sambay.train.memory`).
+
+Dtype policy: parameters and optimiser state fp32; forward under bf16 autocast with ``dtype =
+"bfloat16"``, in fp32 with "float32"; "auto" (the default) is bf16 on CUDA and fp32 on the CPU, where
+bf16 autocast is about twice as slow; the loss in fp32. Released-format weights are written at the end in
 ``save_dtype`` with `sambay.save_model`, with the tokenizer files copied alongside.
 """
 
@@ -37,10 +42,20 @@ from sambay.model.sambay import SambaY
 from sambay.train.config import TrainConfig
 from sambay.train.data import PackedData
 from sambay.train.evaluate import eval_loss, exact_match, summarize, token_nll
+from sambay.train.memory import fit_to_memory
 from sambay.train.metrics import MetricLogger
 from sambay.train.optim import build_optimizer, lr_at, set_lr
 from sambay.train.parallel import no_sync
-from sambay.train.setup import Runtime, build_data, build_model, build_tokenizer, parallelize, setup_distributed
+from sambay.train.progress import Reporter
+from sambay.train.setup import (
+    Runtime,
+    build_data,
+    build_model,
+    build_tokenizer,
+    parallelize,
+    resolve_dtype,
+    setup_distributed,
+)
 from sambay.train.state import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -61,62 +76,111 @@ def _autocast(config: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def train(config: TrainConfig) -> dict:
-    """Runs (or resumes) one training run; returns the final metrics (on every rank)."""
+def train(config: TrainConfig, reporter: Reporter | None = None) -> dict:
+    """Runs (or resumes) one training run; returns the final metrics (on every rank).
+
+    Args:
+        config: the run.
+        reporter: where rank 0 says what it does and shows the progress (default: silent).
+    """
     rt = setup_distributed(config)
+    report = reporter if reporter is not None and rt.is_main else Reporter()
+    config = resolve_dtype(config, rt.device, report)
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer(config)
-    train_data, eval_data = build_data(config, tokenizer, rt)
-    model = parallelize(build_model(config, rt), config, rt)
+    train_data, eval_data = build_data(config, tokenizer, rt, report)
+    model = build_model(config, rt)
+    config = fit_to_memory(config, model, rt.device, _autocast(config, rt.device), report.say)
+    model = parallelize(model, config, rt)
     optimizer = build_optimizer(model, config)
     log = MetricLogger(config.out_dir, enabled=rt.is_main, tensorboard=config.tensorboard)
     micro, accum = config.micro_batch_size, config.grad_accum
     global_batch = micro * accum * rt.world
-    step, last = 0, {}
-    checkpoint = latest_checkpoint(config.checkpoint_dir) if config.resume else None
-    if checkpoint is not None:
-        step = load_checkpoint(checkpoint, model, optimizer)["step"]
+    step, last = _resume(config, model, optimizer, report), {}
+    report.say(_describe(config, model, rt))
     t0, tokens_seen, first_step, train_loss = time.perf_counter(), 0, step, float("nan")
     budget = _Budget(config.max_minutes * 60.0, first_step, rt.device)
+    report.start(step, config.max_steps)
     while step < config.max_steps and not budget.spent():
         lr = lr_at(step, config)
         set_lr(optimizer, lr)
         if config.eval_every and step % config.eval_every == 0 and step > 0:
             last = run_eval(model, eval_data, config, rt)
             log.log(step, "eval", **last)
+            report.say(f"step {step} held-out: loss {last['loss']:.4f} | bpb {last['bpb']:.4f}")
         # the global batch of this step: every rank reads its slices, all agree on the loss-token count
         first = step * global_batch
         batches = [train_data.batch(first + (m * rt.world + rt.rank) * micro, micro).to(rt.device)
                    for m in range(accum)]
-        n_loss = _all_reduce([float(sum(int(b.mask.sum()) for b in batches))], rt.device)[0]
-        loss_sum = 0.0
-        for m, batch in enumerate(batches):
-            with no_sync(model, skip=m < accum - 1), _autocast(config, rt.device):
-                nll = (token_nll(model, batch.inputs, batch.targets) * batch.mask).sum()
-            # gradients are averaged over ranks by DDP / FSDP: scale back up to a global token mean
-            (nll * rt.world / max(n_loss, 1.0)).backward()
-            loss_sum += float(nll.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, n_loss, grad_norm = _train_step(model, optimizer, batches, config, rt)
         step += 1
         tokens_seen += global_batch * config.seq_len
-        config = budget.fit(config, step)
-        if step % config.log_every == 0 or step == config.max_steps or budget.spent():
+        config = _fit_budget(budget, config, step, report)
+        elapsed = time.perf_counter() - t0
+        logged = step % config.log_every == 0 or step in (first_step + 1, config.max_steps) or budget.spent()
+        if logged:  # the first step too: its line gives the ETA at once
             train_loss = _all_reduce([loss_sum], rt.device)[0] / max(n_loss, 1.0)
-            elapsed = time.perf_counter() - t0
             log.log(step, "train", loss=train_loss, lr=lr, grad_norm=float(_full(grad_norm)),
                     tokens_per_s=tokens_seen / elapsed, elapsed_s=elapsed)
+        report.step(step, config.max_steps, tokens_seen / elapsed, *((train_loss, lr) if logged else ()))
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             save_checkpoint(config.checkpoint_dir, step, model, optimizer,
                             {"samples_seen": step * global_batch, "config": config.to_dict()},
                             keep=config.keep_checkpoints)
+    report.stop()
     speed = throughput(model, config, step - first_step, tokens_seen, time.perf_counter() - t0)
+    report.say(f"held-out evaluation: {min(config.eval_batches * micro * rt.world, eval_data.n_windows)} windows")
     last = run_eval(model, eval_data, config, rt)
-    final = {**last, "train_loss": train_loss, **speed, **finish(model, tokenizer, eval_data, config, rt)}
+    final = {**last, "train_loss": train_loss, **speed, **finish(model, tokenizer, eval_data, config, rt, report)}
     log.log(step, "final", **final)
     log.close()
     return final
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list, config: TrainConfig,
+                rt: Runtime) -> tuple[float, float, torch.Tensor]:
+    """Forward and backward over this rank's micro-batches, clip, update; (summed nll, loss tokens, grad norm)."""
+    n_loss = _all_reduce([float(sum(int(b.mask.sum()) for b in batches))], rt.device)[0]
+    loss_sum = 0.0
+    for m, batch in enumerate(batches):
+        with no_sync(model, skip=m < len(batches) - 1), _autocast(config, rt.device):
+            nll = (token_nll(model, batch.inputs, batch.targets) * batch.mask).sum()
+        # gradients are averaged over ranks by DDP / FSDP: scale back up to a global token mean
+        (nll * rt.world / max(n_loss, 1.0)).backward()
+        loss_sum += float(nll.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, n_loss, grad_norm
+
+
+def _resume(config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, report: Reporter) -> int:
+    """The step to start from: the latest checkpoint's (loaded into model and optimizer) or 0."""
+    checkpoint = latest_checkpoint(config.checkpoint_dir) if config.resume else None
+    if checkpoint is None:
+        return 0
+    step = load_checkpoint(checkpoint, model, optimizer)["step"]
+    report.say(f"resuming from {checkpoint} (step {step})")
+    return step
+
+
+def _describe(config: TrainConfig, model: torch.nn.Module, rt: Runtime) -> str:
+    """One line: what is trained, where, and how much."""
+    params = sum(p.numel() for p in model.parameters())
+    name = config.init_from or config.model
+    batch = config.micro_batch_size * config.grad_accum * rt.world
+    processes = f" x {rt.world} processes" if rt.world > 1 else ""
+    return (f"training {name} ({params / 1e6:.2f}M parameters) on {rt.device.type}{processes}, {config.dtype}: "
+            f"{config.max_steps} steps of {batch} x {config.seq_len} tokens (micro-batch {config.micro_batch_size}, "
+            f"grad_accum {config.grad_accum}), log every {config.log_every} steps to {config.out_dir}/log.jsonl")
+
+
+def _fit_budget(budget: _Budget, config: TrainConfig, step: int, report: Reporter) -> TrainConfig:
+    """`_Budget.fit`, saying when the time budget lowers max_steps."""
+    fitted = budget.fit(config, step)
+    if fitted.max_steps != config.max_steps:
+        report.say(f"time budget {config.max_minutes:g} min: max_steps {config.max_steps} -> {fitted.max_steps}")
+    return fitted
 
 
 class _Budget:
@@ -192,11 +256,14 @@ def run_eval(model: torch.nn.Module, data: PackedData, config: TrainConfig, rt: 
     return summarize(dict(zip(totals, reduced, strict=True)))
 
 
-def finish(model: torch.nn.Module, tokenizer, eval_data: PackedData, config: TrainConfig, rt: Runtime) -> dict:
+def finish(model: torch.nn.Module, tokenizer, eval_data: PackedData, config: TrainConfig, rt: Runtime,
+           report: Reporter | None = None) -> dict:
     """Writes the released-format model on rank 0 (and scores greedy exact match if asked)."""
+    report = report or Reporter()
     state = full_model_state(model)  # collective under FSDP
     out: dict = {}
     if rt.is_main:
+        report.say(f"writing the model to {config.model_dir} ({config.save_dtype})")
         plain = SambaY(model_config(model), backend="auto")
         plain.load_state_dict(state)
         plain.to(rt.device).eval()
@@ -208,6 +275,8 @@ def finish(model: torch.nn.Module, tokenizer, eval_data: PackedData, config: Tra
                 shutil.copyfile(source / name, config.model_dir / name)
         if config.generate_eval:  # scores the weights as saved (save_dtype), the way they will be used
             examples = _held_out_chats(config)[: config.generate_eval]
+            report.say(f"greedy exact match on {len(examples)} held-out examples "
+                       f"(up to {config.max_new_tokens} new tokens each)")
             with _autocast(config, rt.device):
                 out = exact_match(plain, tokenizer, examples, max_new_tokens=config.max_new_tokens)
     if dist.is_initialized():
