@@ -411,14 +411,15 @@ def load_model(
     by_file: dict[Path, list[str]] = {}
     for hf in pairs:
         by_file.setdefault(files[hf], []).append(hf)
-    total = sum(p.numel() * p.element_size() for p in params.values())
+    total = sum(file.stat().st_size for file in by_file)  # the bytes read, whatever dtype they become
     with _progress_bar(progress) as bar:
         task = bar.add_task(f"loading {Path(path).name}", total=total)
         for file, names in by_file.items():
             for hf, value in _read_tensors(file, names, {hf: params[pairs[hf]].shape for hf in names}):
                 target = params[pairs[hf]]
                 _assign(model, pairs[hf], value.to(device=device, dtype=target.dtype))
-                bar.advance(task, target.numel() * target.element_size())
+                bar.advance(task, value.numel() * value.element_size())
+        bar.update(task, completed=total)  # the files' headers
     if config.tie_embeddings and "lm_head.weight" in files:
         [(_, head)] = _read_tensors(files["lm_head.weight"], ["lm_head.weight"],
                                     {"lm_head.weight": model.embed.weight.shape})
