@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from rich.console import Console
 
 from sambay.cli import train as train_cli
 from sambay.train import memory
-from sambay.train.config import TrainConfig, field_docs
+from sambay.train.config import TrainConfig, field_docs, load_train_config
 from sambay.train.loop import train
 from sambay.train.metrics import read_log
 from sambay.train.progress import Reporter, duration, step_line
@@ -148,3 +149,15 @@ def test_memory_fit_splits_the_micro_batch_and_keeps_the_updates(corpus, tmp_pat
     final_whole = read_log(tmp_path / "whole" / "log.jsonl", "final")[2]
     final_split = read_log(tmp_path / "split" / "log.jsonl", "final")[2]
     assert final_split["loss"] == pytest.approx(final_whole["loss"], rel=1e-5)  # the same held-out windows
+
+
+def test_arithmetic_recipes_fit_in_memory_on_a_cpu():
+    scripts = Path(__file__).resolve().parents[2] / "scripts"
+    gpu, cpu = (load_train_config(scripts / name) for name in ("arithmetic.toml", "arithmetic-cpu.toml"))
+    assert (cpu.model, cpu.seq_len, cpu.dtype) == (gpu.model, gpu.seq_len, "auto")
+    model = build_model(gpu, Runtime(0, 1, torch.device("cpu")))
+    need = memory.step_memory(model, gpu, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert memory.fit_micro_batch(cpu, need, 8 * GIB) is cpu  # the CPU recipe fits an 8 GB machine as it is
+    fitted = memory.fit_micro_batch(gpu, need, 16 * GIB)  # the GPU recipe is split, the global batch kept
+    assert fitted.micro_batch_size < gpu.micro_batch_size
+    assert fitted.micro_batch_size * fitted.grad_accum == gpu.micro_batch_size * gpu.grad_accum == 64

@@ -20,8 +20,9 @@ several micro-steps of the same global batch (`sambay.train.memory`).
 
 Dtype policy: parameters and optimiser state fp32; forward under bf16 autocast with ``dtype =
 "bfloat16"``, in fp32 with "float32"; "auto" (the default) is bf16 on CUDA and fp32 on the CPU, where
-bf16 autocast is about twice as slow; the loss in fp32. Released-format weights are written at the end in
-``save_dtype`` with `sambay.save_model`, with the tokenizer files copied alongside.
+bf16 autocast is no faster (see `sambay.train.setup.resolve_dtype`); the loss in fp32. Released-format
+weights are written at the end in ``save_dtype`` with `sambay.save_model`, with the tokenizer files
+copied alongside.
 """
 
 from __future__ import annotations

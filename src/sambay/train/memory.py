@@ -15,11 +15,12 @@ reference ops save is seen, whatever they are. A step's peak is that, times the 
 
 ``PEAK_OVER_SAVED`` is the resident memory over the saved bytes, measured on the arithmetic preset
 (512-token sequences, 2 cores, fp32 and bf16 autocast alike): 1.15-1.2 in the first forward/backward,
-2.2-2.3 from the second on, at micro-batches 8 and 16. glibc's allocator keeps the freed activations of
-one micro-step in its heap (its dynamic mmap threshold grows with the large frees) and cannot fully
-reuse them for the next; with ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment the ratio stays
-at 1.04. Activation checkpointing gets no credit for the same reason: the bytes alive fall to a
-third, but the resident memory of one step measured 1.38 × the un-checkpointed saved bytes.
+2.2-2.3 from the second on, and over whole `sambay train` runs of 16 micro-steps 2.3 (micro-batch 8)
+and 2.6 (micro-batch 4). glibc's allocator keeps the freed activations of one micro-step in its heap
+(its dynamic mmap threshold grows with the large frees) and cannot fully reuse them for the next; with
+``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment the ratio stays at 1.04. Activation
+checkpointing gets no credit for the same reason: the bytes alive fall to a third, but the resident
+memory of one step measured 1.38 × the un-checkpointed saved bytes.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import nn
 from sambay.train.config import TrainConfig
 from sambay.train.evaluate import token_nll
 
-PEAK_OVER_SAVED = 2.4  # measured 2.2-2.3 from the second micro-step on (module docstring)
+PEAK_OVER_SAVED = 2.7  # measured up to 2.6 over whole runs (module docstring)
 USABLE_FRACTION = 0.85  # of the available memory: the rest is left to the allocator's slack and the OS
 
 
@@ -58,6 +59,9 @@ def saved_bytes(model: nn.Module, seq_len: int, device: torch.device, autocast) 
         seq_len: tokens of the sequence.
         device: where the model is.
         autocast: the run's autocast context.
+
+    Returns:
+        The bytes of the distinct storages saved for backward, parameters excluded.
     """
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}  # storage address -> bytes
@@ -157,8 +161,8 @@ def fit_to_memory(config: TrainConfig, model: nn.Module, device: torch.device, a
     else:
         say(f"memory: a micro-batch of {config.micro_batch_size} x {config.seq_len} tokens needs "
             f"~{gib(memory.step_bytes(config.micro_batch_size))}, {gib(available)} available: running "
-            f"{fitted.grad_accum} micro-batches of {fitted.micro_batch_size} per step, the same global batch "
-            f"(~{gib(memory.step_bytes(fitted.micro_batch_size))}; --micro-batch-size and --grad-accum choose)")
+            f"{fitted.grad_accum} micro-batches of {fitted.micro_batch_size} per step instead (same global batch, "
+            f"~{gib(memory.step_bytes(fitted.micro_batch_size))}; set --micro-batch-size / --grad-accum to choose)")
     return fitted
 
 
