@@ -39,7 +39,7 @@ from sambay.generate.outputs import OutputProcessor, token_logprobs
 from sambay.generate.requests import Limits, Output, Request, SchedulerConfig, deliver, refuse_if_busy
 from sambay.generate.runner import ModelRunner, upload
 from sambay.generate.sampling import PenaltyState, SamplingParams, make_generator, sample
-from sambay.generate.scheduler import Run, Sample, Scheduler, Step
+from sambay.generate.scheduler import Run, Scheduler, Step
 from sambay.model.sambay import SambaY
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ class EngineCore:
         deadline = time.monotonic() + grace
         with self._lock:
             self._closing = True
-            while self._thread is not None and self._busy() and time.monotonic() < deadline:
+            while self._thread is not None and self.busy and time.monotonic() < deadline:
                 self._lock.wait(timeout=min(0.05, max(deadline - time.monotonic(), 0)))
             self._stop = True
             self._lock.notify_all()
@@ -176,7 +176,9 @@ class EngineCore:
 
     # the loop -------------------------------------------------------------------------------------
 
-    def _busy(self) -> bool:
+    @property
+    def busy(self) -> bool:
+        """Requests running, waiting or preempted, or a launched step not yet delivered."""
         return self.scheduler.busy or self._inflight is not None
 
     def _loop(self) -> None:
@@ -184,7 +186,7 @@ class EngineCore:
             torch.cuda.set_device(self.runner.device)  # the current device is per thread
         while True:
             with self._lock:
-                while not (self._stop or self._busy() or self._cancelled):
+                while not (self._stop or self.busy or self._cancelled):
                     self._lock.wait()
                 if self._stop:
                     return
@@ -310,4 +312,4 @@ class EngineCore:
             self._penalties.output_counts[row.slot] = upload(counts.to(torch.int32), self.runner.device)
 
 
-__all__ = ["EngineCore", "Sample", "make_runner", "sized_for_budget"]
+__all__ = ["EngineCore", "make_runner", "sized_for_budget"]

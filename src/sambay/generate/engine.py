@@ -215,7 +215,7 @@ class Engine:
             if open_:  # the consumer stopped early: free the rows
                 for request in requests:
                     request.cancel()
-                while core.scheduler.busy or core._inflight is not None:
+                while core.busy:
                     core.step(overlap=True)
 
     def _core_for(self, rows: int, length: int) -> EngineCore:

@@ -217,20 +217,20 @@ class ModelRunner:
             table[0, :blocks] = torch.arange(1, blocks + 1)
             room = min(room, blocks * full.block_size)
         lengths = sorted({1, 16, 17, max(17, min(prefill_chunk, room // 4))})
-        blocks = ((self.pad,), table) if table is not None else ((), None)
+        rows = () if table is None else (self.pad,)  # the block-table row the spare row borrows, if paged
 
         def chunk(n: int) -> tuple[PrefillChunk, ...]:
             return (PrefillChunk(self.pad, tuple(i % vocab for i in range(1, n + 1)), True),)
 
         with torch.inference_mode():
-            self.execute(StepPlan(block_rows=blocks[0], block_table=blocks[1]))
+            self.execute(StepPlan(block_rows=rows, block_table=table))
             for first in lengths:
                 for n in lengths:
                     if first + n <= room:
                         self.execute(StepPlan(reset=(self.pad,), prefill=chunk(first)))
                         self.execute(StepPlan(prefill=chunk(n)))
             cleared = None if table is None else torch.zeros_like(table)
-            self.execute(StepPlan(reset=(self.pad,), block_rows=blocks[0], block_table=cleared))
+            self.execute(StepPlan(reset=(self.pad,), block_rows=rows, block_table=cleared))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started

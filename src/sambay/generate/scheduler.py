@@ -32,7 +32,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -334,7 +333,3 @@ class Scheduler:
                 self._close(run)
             delivered.append((run.request, Output(tuple(deltas[key]), finished=finished)))
         return delivered
-
-    def runs_of(self, steps: Iterable[Step]) -> set[int]:
-        """Ids of the requests that these steps sample."""
-        return {s.run.request.id for step in steps for s in step.samples}
