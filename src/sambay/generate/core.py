@@ -112,7 +112,8 @@ class EngineCore:
         self._thread: threading.Thread | None = None
         self._inflight: _Launched | None = None
         if c.warm_up if c.warm_up is not None else self.runner.device.type == "cuda":
-            log.info("warm-up: prefill kernels compiled in %.1f s", self.runner.warm_up(c.prefill_chunk))
+            seconds = self.runner.warm_up(c.prefill_chunk, c.prefill_budget)
+            log.info("warm-up: prefill kernels compiled in %.1f s", seconds)
 
     # public, thread-safe -------------------------------------------------------------------------
 
