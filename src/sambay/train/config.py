@@ -69,7 +69,7 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard events (needs the `tensorboard` package)
     checkpoint_every: int = 100  # steps between training checkpoints (0: never)
     keep_checkpoints: int = 2  # newest training checkpoints kept on disk
-    resume: bool = True  # continue from the latest checkpoint in out_dir/checkpoints if any
+    resume: bool = True  # continue from out_dir/checkpoints; off: move its checkpoints to checkpoints.old-N
     final_model_dir: str | None = None  # released-format output; unset: out_dir/model
     save_dtype: str = "bfloat16"  # dtype of the released-format weights
     seed: int = 0  # seeds the initialisation and the data order

@@ -10,8 +10,11 @@ JSONL (``{"messages": [...]}`` per line, see `sambay.train.chat`) into shards::
 
 Each document ends with `<|endoftext|>`. The held-out split is `eval_files` when given, otherwise
 each document whose CRC32 falls in the lowest ``heldout_fraction`` of the range: stable under
-reordering and re-runs. Shards are written under a temporary name and renamed; `meta.json` is written
-last, and a directory whose fingerprint matches is reused.
+reordering and re-runs. A directory whose fingerprint (in `meta.json`) matches is reused. Otherwise
+`meta.json` is deleted *before* the first shard is replaced, the shards are written under a temporary
+name, fsynced and renamed, and the new `meta.json` is renamed into place last: a preparation killed
+half-way leaves no fingerprint, so the next run redoes it rather than reusing a mix of two inputs'
+shards under the old fingerprint (issue 13).
 
 `PackedData` cuts a split into windows of ``seq_len + 1`` tokens (inputs and shifted targets; windows
 never straddle shards) and serves them in a seeded permutation per epoch. The position is one integer,
@@ -95,9 +98,26 @@ class _ShardWriter:
 
 
 def _atomic_tofile(array: np.ndarray, path: Path) -> None:
+    _atomic_write(path, array.tofile)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(file)`` into a temporary beside ``path``, fsync, then rename over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    array.tofile(tmp)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fsync(directory: Path) -> None:
+    """Makes the renames and deletions in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def prepare_data(
@@ -124,6 +144,9 @@ def prepare_data(
     if meta_path.exists() and json.loads(meta_path.read_text())["fingerprint"] == fingerprint:
         report.say(f"data: reusing the token shards in {data_dir} (same input files)")
         return data_dir
+    if meta_path.exists():  # invalidate before any shard changes: a kill from here on leaves no fingerprint
+        meta_path.unlink()
+        _fsync(data_dir)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     is_chat = next(_documents(Path([*files, *eval_files][0])), ("text", ""))[0] == "chat"
     writers = {s: _ShardWriter(data_dir / s, dtype, is_chat) for s in ("train", "eval")}
@@ -142,12 +165,12 @@ def prepare_data(
                f"in {time.perf_counter() - t0:.0f} s")
     token_bytes = np.array([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)], dtype=np.int32)
     token_bytes[list(tokenizer.marker_ids)] = 0  # markers are structure, not text: no bytes, no bits
-    np.save(data_dir / "token_bytes.npy", token_bytes)
+    _atomic_write(data_dir / "token_bytes.npy", lambda f: np.save(f, token_bytes))
+    for split in writers:
+        _fsync(data_dir / split)  # the shards' renames are on disk before the fingerprint that vouches for them
     meta = {"fingerprint": fingerprint, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "chat": is_chat,
             "splits": {s: {"shards": w.shards, "bytes": w.n_bytes} for s, w in writers.items()}}
-    tmp = meta_path.with_name(".meta.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
+    _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))
     return data_dir
 
 

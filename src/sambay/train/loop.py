@@ -57,7 +57,7 @@ from sambay.train.setup import (
     resolve_dtype,
     setup_distributed,
 )
-from sambay.train.state import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from sambay.train.state import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint, set_aside
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -156,8 +156,15 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batche
 
 
 def _resume(config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, report: Reporter) -> int:
-    """The step to start from: the latest checkpoint's (loaded into model and optimizer) or 0."""
-    checkpoint = latest_checkpoint(config.checkpoint_dir) if config.resume else None
+    """The step to start from: the latest checkpoint's (loaded into model and optimizer) or 0.
+
+    Without ``resume``, an earlier run's checkpoints are moved aside first (see `set_aside`).
+    """
+    if not config.resume:
+        if (moved := set_aside(config.checkpoint_dir)) is not None:
+            report.say(f"not resuming: moved the earlier checkpoints in {config.checkpoint_dir} to {moved}")
+        return 0
+    checkpoint = latest_checkpoint(config.checkpoint_dir, report.say)
     if checkpoint is None:
         return 0
     step = load_checkpoint(checkpoint, model, optimizer)["step"]

@@ -11,6 +11,14 @@ Atomicity: everything is written into ``.tmp-step_…`` and fsynced; ``trainer.j
 directory is then renamed to its final name and the ``latest`` pointer is replaced with `os.replace`.
 A crash at any point leaves the previous checkpoint and ``latest`` untouched; the stale temporary
 directory is removed by the next save. Nothing is unpickled on load (safetensors + JSON only).
+A directory is only ever deleted after being renamed to ``.tmp-…``, so every ``step_*`` directory is
+complete, whenever the process dies.
+
+Pruning (issue 13): a save removes only checkpoints of *earlier* steps than the one it has just put
+in place, never that one nor later steps (they sort after it, and used to take its place in the
+``keep`` newest). When ``latest`` is missing or names a missing or incomplete directory,
+`latest_checkpoint` falls back to the newest complete one and says so. A run that does not resume
+first moves an earlier run's checkpoints aside (`set_aside`), so the two runs never mix.
 
 Full state dicts come from ``torch.distributed.checkpoint.state_dict``, which strips the DDP,
 FSDP2, checkpoint-wrapper and compile prefixes and gathers DTensor shards, so a checkpoint written
@@ -20,8 +28,11 @@ by one layout loads into another (the same code path serves one process, DDP and
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +48,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+log = logging.getLogger("sambay.train")
+
 LATEST = "latest"
+CHECKPOINT_NAME = re.compile(r"step_(\d+)")
+REQUIRED_FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
 
 
 def _rank() -> int:
@@ -91,7 +106,8 @@ def save_checkpoint(
         model: the (possibly wrapped) model.
         optimizer: its optimiser.
         trainer: JSON-serialisable loop state (data position, config, ...).
-        keep: how many checkpoints to keep (oldest removed after the new one is in place).
+        keep: how many checkpoints to keep: this one and the ``keep - 1`` newest of earlier steps
+            (removed after the new one is in place; later steps are left alone; <= 0 keeps all).
 
     Returns:
         The final directory.
@@ -102,7 +118,7 @@ def save_checkpoint(
     optim_options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
     optim_tensors, groups = _flatten_optimizer(get_optimizer_state_dict(model, optimizer, options=optim_options))
     if _rank() == 0:
-        for stale in root.glob(".tmp-step_*"):
+        for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     _barrier()
@@ -117,17 +133,36 @@ def save_checkpoint(
         record = {"step": step, "param_groups": groups, **trainer}
         _write(tmp / "trainer.json", lambda p: p.write_text(json.dumps(record, indent=2)))
         if final.exists():  # a re-save of the same step (after a resume); the old copy is complete
-            shutil.rmtree(final)
+            _discard(final)
         os.rename(tmp, final)
         _fsync_dir(root)
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, root / LATEST)
         _fsync_dir(root)
-        for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
+        earlier = [path for s, path in _checkpoints(root) if s < step]
+        for old in earlier[: max(len(earlier) - (keep - 1), 0)] if keep > 0 else []:
+            _discard(old)
     _barrier()
     return final
+
+
+def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every ``step_<n>`` directory under ``root``, by step."""
+    found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := CHECKPOINT_NAME.fullmatch(p.name))]
+    return sorted(found)
+
+
+def _discard(path: Path) -> None:
+    """Deletes a checkpoint directory, renaming it to ``.tmp-…`` first.
+
+    `shutil.rmtree` killed half-way would leave a ``step_*`` directory that looks complete but lacks
+    files; a renamed one is only a stale temporary that the next save removes.
+    """
+    doomed = path.with_name(f".tmp-discard-{path.name}")
+    os.rename(path, doomed)
+    _fsync_dir(path.parent)
+    shutil.rmtree(doomed)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -138,13 +173,52 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The directory ``latest`` points at, or None when there is no complete checkpoint."""
-    pointer = Path(root) / LATEST
-    if not pointer.exists():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    return path if (path / "trainer.json").exists() else None
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint directory holding every file a resume reads."""
+    return CHECKPOINT_NAME.fullmatch(path.name) is not None and all((path / f).is_file() for f in REQUIRED_FILES)
+
+
+def latest_checkpoint(root: str | Path, say: Callable[[str], None] = log.warning) -> Path | None:
+    """The checkpoint to resume from: the one ``latest`` names, else the newest complete one, else None.
+
+    A missing or bad ``latest`` (naming a missing or incomplete directory) is reported through ``say``
+    before falling back: a resume from an older step than expected must never go unnoticed.
+    """
+    root = Path(root)
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and named.parent == root and is_complete(named):
+        return named
+    complete = [path for _, path in _checkpoints(root) if is_complete(path)]
+    problem = f"{pointer} names {named.name!r}, missing or incomplete" if named else f"{pointer} is missing"
+    if complete:
+        say(f"{problem}: resuming from the newest complete checkpoint, {complete[-1].name}")
+        return complete[-1]
+    if named is not None:
+        say(f"{problem}, and there is no complete checkpoint in {root}: starting from step 0")
+    return None
+
+
+def set_aside(root: str | Path) -> Path | None:
+    """Moves ``root`` (an earlier run's checkpoints) to ``<root>.old-<n>`` if it holds anything.
+
+    For a run that does not resume (``resume = False``). Keeping the earlier checkpoints beside the
+    new ones mixes two runs: a resume could continue the wrong one, and `keep` could count theirs.
+    Deleting them would lose work on a mistyped flag. One rename is atomic, keeps everything, and
+    leaves the new run a directory of its own. Collective: every rank calls it.
+
+    Returns:
+        Where the checkpoints went, or None when there was nothing to move.
+    """
+    root, moved = Path(root), None
+    if _rank() == 0 and root.is_dir() and any(root.iterdir()):
+        n = 1
+        while (moved := root.with_name(f"{root.name}.old-{n}")).exists():
+            n += 1
+        os.rename(root, moved)
+        _fsync_dir(root.parent)
+    _barrier()
+    return moved
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
