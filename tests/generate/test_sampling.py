@@ -35,12 +35,18 @@ def kept(logits: torch.Tensor) -> list[int]:
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("temperature", -0.1, "temperature"),
+    ("temperature", math.inf, "temperature must be a finite"),
+    ("temperature", math.nan, "temperature must be a finite"),
     ("top_k", -1, "top_k"),
     ("top_k", 2.5, "top_k"),
     ("top_p", 0.0, "top_p"),
     ("top_p", 1.5, "top_p"),
     ("min_p", 1.1, "min_p"),
     ("repetition_penalty", 0.0, "repetition_penalty"),
+    ("repetition_penalty", 1e-300, r"repetition_penalty must be in \[0.01, 10.0\]"),
+    ("repetition_penalty", 10.5, "repetition_penalty"),
+    ("repetition_penalty", math.nan, "repetition_penalty"),
+    ("presence_penalty", math.nan, "presence_penalty"),
     ("presence_penalty", 2.5, "presence_penalty"),
     ("frequency_penalty", -3.0, "frequency_penalty"),
     ("max_new_tokens", 0, "max_new_tokens"),
@@ -87,6 +93,17 @@ def test_greedy_is_argmax_without_masks():
     params = SamplingParams(temperature=0, top_k=1, top_p=0.1)
     assert sample(logits_of(PROBS), params).tokens.tolist() == [1]  # no generator needed
     assert torch.isfinite(process_logits(logits_of(PROBS), params)).all()
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 5e-324, 9.9e-6])
+def test_a_temperature_below_the_epsilon_is_greedy_with_finite_logprobs(temperature):
+    """Dividing fp32 logits by 1e-45 overflows to inf and softmax of inf is NaN: such rows are greedy."""
+    params = SamplingParams(temperature=temperature, repetition_penalty=0.01, logprobs=3)
+    state = penalty_state(prompt=[3], generated=[], vocab=len(PROBS))
+    out = sample(logits_of(PROBS) * 1e4, params, penalties=state)  # no generator: greedy needs none
+    assert params.is_greedy and out.tokens.tolist() == [3]  # a penalty < 1 favours seen tokens
+    assert torch.isfinite(out.logprobs).all() and torch.isfinite(out.top_logprobs).all()
+    assert not SamplingParams(temperature=1e-5).is_greedy
 
 
 def test_exponential_race_matches_the_distribution():

@@ -7,7 +7,7 @@ Processing order (HF's logits-warper order), applied to fp32 logits of shape (b,
     1. penalties: repetition over prompt + generated tokens (HF / vLLM: a positive logit is divided by
        the penalty, a negative one multiplied); presence and frequency over generated tokens only
        (OpenAI: ``logit -= presence * [count > 0] + frequency * count``);
-    2. temperature (greedy when 0: argmax of the penalised logits, no masks, no noise);
+    2. temperature (greedy below `GREEDY_TEMPERATURE`: argmax of the penalised logits, no masks, no noise);
     3. top-k, then top-p (smallest set of most likely tokens whose mass reaches p), then min-p
        (drop tokens below ``min_p`` × the most likely token's probability).
 
@@ -15,6 +15,13 @@ Sampling is the exponential race: ``argmax(p / q)`` with ``q ~ Exponential(1)`` 
 probability exactly ``p_i`` (the Gumbel-max trick in disguise) and needs no cumulative sums or sync.
 Each row draws its noise from its own `torch.Generator`, so a seeded request produces the same tokens
 whatever else shares its batch.
+
+Numeric domain (`SamplingParams` refuses anything outside it, so no step produces inf or NaN): every float
+is finite; a temperature below 1e-5 is greedy (dividing fp32 logits by 1e-45 overflows to inf, and
+softmax of inf is NaN); the repetition penalty lies in [0.01, 10] (1e-300 is 0 in fp32, and dividing by
+it overflows; 1/0.01 scales a logit by at most 100); presence and frequency penalties lie in [-2, 2]
+(OpenAI's range). The HTTP API (`sambay.serve.schemas`) uses the same bounds, with OpenAI's temperature
+cap of 2 on top.
 
 Logprobs are ``log_softmax`` of the *processed* distribution, the one the token was drawn from (after
 penalties, temperature and masks: masked tokens get -inf). For greedy rows they are ``log_softmax`` of
@@ -24,11 +31,16 @@ the penalised logits at temperature 1.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+REPETITION_PENALTY_RANGE = (0.01, 10.0)  # inclusive; 1 = off
+PRESENCE_PENALTY_RANGE = (-2.0, 2.0)  # inclusive, OpenAI's range; also the frequency penalty's
 
 
 def _check(ok: bool, message: str) -> None:
@@ -36,15 +48,20 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_range(name: str, value: float, bounds: tuple[float, float]) -> None:
+    low, high = bounds
+    _check(low <= value <= high, f"{name} must be in [{low}, {high}], got {value!r}")  # NaN fails too
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to sample one request. Neutral values switch a processor off."""
 
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # finite, >= 0; below GREEDY_TEMPERATURE (0 included) = greedy
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     top_p: float = 1.0  # nucleus mass in (0, 1]; 1 = off
     min_p: float = 0.0  # in [0, 1]; 0 = off
-    repetition_penalty: float = 1.0  # > 0; 1 = off
+    repetition_penalty: float = 1.0  # in REPETITION_PENALTY_RANGE, [0.01, 10]; 1 = off
     presence_penalty: float = 0.0  # in [-2, 2], OpenAI's range
     frequency_penalty: float = 0.0  # in [-2, 2]
     seed: int | None = None  # None: drawn from torch's global RNG
@@ -56,14 +73,14 @@ class SamplingParams:
     skip_special_tokens: bool = True  # drop special markers from the text
 
     def __post_init__(self):
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(0 <= self.temperature < math.inf,
+               f"temperature must be a finite number >= 0, got {self.temperature!r}")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an int >= 0, got {self.top_k!r}")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        _check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check_range("repetition_penalty", self.repetition_penalty, REPETITION_PENALTY_RANGE)
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _check(-2 <= value <= 2, f"{name} must be in [-2, 2], got {value}")
+            _check_range(name, getattr(self, name), PRESENCE_PENALTY_RANGE)
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an int or None, got {self.seed!r}")
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
                f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
@@ -78,7 +95,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax, no noise: a temperature this small would overflow the scaled logits (module docstring)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:

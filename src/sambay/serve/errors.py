@@ -1,7 +1,8 @@
 """Errors in OpenAI's format, ``{"error": {"message", "type", "param", "code"}}``, and their HTTP statuses.
 
-    400  malformed JSON; semantic errors (a message the chat template rejects, max_tokens past the context)
-    401  missing or wrong API key
+    400  malformed JSON; a lone surrogate in a string; semantic errors (a message the chat template
+         rejects, max_tokens past the context)
+    401  missing or wrong API key, with ``WWW-Authenticate: Bearer`` (RFC 6750)
     404  unknown model or route
     413  the prompt does not fit the context
     422  request fields of the wrong type, out of range, or missing (pydantic validation)
@@ -28,6 +29,9 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "inval
           503: "service_unavailable_error"}
 
 
+_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}, 503: {"Retry-After": "1"}}
+
+
 class APIError(Exception):
     """An error answered in OpenAI's format."""
 
@@ -37,8 +41,7 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         body = ErrorResponse.of(self.message, _TYPES.get(self.status, "server_error"), self.param, self.code)
-        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        return JSONResponse(body, status_code=self.status, headers=_HEADERS.get(self.status))
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

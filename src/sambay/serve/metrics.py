@@ -1,6 +1,6 @@
 """Prometheus metrics of the server (``GET /metrics``), in a registry of its own (one per app).
 
-    sambay_http_requests_total{path,status}     HTTP responses by route and status
+    sambay_http_requests_total{path,status}     HTTP responses by route template ("unmatched": no route) and status
     sambay_prompt_tokens_total                  prompt tokens admitted to the queue
     sambay_generation_tokens_total              tokens generated (all samples)
     sambay_requests_running / _waiting          requests holding slots / queued for one

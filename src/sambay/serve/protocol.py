@@ -6,12 +6,20 @@ as vLLM takes generation_config's). `ResponseBuilder` turns the scheduler's `Out
 into a whole response or into stream chunks. For chat, each choice's text goes through a
 `ReasoningParser`: the `<think>` trace becomes ``reasoning_content``, the rest ``content``.
 No I/O here, so the assembly is testable with hand-made outputs.
+
+JSON has no NaN or Infinity (RFC 8259): a logprob that is not finite goes out as -9999.0, the floor vLLM
+gives -inf (a token masked by top-k / top-p), and `json_text` writes every response and chunk, replacing
+any non-finite number that slipped through rather than sending what clients cannot parse.
+
+`check_prompt_length` refuses a prompt whose characters alone prove it too long, before the tokenizer
+spends seconds on megabytes of text.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +39,27 @@ class Prepared:
 
     prompt: list[int]
     params: SamplingParams
+
+
+def check_prompt_length(req: schemas.ChatCompletionRequest | schemas.CompletionRequest, max_length: int,
+                        max_token_chars: int) -> None:
+    """Refuse (413) a text prompt that cannot fit the context, without tokenizing it.
+
+    A token covers at most ``max_token_chars`` characters (the longest token's bytes: a character takes at
+    least one), so a text of more than ``(max_length - 1) * max_token_chars`` characters makes at least
+    ``max_length`` tokens, leaving no room to generate. For chat, the bound counts each message's content
+    without the whitespace at its ends (a marker with ``rstrip`` swallows whitespace after it): a chat
+    template writes every message's content and adds its own text (this model's does), so the prompt is
+    at least that long. Costs a string length per message (a join of content parts), not a tokenization.
+    """
+    if isinstance(req, schemas.CompletionRequest):
+        chars = len(req.prompt) if isinstance(req.prompt, str) else 0
+    else:
+        chars = sum(len(m.text().strip()) for m in req.messages)
+    if chars > (max_length - 1) * max_token_chars:
+        raise APIError(413, f"the prompt has {chars} characters, more than any text of {max_length} tokens (this "
+                       f"server's context, prompt + completion) can hold", param="messages",
+                       code="context_length_exceeded")
 
 
 def prepare_chat(req: schemas.ChatCompletionRequest, tokenizer: Tokenizer, max_length: int,
@@ -224,16 +253,45 @@ class ResponseBuilder:
         offsets = [0]
         for token in tokens[:-1]:
             offsets.append(offsets[-1] + len(token))
-        return {"tokens": tokens, "token_logprobs": [max(t.logprob, -9999.0) for t in items],
-                "top_logprobs": [{self._token(i, lp)["token"]: max(lp, -9999.0) for i, lp in t.top} for t in items],
+        return {"tokens": tokens, "token_logprobs": [finite_logprob(t.logprob) for t in items],
+                "top_logprobs": [{self._token(i, lp)["token"]: finite_logprob(lp) for i, lp in t.top} for t in items],
                 "text_offset": offsets}
 
     def _token(self, token_id: int, logprob: float) -> dict:
         data = self.tokenizer.token_bytes(token_id) if token_id < self.tokenizer.vocab_size else b""
-        # -inf (a token masked by top-k / top-p) is not valid JSON; OpenAI-compatible servers send -9999
-        return {"token": data.decode("utf-8", errors="replace"), "logprob": max(logprob, -9999.0), "bytes": list(data)}
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": finite_logprob(logprob),
+                "bytes": list(data)}
+
+
+LOGPROB_FLOOR = -9999.0  # what -inf becomes on the wire (vLLM's and other OpenAI-compatible servers' value)
+
+
+def finite_logprob(logprob: float) -> float:
+    """A logprob as JSON can carry it: -inf (a masked token) and NaN become `LOGPROB_FLOOR`, +inf 0."""
+    if math.isfinite(logprob):
+        return max(logprob, LOGPROB_FLOOR)
+    return 0.0 if logprob > 0 else LOGPROB_FLOOR
+
+
+def json_text(data) -> str:
+    """``data`` as JSON (non-ASCII kept), never with NaN or Infinity: `json.dumps` refuses them, and only
+    then are the non-finite numbers replaced (`finite_logprob`), so the common case costs one dump."""
+    try:
+        return json.dumps(data, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # a non-finite float
+        return json.dumps(_finite(data), ensure_ascii=False, allow_nan=False)
+
+
+def _finite(data):
+    if isinstance(data, float):
+        return finite_logprob(data) if not math.isfinite(data) else data
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
 
 
 def sse_event(data: dict) -> str:
     """One Server-Sent Event carrying ``data`` as JSON."""
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {json_text(data)}\n\n"

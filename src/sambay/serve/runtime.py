@@ -4,7 +4,9 @@
 maps the scheduler's refusals to OpenAI errors (429 queue full, 503 shutting down, 413 too long);
 `Runtime.outputs` iterates a request's outputs, records metrics, and cancels the request (freeing its
 slots) when the consumer stops early: a client that disconnects mid-stream (Starlette cancels the
-response), or a non-streaming client that goes away (polled every ``poll_s``).
+response), or a non-streaming client that goes away. The latter is polled on a timer, every ``poll_s``
+whether or not tokens arrive meanwhile: polling only when none had come for ``poll_s`` left a gone
+client's slot busy until its generation ended (issue 13).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
@@ -125,6 +128,9 @@ class Runtime:
 
     def __post_init__(self):
         self.metrics = Metrics(self.scheduler)
+        # bytes of the longest token, a bound on its characters: a text of more characters than
+        # (max_length - 1) times this cannot fit the context, whatever the tokenizer makes of it
+        self.max_token_chars = max(len(self.tokenizer.token_bytes(i)) for i in range(self.tokenizer.vocab_size))
 
     @property
     def max_length(self) -> int:
@@ -167,12 +173,13 @@ class Runtime:
         """As `outputs`, grouped: each batch holds every output that had arrived when the previous one was
         taken (one network write per batch for a stream that fell behind)."""
         finished, previous = False, None
+        watch = None if http is None else _DisconnectWatch(http, self.poll_s)
         try:
             while not finished:
-                output = await stream.get(self.poll_s if http is not None else None)
+                output = await stream.get(None if watch is None else watch.timeout())
+                if watch is not None and await watch.is_gone():
+                    return
                 if output is None:
-                    if await http.is_disconnected():
-                        return
                     continue
                 batch = [output, *stream.ready()]
                 for output in batch:
@@ -183,3 +190,24 @@ class Runtime:
         finally:
             if not finished:
                 request.cancel()
+
+
+class _DisconnectWatch:
+    """Asks whether an HTTP client is still there at most every ``poll_s`` seconds, on a timer: the check
+    is due when its time comes, however many outputs arrived since the last one."""
+
+    def __init__(self, http: HTTPRequest, poll_s: float):
+        self.http, self.poll_s = http, poll_s
+        self.due = time.monotonic() + poll_s
+
+    def timeout(self) -> float:
+        """How long the next wait for an output may last before the check is due."""
+        return max(self.due - time.monotonic(), 0.0)
+
+    async def is_gone(self) -> bool:
+        """Whether the client disconnected; asks only when the check is due (a non-blocking receive)."""
+        now = time.monotonic()
+        if now < self.due:
+            return False
+        self.due = now + self.poll_s
+        return await self.http.is_disconnected()

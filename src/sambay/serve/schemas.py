@@ -7,6 +7,11 @@ Responses follow the OpenAI wire format; the reasoning trace travels in ``reason
 name vLLM and DeepSeek use), next to ``content``. ``model`` may be omitted: a server serves one model.
 
 Extensions beyond OpenAI's parameters: ``top_k`` (-1 or 0 = off), ``min_p``, ``repetition_penalty``.
+
+Numeric domain (`sambay.generate.sampling` gives the reasons): every number finite (``NaN``, ``Infinity``
+and ``1e999`` are refused, though Python's JSON parser reads them); ``temperature`` in [0, 2], greedy
+below 1e-5; ``repetition_penalty`` in [0.01, 10]; presence and frequency penalties in [-2, 2]. Each
+field's description states its bounds; a value outside them is a 422 naming the field.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-_Probability = Annotated[float, Field(ge=0, le=1)]
-_Penalty = Annotated[float, Field(ge=-2, le=2)]
+from sambay.generate.sampling import GREEDY_TEMPERATURE, PRESENCE_PENALTY_RANGE, REPETITION_PENALTY_RANGE
+
+_Penalty = Annotated[float, Field(ge=PRESENCE_PENALTY_RANGE[0], le=PRESENCE_PENALTY_RANGE[1])]
 
 
 class StreamOptions(BaseModel):
@@ -26,17 +32,20 @@ class StreamOptions(BaseModel):
 class _Request(BaseModel):
     """Sampling fields shared by both completion endpoints."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None  # None: the one model this server serves (as vLLM)
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: _Probability | None = None
-    presence_penalty: _Penalty = 0.0
-    frequency_penalty: _Penalty = 0.0
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    temperature: float | None = Field(None, ge=0, le=2, description=(
+        f"In [0, 2]; below {GREEDY_TEMPERATURE:g} (0 included) decoding is greedy."))
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus mass in (0, 1]; 1 = off.")
+    top_k: int | None = Field(None, ge=-1, description="Keep the k most likely tokens; -1 or 0 = off.")
+    min_p: float | None = Field(None, ge=0, le=1, description="In [0, 1]; 0 = off.")
+    presence_penalty: _Penalty = Field(0.0, description="In [-2, 2]; 0 = off.")
+    frequency_penalty: _Penalty = Field(0.0, description="In [-2, 2]; 0 = off.")
+    repetition_penalty: float | None = Field(
+        None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+        description=f"In [{REPETITION_PENALTY_RANGE[0]:g}, {REPETITION_PENALTY_RANGE[1]:g}]; 1 = off.")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**62)
     n: int = Field(1, ge=1, le=16)
