@@ -83,8 +83,9 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def runtime(engine, model_dir):
-    config = ServeConfig(model_dir=model_dir, scheduler=SchedulerConfig(slots=8, prefill_chunk=16,
-                                                                        prefill_budget=32, max_waiting=64))
+    scheduler = SchedulerConfig(slots=8, prefill_chunk=16, prefill_budget=32, max_waiting=64, block_size=16,
+                                prefix_cache_bytes=10**7)  # prefix caching on, as `sambay serve` has it
+    config = ServeConfig(model_dir=model_dir, scheduler=scheduler)
     runtime = build_runtime(engine, config)
     yield runtime
     runtime.scheduler.close(0)

@@ -102,6 +102,29 @@ def test_disconnect_frees_the_slot(server, runtime):
         assert http.get("/health").json()["free_slots"] == 8
 
 
+def _metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_prefix_cache_hits_show_in_metrics_and_keep_outputs(client, server):
+    """A shared 60-word system prompt: the second request is served from the cache (counted in tokens on
+    /metrics) and answers as the first did."""
+    system = " ".join(f"word{i}" for i in range(60))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hello there"}]
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        before = http.get("/metrics").text
+        replies = [client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+                   for _ in range(2)]
+        after = http.get("/metrics").text
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    prompt = replies[0].usage.prompt_tokens
+    hits = _metric(after, "sambay_prefix_cache_hits_total") - _metric(before, "sambay_prefix_cache_hits_total")
+    queries = _metric(after, "sambay_prefix_cache_queries_total") - _metric(before, "sambay_prefix_cache_queries_total")
+    assert queries == 2 * prompt and hits == (prompt - 1) // 16 * 16 > 0
+    assert _metric(after, "sambay_prefix_cache_snapshot_entries") > 0
+    assert _metric(after, "sambay_prefix_cache_snapshot_bytes") > 0
+
+
 def test_health_and_metrics(client, server):
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0)
     with httpx.Client(base_url=server.url, timeout=30) as http:

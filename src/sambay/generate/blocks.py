@@ -7,12 +7,20 @@ tokens actually held: a row owns ceil(length / block_size) blocks, not ``max_len
 other per-row state (Mamba conv/SSM states, sliding-window rings) has a constant size and stays
 allocated per slot.
 
+Blocks may be shared: a row can hold blocks another row (or a finished request) wrote, when they hold
+the same tokens at the same positions (a prefix cache hit, or the prompt blocks of n samples). Each
+held block has a reference count. A block the prefix cache keeps (`keep`) is not freed when its last
+holder lets go: it waits, least recently released first, and is taken back only when the free list is
+empty (`on_evict` tells the prefix cache that its contents are gone).
+
 A model without a full-attention layer (Samba) has nothing to page: its pool is empty and every
 request of at most ``max_length`` tokens fits.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +48,24 @@ class BlockPool:
         self._table = torch.zeros(cache.batch_size, width, dtype=torch.int32)  # (slots, max_blocks) on the host
         self._free = list(range(self.capacity, 0, -1))  # a stack: low ids are handed out first
         self._owned: dict[int, list[int]] = {}
+        self._refs: dict[int, int] = {}  # held block → rows holding it
+        self._kept: set[int] = set()  # blocks the prefix cache keeps
+        self._idle: OrderedDict[int, None] = OrderedDict()  # kept blocks no row holds, first to be taken back first
         self._dirty: set[int] = set()
+        self.on_evict: Callable[[int], None] = lambda block: None
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a row can be given: free ones and kept ones no row holds."""
+        return len(self._free) + len(self._idle)
+
+    def available(self, sharing: Sequence[int] = ()) -> int:
+        """Blocks a row could be given once the kept blocks in ``sharing`` are held (they stop being spare)."""
+        return self.free_blocks - sum(block in self._idle for block in sharing)
+
+    def owned(self, slot: int) -> list[int]:
+        """The blocks of ``slot``, in position order."""
+        return self._owned.get(slot, [])
 
     def needed(self, slot: int, tokens: int) -> int:
         """Blocks ``slot`` still lacks to hold ``tokens`` positions (0 without paging)."""
@@ -55,22 +76,53 @@ class BlockPool:
     def grow(self, slot: int, tokens: int) -> bool:
         """Give ``slot`` blocks for ``tokens`` positions; False (and nothing taken) if too few are free."""
         need = self.needed(slot, tokens)
-        if need > len(self._free):
+        if need > self.free_blocks:
             return False
-        owned = self._owned.setdefault(slot, [])
-        for _ in range(need):
-            self._table[slot, len(owned)] = block = self._free.pop()
-            owned.append(block)
-        if need:
-            self._dirty.add(slot)
+        self._hold(slot, [self._take() for _ in range(need)])
         return True
 
+    def share(self, slot: int, blocks: Sequence[int]) -> None:
+        """Let ``slot`` (holding nothing yet) hold ``blocks`` as its first positions, with their other holders."""
+        assert not self._owned.get(slot), "shared blocks come first"
+        for block in blocks:
+            self._idle.pop(block, None)
+        self._hold(slot, list(blocks))
+
+    def keep(self, block: int) -> None:
+        """Keep ``block``'s contents after its last holder lets go (until the space is needed)."""
+        self._kept.add(block)
+
     def release(self, slot: int) -> None:
-        """Return every block of ``slot``; its table row points at the null block again."""
+        """Let go of every block of ``slot``; its table row points at the null block again."""
         owned = self._owned.pop(slot, [])
+        for block in reversed(owned):  # the tail of a sequence is the first to be taken back
+            self._refs[block] -= 1
+            if self._refs[block]:
+                continue
+            del self._refs[block]
+            if block in self._kept:
+                self._idle[block] = None
+            else:
+                self._free.append(block)
         if owned:
-            self._free.extend(reversed(owned))
             self._table[slot] = 0
+            self._dirty.add(slot)
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        block, _ = self._idle.popitem(last=False)
+        self._kept.discard(block)
+        self.on_evict(block)
+        return block
+
+    def _hold(self, slot: int, blocks: list[int]) -> None:
+        owned = self._owned.setdefault(slot, [])
+        for block in blocks:
+            self._table[slot, len(owned)] = block
+            owned.append(block)
+            self._refs[block] = self._refs.get(block, 0) + 1
+        if blocks:
             self._dirty.add(slot)
 
     def take_changes(self) -> tuple[list[int], torch.Tensor] | None:

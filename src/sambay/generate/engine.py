@@ -92,6 +92,7 @@ class Completion:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    reasoning_tokens: int = 0  # tokens inside <think> (``SamplingParams.reasoning`` requests)
 
 
 class Engine:
@@ -112,8 +113,10 @@ class Engine:
         *,
         stop_token_ids: Sequence[int] | None = None,
         cuda_graphs: bool | None = None,
+        prefix_cache_bytes: int = 0,
     ):
         self.model, self.tokenizer = model, tokenizer
+        self.prefix_cache_bytes = prefix_cache_bytes  # state snapshots of cached prefixes (`prefix_cache`); 0: off
         if stop_token_ids is None:
             stop_token_ids = tokenizer.stop_token_ids() if tokenizer is not None else ()
         self.stop_token_ids = tuple(stop_token_ids)
@@ -178,6 +181,7 @@ class Engine:
                 if d.logprob is not None:
                     c.logprobs.append(d.logprob)
                 c.finish_reason = d.finish_reason
+                c.reasoning_tokens = d.reasoning_tokens or c.reasoning_tokens
         return results
 
     def stream(self, prompts: Sequence[Prompt], params: SamplingParams) -> Iterator[list[SequenceDelta]]:
@@ -224,9 +228,11 @@ class Engine:
         if core is None or core.config.slots < rows or core.max_length < length:
             self._core = None  # release the old cache and graphs first
             slots = max(rows, 1 if core is None else core.config.slots)
-            length = max(length, 0 if core is None else core.max_length)
+            # a growing conversation (chat) doubles the length, so its prefix cache is rarely dropped
+            length = max(length, 0 if core is None else min(2 * core.max_length, self.model.config.max_seq_len))
             config = SchedulerConfig(slots=slots, max_length=length, prefill_chunk=8192, prefill_budget=8192,
-                                     max_waiting=max(slots, 64), cuda_graph=self.cuda_graphs, warm_up=False)
+                                     max_waiting=max(slots, 64), cuda_graph=self.cuda_graphs, warm_up=False,
+                                     prefix_cache_bytes=self.prefix_cache_bytes)
             self._core = core = EngineCore(self, config)
         return core
 

@@ -5,10 +5,12 @@
 
 A plan names cache rows (slots), never requests: the runner does not know what a request is, and a
 tensor-parallel server sends the same plan to every rank (`encode` / `decode` make it one int64 tensor).
-The runner applies the fields in their order here: rows start fresh, block-table rows change, prompt
-chunks are prefilled, prefilled rows are fanned out to their sibling samples, then every decoding row
-consumes the token last sampled into it (kept on the device by the runner, so the host never has to
-read a token back before the next step is launched).
+The runner applies the fields in their order here: rows start fresh, block-table rows change, rows
+restore a cached prefix's state (prefix caching), prompt chunks are prefilled (a row may have two chunks
+in one step: they run one after the other, and a chunk may save the row's state into a snapshot after
+it), prefilled rows are fanned out to their sibling samples, then every decoding row consumes the token
+last sampled into it (kept on the device by the runner, so the host never has to read a token back
+before the next step is launched).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class PrefillChunk:
     slot: int
     tokens: tuple[int, ...]
     emit: bool  # the row's prefill ends here: return the logits of its last token
+    save: int = -1  # snapshot entry the row's state is copied into after this chunk (-1: none)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class StepPlan:
     reset: tuple[int, ...] = ()  # rows that start a new sequence: zero state, length 0
     block_rows: tuple[int, ...] = ()  # rows of the block table that changed
     block_table: Tensor | None = None  # (len(block_rows), max_blocks) int32 on the CPU: their new contents
+    restore: tuple[tuple[int, int, int], ...] = ()  # (snapshot entry, row, length): a cached prefix's state
     prefill: tuple[PrefillChunk, ...] = ()
     copies: tuple[tuple[int, int], ...] = ()  # (src, dst): a finished prefill fanned out to n samples
     decode: tuple[int, ...] = ()  # rows that consume their last sampled token
@@ -46,7 +50,7 @@ class StepPlan:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.reset or self.block_rows or self.prefill or self.copies or self.decode)
+        return not (self.reset or self.block_rows or self.restore or self.prefill or self.copies or self.decode)
 
     @property
     def tokens(self) -> int:
@@ -73,9 +77,10 @@ def encode(plan: StepPlan) -> Tensor:
     w.values.append(width)
     if width:
         w.values.extend(plan.block_table.flatten().tolist())
+    w.put(v for triple in plan.restore for v in triple)
     w.values.append(len(plan.prefill))
     for chunk in plan.prefill:
-        w.values += [chunk.slot, int(chunk.emit)]
+        w.values += [chunk.slot, int(chunk.emit), chunk.save]
         w.put(chunk.tokens)
     w.put(v for pair in plan.copies for v in pair)
     w.put(plan.decode)
@@ -99,13 +104,15 @@ def decode(data: Tensor) -> StepPlan:
     if width:
         table = torch.tensor(values[at : at + width * len(block_rows)], dtype=torch.int32).view(-1, width)
         at += width * len(block_rows)
+    flat = take()
+    restore = tuple(zip(flat[::3], flat[1::3], flat[2::3], strict=True))
     n_chunks = values[at]
     at += 1
     chunks = []
     for _ in range(n_chunks):
-        slot, emit = values[at], bool(values[at + 1])
-        at += 2
-        chunks.append(PrefillChunk(slot, tuple(take()), emit))
+        slot, emit, save = values[at], bool(values[at + 1]), values[at + 2]
+        at += 3
+        chunks.append(PrefillChunk(slot, tuple(take()), emit, save))
     flat = take()
     copies = tuple(zip(flat[::2], flat[1::2], strict=True))
-    return StepPlan(tuple(reset), tuple(block_rows), table, tuple(chunks), copies, tuple(take()))
+    return StepPlan(tuple(reset), tuple(block_rows), table, restore, tuple(chunks), copies, tuple(take()))

@@ -47,6 +47,7 @@ class SchedulerConfig:
     cuda_graph: bool = True  # on a GPU, replay decode steps from CUDA graphs (one per batch bucket)
     async_scheduling: bool = True  # plan and launch step n+1 before the host processes step n's tokens
     warm_up: bool | None = None  # compile the prefill kernels at start; None: on a GPU only
+    prefix_cache_bytes: int = 0  # memory for prefix-cache state snapshots (`prefix_cache`); 0: no prefix cache
 
     def __post_init__(self):
         for name in ("slots", "prefill_chunk", "max_waiting", "block_size"):
@@ -58,6 +59,8 @@ class SchedulerConfig:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if not isinstance(self.prefix_cache_bytes, int) or self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be an int >= 0, got {self.prefix_cache_bytes!r}")
         if self.kv_blocks is not None and (not isinstance(self.kv_blocks, int) or self.kv_blocks < 1):
             raise ValueError(f"kv_blocks must be an int >= 1, got {self.kv_blocks!r}")
 

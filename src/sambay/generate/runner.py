@@ -13,7 +13,8 @@ state traffic, and no state is copied (the kernels read and write the running ro
 GPU each bucket's step is a CUDA graph captured at start (largest first, one shared memory pool);
 padding rows point at a spare cache row (``pad``) whose table entries are the null block. Prefill
 chunks run eagerly over the rows that have tokens (their state is taken out with
-`SambaYCache.select` and written back).
+`SambaYCache.select` and written back). With prefix caching the runner also holds a pool of state
+snapshots (`SnapshotPool`): a plan restores rows from it and saves rows into it after their chunks.
 
 `warm_up` runs every kernel specialisation a request can reach (prefill of short, long and
 block-aligned chunks at aligned and unaligned starts) so that the first request costs what the
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from sambay.generate.plan import PrefillChunk, StepPlan
+from sambay.generate.snapshots import SnapshotPool
 from sambay.model.sambay import SambaY
 
 log = logging.getLogger("sambay.runner")
@@ -83,13 +85,15 @@ class ModelRunner:
         block_size: tokens per block of the paged shared K/V.
         kv_blocks: blocks in the pool (None: every row can reach ``max_length``).
         cuda_graph: on a CUDA device, replay decode steps from graphs captured per batch bucket.
+        snapshots: entries of the prefix cache's state snapshot pool (0: no prefix caching).
     """
 
     def __init__(self, model: SambaY, *, slots: int, max_length: int, block_size: int, kv_blocks: int | None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, snapshots: int = 0):
         self.model, self.slots, self.pad = model, slots, slots
         self.cache = model.new_cache(batch_size=slots + 1, max_length=max_length, block_size=block_size,
                                      kv_blocks=kv_blocks)
+        self.snapshots = SnapshotPool(self.cache, snapshots)
         self.last_tokens = torch.zeros(slots + 1, dtype=torch.long, device=self.device)  # (slots + 1,)
         self.buckets = decode_buckets(slots)
         self._graphs: dict[int, _BucketGraph] = {}
@@ -114,12 +118,14 @@ class ModelRunner:
             self.reset_rows(plan.reset)
         if plan.block_rows:
             self.set_block_rows(plan.block_rows, plan.block_table)
+        if plan.restore:
+            entries, slots, lengths = zip(*plan.restore, strict=True)
+            self.snapshots.restore(*(upload(list(x), self.device) for x in (entries, slots, lengths)))
         outs = []
         if plan.prefill:
-            logits = self.prefill(plan.prefill)
-            emit = [i for i, chunk in enumerate(plan.prefill) if chunk.emit]
-            if emit:
-                outs.append(logits[emit])
+            logits = self._prefill_waves(plan.prefill)
+            if logits is not None:
+                outs.append(logits)
         if plan.copies:
             src = upload([s for s, _ in plan.copies], self.device)
             dst = upload([d for _, d in plan.copies], self.device)
@@ -130,6 +136,29 @@ class ModelRunner:
         if not outs:
             return None
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _prefill_waves(self, chunks: Sequence[PrefillChunk]) -> Tensor | None:
+        """Prefill ``chunks`` in waves (a row's second chunk runs in the wave after its first), saving the
+        snapshots the chunks ask for after their wave; returns the emitting chunks' logits in plan order."""
+        waves: list[list[int]] = []
+        seen: dict[int, int] = {}
+        for i, chunk in enumerate(chunks):
+            wave = seen[chunk.slot] = seen.get(chunk.slot, -1) + 1
+            if wave == len(waves):
+                waves.append([])
+            waves[wave].append(i)
+        emitted: dict[int, Tensor] = {}
+        for wave in waves:
+            part = [chunks[i] for i in wave]
+            logits = self.prefill(part)
+            emitted.update((i, logits[j]) for j, i in enumerate(wave) if chunks[i].emit)
+            saves = [c for c in part if c.save >= 0]
+            if saves:
+                self.snapshots.save(upload([c.slot for c in saves], self.device),
+                                    upload([c.save for c in saves], self.device))
+        if not emitted:
+            return None
+        return torch.stack([emitted[i] for i in sorted(emitted)])
 
     def set_tokens(self, rows: Tensor, tokens: Tensor) -> None:
         """Record the tokens just sampled for ``rows`` ((k,) each, on the device): each row's next decode input."""

@@ -25,6 +25,10 @@ Notable features:
   have stopped (a stop id or string) has then decoded one token too many, which is dropped.
 - A request's chunk boundaries depend on that request alone, and every kernel computes each row
   independently of its neighbours, so greedy output is the same alone or among others.
+- Prefix caching (`sambay.generate.prefix_cache`, when the runner has a snapshot pool): a new request
+  starts from the longest cached prefix of its prompt (its state restored, its K/V blocks shared), and
+  prefilling rows save snapshots at block-aligned chunk ends and at the last block boundary of each
+  prompt. The n samples of a request always share the prompt's full K/V blocks.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 from sambay.generate.blocks import BlockPool, blocks_for
 from sambay.generate.outputs import OutputProcessor, SequenceState
 from sambay.generate.plan import PrefillChunk, StepPlan
+from sambay.generate.prefix_cache import Hit, PrefixCache, chain_keys
 from sambay.generate.requests import Output, Request, SchedulerConfig
 
 log = logging.getLogger("sambay.scheduler")
@@ -65,6 +70,7 @@ class _Job:
     row: Row
     tokens: list[int]
     consumed: int = 0
+    keys: list[int] | None = None  # `chain_keys` of the tokens' full blocks, once needed
 
     @property
     def remaining(self) -> int:
@@ -118,11 +124,14 @@ class Scheduler:
         outputs: makes each row's `SequenceState` and turns its tokens into deltas.
         max_length: tokens per row.
         make_generator: seed (or None) → the row's `torch.Generator`.
+        snapshots: entries of the runner's snapshot pool (0: no prefix caching).
     """
 
     def __init__(self, config: SchedulerConfig, blocks: BlockPool, outputs: OutputProcessor, max_length: int,
-                 make_generator):
+                 make_generator, snapshots: int = 0):
         self.config, self.blocks, self.outputs, self.max_length = config, blocks, outputs, max_length
+        prefix = PrefixCache(blocks, snapshots)
+        self.prefix = prefix if prefix.enabled else None
         self._make_generator = make_generator
         self.preemptions = 0
         self.free = list(range(config.slots))
@@ -172,7 +181,7 @@ class Scheduler:
     def schedule(self) -> Step:
         """Admit what fits, choose this step's prefill chunks and decoding rows, and write the plan."""
         decode = self._plan_decode()  # first: running requests get their blocks before new ones are admitted
-        admitted, reset = self._admit()
+        admitted, reset, restore = self._admit()
         samples: list[Sample] = []
         chunks, copies = self._plan_prefill(samples, decoding=bool(decode))
         base = sum(c.emit for c in chunks)  # logits rows: the emitting prefill chunks, then the decode rows
@@ -185,12 +194,12 @@ class Scheduler:
             run.inflight += 1
         changes = self.blocks.take_changes()
         rows, table = changes if changes is not None else ((), None)
-        plan = StepPlan(tuple(reset), tuple(rows), table, tuple(chunks), tuple(copies),
-                        tuple(row.slot for _, row in decode))
+        plan = StepPlan(reset=tuple(reset), block_rows=tuple(rows), block_table=table, restore=tuple(restore),
+                        prefill=tuple(chunks), copies=tuple(copies), decode=tuple(row.slot for _, row in decode))
         return Step(plan, tuple(samples), tuple(admitted))
 
-    def _admit(self) -> tuple[list[Run], list[int]]:
-        admitted, reset = [], []
+    def _admit(self) -> tuple[list[Run], list[int], list[tuple[int, int, int]]]:
+        admitted, reset, restore = [], [], []
         while True:
             if self.preempted:
                 run = self.preempted[0]
@@ -198,13 +207,16 @@ class Scheduler:
                     break
                 self.preempted.popleft()
                 reset += self._resume(run)
-            elif self.waiting and self._fits([len(self.waiting[0].prompt)] * self.waiting[0].params.n):
-                run, slots = self._start(self.waiting.popleft())
-                reset += slots
+            elif self.waiting and (started := self._start(self.waiting[0])) is not None:
+                self.waiting.popleft()
+                run, hit = started
+                reset += [row.slot for row in run.rows]
+                if hit is not None:
+                    restore.append((hit.entry, run.rows[0].slot, hit.length))
             else:
                 break
             admitted.append(run)
-        return admitted, reset
+        return admitted, reset, restore
 
     def _fits(self, lengths: list[int]) -> bool:
         """Free slots and blocks for rows of these lengths?"""
@@ -217,17 +229,34 @@ class Scheduler:
             assert self.blocks.grow(slot, n)  # checked by `_fits`
         return slots
 
-    def _start(self, request: Request) -> tuple[Run, list[int]]:
-        """A new request: n rows with blocks for the prompt, the prompt to prefill in the first."""
-        params = request.params
-        slots = self._take_slots([len(request.prompt)] * params.n)
-        limit = min(params.max_new_tokens, self.max_length - len(request.prompt))
+    def _start(self, request: Request) -> tuple[Run, Hit | None] | None:
+        """Admit a new request if it fits (None if not): n rows, the first holding the prompt's cached prefix
+        (if any) and blocks for the rest, the others sharing its full blocks; the first prefills the rest."""
+        params, prompt, size = request.params, list(request.prompt), self.blocks.block_size
+        keys = chain_keys(prompt, size, len(prompt) // size) if self.prefix else []
+        hit = self.prefix.lookup(prompt, keys) if self.prefix else None
+        shared = hit.blocks if hit else ()
+        whole = blocks_for(len(prompt), size) if self.blocks.paged else 0
+        need = whole - len(shared) + (params.n - 1) * (whole - len(prompt) // size if self.blocks.paged else 0)
+        if len(self.free) < params.n or self.blocks.available(shared) < need:
+            return None
+        if self.prefix:
+            self.prefix.count(len(prompt), hit)
+        slots, self.free = self.free[: params.n], self.free[params.n :]
+        self.blocks.share(slots[0], shared)
+        for slot in slots:
+            if slot != slots[0]:
+                self.blocks.share(slot, self.blocks.owned(slots[0])[: len(prompt) // size])
+            assert self.blocks.grow(slot, len(prompt))  # counted above
+        limit = min(params.max_new_tokens, self.max_length - len(prompt))
         rows = [Row(slot, j, self.outputs.sequence(params, limit),
                     self._make_generator(None if params.seed is None else params.seed + j))
                 for j, slot in enumerate(slots)]
-        run = Run(request, rows, [_Job(rows[0], list(request.prompt))])
+        length = hit.length if hit else 0
+        rows[0].length = length
+        run = Run(request, rows, [_Job(rows[0], prompt, consumed=length, keys=keys)])
         self.running.append(run)
-        return run, slots
+        return run, hit
 
     def _resume(self, run: Run) -> list[int]:
         """Re-admit a preempted request: each live row re-prefills its prompt and every token it generated."""
@@ -265,11 +294,13 @@ class Scheduler:
                 if not take or take > budget:
                     continue
                 budget -= take
-                tokens = job.tokens[job.consumed : job.consumed + take]
+                start = job.consumed
                 job.consumed += take
                 job.row.length += take
                 ends = not job.remaining
-                chunks.append(PrefillChunk(job.row.slot, tuple(tokens), ends))
+                for lo, hi, save in self._pieces(job, start, ends):
+                    chunks.append(PrefillChunk(job.row.slot, tuple(job.tokens[lo:hi]), ends and hi == job.consumed,
+                                               save))
                 if not ends:
                     continue
                 index = sum(c.emit for c in chunks) - 1
@@ -284,6 +315,23 @@ class Scheduler:
                     samples.append(Sample(run, job.row, index))
             run.jobs = [job for job in run.jobs if job.remaining]
         return chunks, copies
+
+    def _pieces(self, job: _Job, start: int, ends: bool) -> list[tuple[int, int, int]]:
+        """The chunk ``job.tokens[start:job.consumed]`` as (start, end, snapshot entry or -1) pieces: with a
+        prefix cache, a block-aligned chunk end inside the tokens saves a snapshot, and the last chunk is cut
+        at the last block boundary before the final token, the state saved there (`prefix_cache`)."""
+        end = job.consumed
+        if self.prefix is None:
+            return [(start, end, -1)]
+        size = self.blocks.block_size
+        cut = (len(job.tokens) - 1) // size * size if ends else end
+        if cut <= start or cut % size:
+            return [(start, end, -1)]
+        if job.keys is None:
+            job.keys = chain_keys(job.tokens, size, len(job.tokens) // size)
+        entry = self.prefix.snapshot(job.tokens, job.keys, cut, self.blocks.owned(job.row.slot))
+        save = -1 if entry is None else entry
+        return [(start, end, save)] if cut == end else [(start, cut, save), (cut, end, -1)]
 
     def _plan_decode(self) -> list[tuple[Run, Row]]:
         """Rows that decode this step (their last token is sampled or being sampled), blocks reserved."""

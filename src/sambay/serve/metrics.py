@@ -7,6 +7,10 @@
     sambay_cache_slots, sambay_cache_bytes      the memory budget decided at start
     sambay_kv_blocks, sambay_kv_blocks_free     blocks of the paged shared K/V: all, and free now
     sambay_preemptions                          requests preempted (K/V blocks exhausted) and recomputed
+    sambay_prefix_cache_queries_total           prompt tokens looked up in the prefix cache
+    sambay_prefix_cache_hits_total              prompt tokens served from it (not prefilled)
+    sambay_prefix_cache_snapshots               state snapshots held, of sambay_prefix_cache_snapshot_entries
+    sambay_prefix_cache_snapshot_bytes          bytes of the snapshot pool (allocated at start)
     sambay_queue_time_seconds                   submit → admitted to a slot
     sambay_time_to_first_token_seconds          submit → first token
     sambay_inter_token_latency_seconds          between consecutive steps of one request
@@ -16,6 +20,7 @@
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from sambay.generate.core import EngineCore
 from sambay.generate.requests import Output, Request
@@ -39,6 +44,14 @@ class Metrics:
                                ("preemptions", "preemptions", "Requests preempted and recomputed")):
             gauge = Gauge(f"sambay_{name}", doc, registry=r)
             gauge.set_function(lambda key=key: scheduler.stats()[key])
+        for name, key, doc in (("prefix_cache_snapshots", "prefix_cache_snapshots", "Prefix-cache snapshots held"),
+                               ("prefix_cache_snapshot_entries", "prefix_cache_entries",
+                                "Prefix-cache snapshots the pool holds")):
+            gauge = Gauge(f"sambay_{name}", doc, registry=r)
+            gauge.set_function(lambda key=key: scheduler.stats()[key])
+        Gauge("sambay_prefix_cache_snapshot_bytes", "Bytes of the prefix cache's snapshot pool", registry=r).set(
+            scheduler.stats()["prefix_cache_entries"] * scheduler.memory.bytes_per_slot)
+        r.register(_PrefixCounters(scheduler))
         Gauge("sambay_kv_blocks", f"Blocks of the shared K/V ({scheduler.memory.block_size} tokens each)",
               registry=r).set(scheduler.memory.kv_blocks)
         Gauge("sambay_cache_slots", "Cache slots (max concurrent sequences)", registry=r).set(scheduler.memory.slots)
@@ -67,3 +80,17 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PrefixCounters:
+    """The prefix cache's token counters, read from the scheduler's stats at each scrape."""
+
+    def __init__(self, scheduler: EngineCore):
+        self.scheduler = scheduler
+
+    def collect(self):
+        stats = self.scheduler.stats()
+        yield CounterMetricFamily("sambay_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  value=stats["prefix_cache_queries"])
+        yield CounterMetricFamily("sambay_prefix_cache_hits", "Prompt tokens served from the prefix cache",
+                                  value=stats["prefix_cache_hits"])

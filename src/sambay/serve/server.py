@@ -3,7 +3,11 @@
 Shutdown (SIGTERM or Ctrl-C): the listening socket closes and new requests get 503 at once; admitted
 and queued requests keep generating for ``grace`` seconds, after which the scheduler aborts what is
 left (their streams end with an error event, non-streaming ones get 503); then the process exits.
-A second signal exits at once (uvicorn's behaviour).
+A second signal exits at once (uvicorn's behaviour). A connection still sending its request when the
+signal comes is closed at once (`sambay.serve.transport`).
+
+What a client may send and how long it may take (body cap, idle and head timeouts, connection limit) is
+enforced below the routes, by `sambay.serve.transport`'s middleware and uvicorn protocol.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from sambay.generate.requests import SchedulerConfig
 from sambay.generate.runner import ModelRunner
 from sambay.serve.app import create_app
 from sambay.serve.runtime import Runtime
+from sambay.serve.transport import BodyLimit, TransportLimits, protocol_factory
 
 log = logging.getLogger("sambay.serve")
 
@@ -40,6 +45,7 @@ class ServeConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     defaults: SamplingParams = REASONING_DEFAULTS  # for sampling fields a request leaves unset
     grace: float = 30.0  # seconds in-flight requests may keep running after SIGTERM
+    limits: TransportLimits = field(default_factory=TransportLimits)  # body cap, timeouts, connections
 
 
 def build_runtime(engine: Engine, config: ServeConfig, runner: ModelRunner | None = None) -> Runtime:
@@ -101,20 +107,35 @@ def check_port(host: str, port: int) -> None:
 SWITCH_INTERVAL_S = 0.0005
 
 
-def serve(runtime: Runtime, host: str, port: int, grace: float) -> None:
+def serve(runtime: Runtime, host: str, port: int, grace: float, limits: TransportLimits | None = None) -> None:
     """Serve ``runtime`` until a signal; returns after a graceful shutdown.
 
     Two threads share the GIL: the event loop (HTTP, one SSE chunk per token per stream) and the
     scheduler (which releases the GIL while the GPU runs a step). Under load the loop is busy, and a
     scheduler thread whose step has finished waits up to the interpreter's switch interval (5 ms by
     default, about a decode step) to get the GIL back; a 0.5 ms interval keeps that wait small.
-    uvicorn uses uvloop and httptools when installed (the serve extra installs them).
+    uvicorn uses uvloop when installed, and httptools (the serve extra installs both).
     """
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    config = uvicorn.Config(create_app(runtime), host=host, port=port, log_level="info",
-                            timeout_graceful_shutdown=grace + 5, access_log=False)
-    server = _Server(config, runtime, grace)
+    server = make_server(runtime, host, port, grace, limits or TransportLimits())
     try:
         server.run()
     finally:
         runtime.scheduler.close(0)
+
+
+def make_server(runtime: Runtime, host: str, port: int, grace: float, limits: TransportLimits) -> _Server:
+    """The uvicorn server `serve` runs: the app behind `BodyLimit`, on the guarded httptools protocol.
+
+    ``limits`` left at None are derived here (the body cap from the context); the ones in force are logged.
+    WebSocket support is off: no route uses it, and an upgrade is answered as plain HTTP.
+    """
+    limits = limits.resolved(runtime.max_length)
+    log.info("limits: request bodies up to %.1f MB, %d connections, timeouts idle %g s, head %g s, body %g s",
+             limits.max_body_bytes / 1e6, limits.max_connections, limits.idle_timeout, limits.header_timeout,
+             limits.body_timeout)
+    app = BodyLimit(create_app(runtime), limits.max_body_bytes, limits.body_timeout)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace + 5,
+                            access_log=False, interface="asgi3", http=protocol_factory(limits), ws="none",
+                            timeout_keep_alive=limits.idle_timeout)
+    return _Server(config, runtime, grace)
