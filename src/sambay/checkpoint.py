@@ -13,7 +13,10 @@ This is the only module where Hugging Face key names appear (STYLE §2):
   (``tie_word_embeddings``) is the embedding: an ``lm_head.weight`` stored beside it is ignored, with
   a warning if it differs;
 - errors in a config.json name its keys (``hidden_size``), not our fields (``d_model``); a path to a
-  file inside a model directory (``DIR/config.json``) stands for the directory (`model_directory`).
+  file inside a model directory (``DIR/config.json``) stands for the directory (`model_directory`);
+- hostile or corrupt files (issue 13): every file is checked before anything is allocated (config.json's
+  types and size bounds, then the index, headers and tensors in `sambay.safetensors_io`), and each
+  problem is one `CheckpointError` (a ValueError) naming the file and the field.
 
 Variants that the phi4flash format cannot describe (another plan, plain attention, RoPE) are stored
 with three extra keys, ``sambay_plan``, ``sambay_differential`` and ``sambay_rope_theta``.
@@ -28,18 +31,26 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from sambay.config import LayerKind, SambaYConfig, sambay_plan
+from sambay.config import MAX_LAYERS, LayerKind, SambaYConfig, sambay_plan
 from sambay.model.sambay import SambaY
+from sambay.safetensors_io import (
+    INDEX_FILE,
+    CheckpointError,
+    check_tensors,
+    json_type_name,
+    parse_json,
+    read_header,
+    read_tensors,
+    shard_files,
+    short,
+)
 
 log = logging.getLogger("sambay.checkpoint")
 
 HF_MODEL_TYPE = "phi4flash"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 # config.json keys that do not change the model's math; accepted and ignored on load.
 IGNORED_HF_KEYS = frozenset({
@@ -66,6 +77,35 @@ _HF_FIELD_NAMES = {
     "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
     "rope_theta": "sambay_rope_theta", "mamba_every": "mb_per_layer",
 }  # no plain English words ("differential", "plan"): messages use them as words too
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+# config.json key → (what it must be, the test). Checked before any value is used, so that a string, a list or
+# a float where an int belongs is a message naming the key, not a TypeError deep inside the model's build.
+_HF_TYPES = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "mb_per_layer", "mamba_d_state",
+                     "mamba_d_conv", "mamba_expand"), ("an int", _is_int)),
+    **dict.fromkeys(("tie_word_embeddings", "mamba_conv_bias", "sambay_differential"),
+                    ("true or false", lambda v: isinstance(v, bool))),
+    **dict.fromkeys(("bos_token_id", "pad_token_id"), ("an int or null", lambda v: v is None or _is_int(v))),
+    **dict.fromkeys(("torch_dtype", "dtype"), ("a string or null", lambda v: v is None or isinstance(v, str))),
+    **dict.fromkeys(("layer_types", "sambay_plan"),
+                    ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))),
+    "layer_norm_eps": ("a number", _is_number),
+    "sambay_rope_theta": ("a number or null", lambda v: v is None or _is_number(v)),
+    "eos_token_id": ("an int, a list of ints or null",
+                     lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v)))),
+    "sliding_window": ("an int or a list of ints and nulls",
+                       lambda v: _is_int(v) or (isinstance(v, list) and all(x is None or _is_int(x) for x in v))),
+}
 
 # Our module path inside a block → the checkpoint's, for every parameter of every layer kind.
 PARAMETER_NAMES: dict[str, str] = {
@@ -102,22 +142,34 @@ _GLOBAL_NAMES = {
 
 
 def config_from_hf(d: dict) -> SambaYConfig:
-    """Build a `SambaYConfig` from a phi4flash ``config.json`` dict; raises ValueError naming the problem."""
+    """Build a `SambaYConfig` from a phi4flash ``config.json`` dict.
+
+    Raises:
+        CheckpointError: (a ValueError) a wrong type, value or size, naming the config.json key.
+    """
+    if not isinstance(d, dict):
+        raise CheckpointError(f"config.json must be a JSON object of settings, got {json_type_name(d)}")
     if d.get("model_type") != HF_MODEL_TYPE:
-        raise ValueError(f"unsupported model_type {d.get('model_type')!r}: sambay reads {HF_MODEL_TYPE!r} checkpoints")
+        raise CheckpointError(f"config.json: unsupported model_type {short(repr(d.get('model_type')))}: sambay "
+                              f"reads {HF_MODEL_TYPE!r} checkpoints")
     unknown = sorted(set(d) - _MAPPED_HF_KEYS - IGNORED_HF_KEYS)
     if unknown:
-        raise ValueError(f"config.json has keys sambay does not understand: {unknown}")
+        raise CheckpointError(f"config.json has keys sambay does not understand: {short(str(unknown), 200)}")
+    _check_hf_types(d)
     for key, want in (("hidden_act", "silu"), ("mlp_bias", False), ("lm_head_bias", False),
                       ("mamba_proj_bias", False), ("mamba_dt_rank", "auto")):
         if key in d and d[key] != want:
-            raise ValueError(f"config.json {key}={d[key]!r} is not supported (the architecture uses {want!r})")
+            raise CheckpointError(f"config.json {key}={short(repr(d[key]))} is not supported (the architecture "
+                                  f"uses {want!r})")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads", "sliding_window") if k not in d]
     if missing:
-        raise ValueError(f"config.json lacks required keys: {missing}")
+        raise CheckpointError(f"config.json lacks required keys: {missing}")
     checkpoint_dtype(d)
     n_layers = d["num_hidden_layers"]
+    if n_layers > MAX_LAYERS:  # before the plan is built: 10^9 layers took minutes and gigabytes (issue 13)
+        raise CheckpointError(f"config.json: num_hidden_layers is {n_layers}, more than sambay's bound of "
+                              f"{MAX_LAYERS} layers")
     window = _sliding_window(d["sliding_window"])
     try:  # sambay_plan's and SambaYConfig's checks name our fields; the user edited config.json's
         plan = _plan(d, n_layers)
@@ -143,14 +195,24 @@ def config_from_hf(d: dict) -> SambaYConfig:
             pad_token_id=d.get("pad_token_id"),
         )
     except ValueError as e:
-        raise ValueError(_with_hf_names(str(e))) from None
+        raise CheckpointError(_with_hf_names(str(e))) from None
     _check_layer_types(d.get("layer_types"), plan)
     return config
 
 
+def _check_hf_types(d: dict) -> None:
+    for key, (expected, test) in _HF_TYPES.items():
+        if key in d and not test(d[key]):
+            raise CheckpointError(f"config.json: {key} must be {expected}, got {short(repr(d[key]))}")
+
+
 def _plan(d: dict, n_layers: int) -> tuple[LayerKind, ...]:
     if "sambay_plan" in d:
-        plan = tuple(LayerKind(k) for k in d["sambay_plan"])
+        kinds = {k.value: k for k in LayerKind}
+        bad = [k for k in d["sambay_plan"] if k not in kinds]
+        if bad:
+            raise ValueError(f"sambay_plan has unknown layer kinds {short(repr(bad))}; known: {', '.join(kinds)}")
+        plan = tuple(kinds[k] for k in d["sambay_plan"])
     else:
         if d.get("mb_per_layer", 2) != 2:
             raise ValueError(f"mb_per_layer={d['mb_per_layer']} is not supported (the phi4flash layout uses 2)")
@@ -177,8 +239,8 @@ def checkpoint_dtype(d: dict) -> torch.dtype | None:
     declared = {key: d[key] for key in ("torch_dtype", "dtype") if d.get(key) is not None}
     for key, name in declared.items():
         if name not in _DTYPES:
-            raise ValueError(f"config.json {key}={name!r} is not supported; supported: {', '.join(_DTYPES)} "
-                             "(sambay does not load quantised weights)")
+            raise CheckpointError(f"config.json {key}={short(repr(name))} is not supported; supported: "
+                                  f"{', '.join(_DTYPES)} (sambay does not load quantised weights)")
     return next((_DTYPES[name] for name in declared.values()), None)
 
 
@@ -187,10 +249,11 @@ def _sliding_window(value) -> int:
     if isinstance(value, list):
         sizes = {v for v in value if v is not None}
         if len(sizes) != 1:
-            raise ValueError(f"sliding_window list must hold exactly one window size, got {sorted(sizes)}")
+            raise CheckpointError(f"config.json: sliding_window list must hold exactly one window size, got "
+                                  f"{short(str(sorted(sizes)))}")
         value = sizes.pop()
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"sliding_window must be a positive int, got {value!r}")
+        raise CheckpointError(f"config.json: sliding_window must be a positive int, got {value!r}")
     return value
 
 
@@ -200,7 +263,7 @@ def _check_layer_types(layer_types, plan: tuple[LayerKind, ...]) -> None:
         return
     expected = ["sliding_attention" if k is LayerKind.SLIDING_ATTENTION else "full_attention" for k in plan]
     if list(layer_types) != expected:
-        raise ValueError("config.json layer_types disagrees with the phi4flash layer layout")
+        raise CheckpointError("config.json: layer_types disagrees with the phi4flash layer layout")
 
 
 def config_to_hf(config: SambaYConfig, torch_dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -309,12 +372,12 @@ def _check_names(found: set[str], expected: set[str], config: SambaYConfig, wher
             parts.append(f"{len(missing)} missing tensors: {_preview(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensors: {_preview(unexpected)}")
-        raise ValueError(f"{where} does not match the model: " + "; ".join(parts))
+        raise CheckpointError(f"{where} does not match the model: " + "; ".join(parts))
 
 
 def _check_shape(name: str, found: tuple, expected: tuple) -> None:
     if found != expected:
-        raise ValueError(f"tensor {name} has shape {list(found)} but the model expects {list(expected)}")
+        raise CheckpointError(f"tensor {name} has shape {list(found)} but the model expects {list(expected)}")
 
 
 def _preview(names: list[str], n: int = 6) -> str:
@@ -344,33 +407,13 @@ def read_config(path: str | os.PathLike) -> tuple[SambaYConfig, dict]:
     file = model_directory(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a model directory needs config.json")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    raw = parse_json(file.read_bytes(), str(file))
     return config_from_hf(raw), raw
 
 
 def weight_files(path: str | os.PathLike) -> dict[str, Path]:
-    """{tensor name: safetensors file} for a model directory (sharded with an index, or one file)."""
-    root = model_directory(path)
-    index = root / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no weight_map")
-        files = {name: root / shard for name, shard in weight_map.items()}
-        absent = sorted({str(f.name) for f in files.values() if not f.is_file()})
-        if absent:
-            raise FileNotFoundError(f"missing checkpoint shard(s) in {root}: {', '.join(absent)}")
-        return files
-    single = root / SINGLE_FILE
-    if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
-    raise FileNotFoundError(
-        f"no {INDEX_FILE} or {SINGLE_FILE} in {root} (sambay reads safetensors only, never pickled .bin files)"
-    )
+    """{tensor name: safetensors file} for a model directory (or a file in it); see `shard_files`."""
+    return shard_files(model_directory(path))
 
 
 def load_model(
@@ -392,39 +435,58 @@ def load_model(
         backend: ops backend, see `sambay.ops.resolve_backend`.
         progress: show a progress bar on stderr.
 
+    Every file is checked before any tensor is allocated: config.json's types and size bounds, the index's
+    file names (inside the directory), every safetensors header (`sambay.safetensors_io.read_header`), and
+    every tensor's presence, dtype and shape against the model config.json describes.
+
     Raises:
         FileNotFoundError: no config.json, no weights, or a shard named by the index is absent.
-        ValueError: unsupported config or ``torch_dtype``, or missing / unexpected / mis-shaped tensors
-            (named).
+        CheckpointError: (a ValueError) a malformed or inconsistent file, unsupported config or
+            ``torch_dtype``, or missing / unexpected / mis-shaped tensors; one line naming the file and field.
     """
     path = model_directory(path)
     config, raw = read_config(path)
     files = weight_files(path)
-    dtype = dtype or checkpoint_dtype(raw) or torch.float32
+    headers = {file: read_header(file) for file in set(files.values())}
+    _check_layer_count(config, files, path)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = SambaY(config, backend=backend)
-    model.to_dtype(dtype)
+    model.to_dtype(dtype or checkpoint_dtype(raw) or torch.float32)
     pairs = name_pairs(model)
     _check_names(set(files), set(pairs), config, where=f"checkpoint {path}")
     params = dict(model.named_parameters())
-    by_file: dict[Path, list[str]] = {}
-    for hf in pairs:
-        by_file.setdefault(files[hf], []).append(hf)
+    by_file = check_tensors(files, headers, {hf: params[ours].shape for hf, ours in pairs.items()})
+    tied_head = config.tie_embeddings and "lm_head.weight" in files
+    if tied_head:  # compared with the embedding below, not loaded
+        check_tensors(files, headers, {"lm_head.weight": model.embed.weight.shape})
     total = sum(file.stat().st_size for file in by_file)  # the bytes read, whatever dtype they become
     with _progress_bar(progress) as bar:
         task = bar.add_task(f"loading {Path(path).name}", total=total)
         for file, names in by_file.items():
-            for hf, value in _read_tensors(file, names, {hf: params[pairs[hf]].shape for hf in names}):
+            for hf, value in read_tensors(headers[file], names):
                 target = params[pairs[hf]]
                 _assign(model, pairs[hf], value.to(device=device, dtype=target.dtype))
                 bar.advance(task, value.numel() * value.element_size())
         bar.update(task, completed=total)  # the files' headers
-    if config.tie_embeddings and "lm_head.weight" in files:
-        [(_, head)] = _read_tensors(files["lm_head.weight"], ["lm_head.weight"],
-                                    {"lm_head.weight": model.embed.weight.shape})
+    if tied_head:
+        [(_, head)] = read_tensors(headers[files["lm_head.weight"]], ["lm_head.weight"])
         _check_tied_head(head.to(device=device, dtype=model.embed.weight.dtype), model.embed.weight, str(path))
     return model.eval()
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d{1,6})\.")
+
+
+def _check_layer_count(config: SambaYConfig, files: dict[str, Path], where: Path) -> None:
+    """config.json's layer count against the layers the checkpoint's tensors name, before the model is built:
+    a config that claims more layers is one message naming num_hidden_layers, not a model of empty layers
+    and a list of a thousand missing tensors. (More layers in the checkpoint: `_check_names` lists them.)"""
+    layers = {int(m[1]) for name in files if (m := _LAYER_NAME.match(name))}
+    found = max(layers) + 1 if layers else 0
+    if config.n_layers > found:
+        raise CheckpointError(f"config.json: num_hidden_layers is {config.n_layers}, but the tensors of {where} "
+                              f"are for {found} layers")
 
 
 def _check_tied_head(head: Tensor, embed: Tensor, where: str) -> None:
@@ -435,41 +497,6 @@ def _check_tied_head(head: Tensor, embed: Tensor, where: str) -> None:
         log.warning("%s: config.json says tie_word_embeddings: true, but the checkpoint's lm_head.weight differs "
                     "from the embedding; it is ignored and the head is the embedding. If the head was trained "
                     "separately, set \"tie_word_embeddings\": false in config.json.", where)
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _read_tensors(file: Path, names: list[str], shapes: dict[str, torch.Size]):
-    """Yield (name, CPU tensor) for ``names`` of one safetensors file, reading each with plain file I/O.
-
-    The format is an 8-byte little-endian header length, a JSON header of {name: dtype, shape,
-    data_offsets}, then the raw bytes. Reading with ``readinto`` rather than through a memory map keeps
-    file pages out of the process's resident set, so peak memory stays at the model plus one tensor.
-    """
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        if not 0 < header_len <= size - 8:
-            raise ValueError(f"{file.name} is not a safetensors file (bad header length)")
-        header = json.loads(f.read(header_len))
-        base = 8 + header_len
-        for name in names:
-            entry = header.get(name)
-            if entry is None:
-                raise ValueError(f"tensor {name} is listed in the index but absent from {file.name}")
-            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-            if dtype is None:
-                raise ValueError(f"tensor {name} in {file.name} has unsupported dtype {entry['dtype']}")
-            _check_shape(name, tuple(entry["shape"]), tuple(shapes[name]))
-            begin, end = entry["data_offsets"]
-            tensor = torch.empty(entry["shape"], dtype=dtype)
-            if end - begin != tensor.numel() * tensor.element_size() or base + end > size:
-                raise ValueError(f"tensor {name} in {file.name} has inconsistent data offsets (truncated file?)")
-            f.seek(base + begin)
-            if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
-                raise ValueError(f"{file.name} is truncated while reading {name}")
-            yield name, tensor
 
 
 def _assign(model: nn.Module, name: str, value: Tensor) -> None:

@@ -34,6 +34,14 @@ class LayerKind(Enum):
     CROSS_ATTENTION = "cross_attention"  # queries only; keys/values are the shared KV (cross-decoder)
 
 
+# Upper bounds on sizes, far above any published model (the release: 32 layers, d_model 2560, d_ff 10240,
+# vocabulary 200064, 262144 positions), so that a corrupt or hostile config.json is refused with a message
+# instead of building a plan of 10^9 layers or a 2^40-row embedding (issue 13). Lengths stop at 2^31 - 1,
+# the int32 range of the paged cache's block tables; `sambay serve` checks its cache against the device.
+MAX_LAYERS = 1024
+MAX_SIZES = {"vocab_size": 2**24, "d_model": 2**16, "d_ff": 2**20, "window": 2**31 - 1, "d_state": 2**12,
+             "d_conv": 2**8, "expand": 2**6, "max_seq_len": 2**31 - 1}
+
 SELF_DECODER_KINDS = frozenset({LayerKind.MAMBA, LayerKind.SLIDING_ATTENTION, LayerKind.FULL_ATTENTION})
 CROSS_DECODER_KINDS = frozenset({LayerKind.GMU, LayerKind.CROSS_ATTENTION})
 
@@ -102,6 +110,9 @@ class SambaYConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SambaYConfig.{name} must be a positive int, got {value!r}")
+        for name, bound in MAX_SIZES.items():
+            if getattr(self, name) > bound:
+                raise ValueError(f"SambaYConfig.{name} must be <= {bound}, got {getattr(self, name)}")
         if self.d_conv < 2:
             raise ValueError(f"SambaYConfig.d_conv must be >= 2, got {self.d_conv}")
         if self.d_model % self.n_heads:
@@ -165,6 +176,8 @@ class SambaYConfig:
 def _validate_plan(plan: tuple[LayerKind, ...]) -> None:
     if not isinstance(plan, tuple) or not plan or not all(isinstance(k, LayerKind) for k in plan):
         raise ValueError(f"plan must be a non-empty tuple of LayerKind, got {plan!r}")
+    if len(plan) > MAX_LAYERS:
+        raise ValueError(f"the plan has {len(plan)} layers, more than the bound of {MAX_LAYERS}")
     split = next((i for i, k in enumerate(plan) if k in CROSS_DECODER_KINDS), len(plan))
     late = [i for i in range(split, len(plan)) if plan[i] in SELF_DECODER_KINDS]
     if late:

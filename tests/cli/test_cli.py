@@ -70,7 +70,7 @@ def test_missing_model_directory_exits_1(tmp_path):
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [
-    (["generate", "--model", "m", "--temperature", "-1", "hi"], 2, "temperature must be >= 0"),
+    (["generate", "--model", "m", "--temperature", "-1", "hi"], 2, "temperature must be a finite number >= 0"),
     (["generate", "--model", "m", "--n", "0", "hi"], 2, "n must be an int >= 1"),
     (["generate", "--model", "m", "--raw", "--system", "s", "hi"], 2, "--system needs the chat template"),
     (["generate", "--model", "m", "--dtype", "int8", "hi"], 2, "invalid choice: 'int8'"),

@@ -140,6 +140,56 @@ def load_engine(options: ModelOptions, console: Console, *, cuda_graphs: bool | 
                            dtype=options.dtype, cuda_graphs=cuda_graphs)
 
 
+def check_serving_cache(args: argparse.Namespace, options: ModelOptions) -> None:
+    """Refuse, before the model loads, a serving context whose cache cannot fit the device, naming the flag.
+
+    Each of --slots sequences may grow to --max-length tokens, by default config.json's
+    max_position_embeddings. An absurd one (10^9) failed in the allocator with a raw error, after the model
+    had loaded (issue 13). The estimate is the shared K/V alone, the only cache that grows with the length:
+    a lower bound, so a setup that fits is never refused. With --cache-memory-gb the pool is sized to that
+    budget instead, and `sambay.generate.core.make_runner` reports a budget too small for one sequence.
+    """
+    if args.cache_memory_gb is not None or args.slots < 1:
+        return  # a bad --slots is SchedulerConfig's to report
+    from sambay.checkpoint import checkpoint_dtype, read_config
+    from sambay.config import LayerKind
+
+    config, raw = read_config(options.model_dir)
+    length = args.max_length or config.max_seq_len
+    itemsize = (options.dtype or checkpoint_dtype(raw) or torch.float32).itemsize
+    per_token = 2 * config.count(LayerKind.FULL_ATTENTION) * config.n_kv_heads * config.head_dim * itemsize
+    need = args.slots * length * per_token // max(getattr(args, "tensor_parallel", None) or 1, 1)
+    have = device_memory(options.device)
+    if have is None or need <= have:
+        return
+    source, fix = ((f"--max-length {length}", "lower --max-length or --slots") if args.max_length else
+                   (f"config.json's max_position_embeddings ({length})", "set --max-length to the context you need"))
+    raise UsageError(f"{source}: the K/V cache of --slots {args.slots} sequences of {length} tokens needs "
+                     f"{need / 1e9:,.1f} GB, more than the {have / 1e9:,.1f} GB of memory on {options.device}; {fix} "
+                     "(or give --cache-memory-gb)")
+
+
+def device_memory(device: str) -> int | None:
+    """Bytes a cache on ``device`` can use: a GPU's total memory, the host's available memory for the CPU
+    (``MemAvailable``, else all physical memory); None where it cannot be told."""
+    parsed = torch.device(device)
+    if parsed.type == "cuda":
+        return torch.cuda.get_device_properties(parsed.index or 0).total_memory
+    if parsed.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            available = next((line.split()[1] for line in f if line.startswith("MemAvailable:")), None)
+        if available is not None:
+            return int(available) * 1024
+    except OSError:  # not Linux
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # Windows, or an unknown name
+        return None
+
+
 def _thread_count(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")

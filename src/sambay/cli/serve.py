@@ -14,7 +14,9 @@ On a GPU the model and scheduler run in a process of their own (--engine-process
 --cache-memory-gb it is what fits in that budget, and requests are preempted and recomputed when it
 runs out. SIGTERM stops accepting requests, lets in-flight ones
 finish for --shutdown-grace seconds, then aborts the rest. A port already in use is reported before the
-model loads.
+model loads. What one client may send and hold (--max-body-mb, --max-connections, --idle-timeout,
+--header-timeout, --body-timeout) is enforced by `sambay.serve.transport`; the README's Security section
+says what is left to a reverse proxy.
 """
 
 from __future__ import annotations
@@ -52,8 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default: 64)")
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                        help="plan step n+1 while the host processes step n's tokens (default: on)")
+    group.add_argument("--prefix-cache-gb", type=float, default=2.0, metavar="GB",
+                       help="memory for prefix-cache state snapshots, beside --cache-memory-gb: a prompt that starts "
+                            "with a cached prefix prefills only the rest (default: 2; 0 turns prefix caching off)")
     group.add_argument("--shutdown-grace", type=float, default=30.0,
                        help="seconds to finish requests on SIGTERM (default: 30)")
+    _add_transport_arguments(p)
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
                    help="run the model in its own process, so HTTP and the scheduler do not share a GIL "
                         "(default: on for CUDA devices)")
@@ -64,6 +70,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p)
 
 
+def _add_transport_arguments(p: argparse.ArgumentParser) -> None:
+    """What one client may send and hold (`sambay.serve.transport`); the README's Security section."""
+    group = p.add_argument_group("connections")
+    group.add_argument("--max-body-mb", type=_positive(float), metavar="MB",
+                       help="refuse a larger request body with 413 before reading it (default: 4 MB plus 16 bytes "
+                            "per token of --max-length)")
+    group.add_argument("--max-connections", type=_positive(int), metavar="N",
+                       help="open connections; past them a new one gets 503 at once (default: the open-file limit, "
+                            "ulimit -n, less a tenth)")
+    group.add_argument("--idle-timeout", type=_positive(float), default=5.0, metavar="S",
+                       help="close a connection that starts no request for S seconds, new or after a response "
+                            "(default: 5)")
+    group.add_argument("--header-timeout", type=_positive(float), default=10.0, metavar="S",
+                       help="close a connection whose request head is incomplete S seconds after its first byte "
+                            "(default: 10)")
+    group.add_argument("--body-timeout", type=_positive(float), default=30.0, metavar="S",
+                       help="answer 408 to a request body still incomplete S seconds after its head (default: 30)")
+
+
+def _positive(kind):
+    """An argparse type: ``kind`` values above zero (a usage error otherwise, before the model loads)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid <type> value" message
+    return parse
+
+
+def _transport_limits(args: argparse.Namespace):
+    from sambay.serve.transport import TransportLimits
+
+    body = None if args.max_body_mb is None else int(args.max_body_mb * 1e6)
+    return TransportLimits(max_body_bytes=body, max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+                           header_timeout=args.header_timeout, body_timeout=args.body_timeout)
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         from sambay.serve.server import check_port  # the serve extra: FastAPI, uvicorn, prometheus_client
@@ -71,6 +116,8 @@ def main(args: argparse.Namespace) -> int:
         raise RuntimeError(f"sambay serve needs the serve extra (pip install 'sambay[serve]'): {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = _directories(model_options(args))
+    from sambay.cli._common import check_serving_cache
+    check_serving_cache(args, options)  # before the model loads, like the port
     if args.tensor_parallel is not None:
         if args.engine_process:
             raise UsageError("--engine-process does not combine with --tensor-parallel yet (rank 0 runs the "
@@ -107,7 +154,8 @@ def _scheduler_config(args: argparse.Namespace, model=None, cuda_graph: bool = T
         config = SchedulerConfig(slots=args.slots, max_length=args.max_length, block_size=args.block_size,
                                  prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
                                  max_waiting=args.max_waiting, cuda_graph=cuda_graph,
-                                 async_scheduling=args.async_scheduling)
+                                 async_scheduling=args.async_scheduling,
+                                 prefix_cache_bytes=max(0, int(args.prefix_cache_gb * 1e9)))
         if model is None:
             return config
         config = dataclasses.replace(config, max_length=config.max_length or model.config.max_seq_len)
@@ -133,14 +181,14 @@ def _serve(args: argparse.Namespace, options, engine, scheduler, runner=None) ->
 
     config = ServeConfig(model_dir=options.model_dir, model_name=args.served_model_name, host=args.host,
                          port=args.port, api_key=args.api_key, scheduler=scheduler,
-                         defaults=sampling_defaults(args), grace=args.shutdown_grace)
+                         defaults=sampling_defaults(args), grace=args.shutdown_grace, limits=_transport_limits(args))
     runtime = build_runtime(engine, config, runner or _make_runner(engine.model, scheduler))
     budget = runtime.scheduler.memory
     logging.getLogger("sambay.serve").info(
         "serving %r on http://%s:%d: %d sequences of up to %d tokens, shared K/V pool of %d tokens, cache %.1f MB",
         runtime.model_name, config.host, config.port, budget.slots, budget.max_length, budget.kv_tokens,
         budget.total_bytes / 1e6)
-    serve(runtime, config.host, config.port, config.grace)
+    serve(runtime, config.host, config.port, config.grace, config.limits)
     return 0
 
 
@@ -170,7 +218,7 @@ def _serve_engine_process(args: argparse.Namespace, options) -> int:
         "serving %r on http://%s:%d (model in its own process): %d sequences of up to %d tokens, shared K/V "
         "pool of %d tokens, cache %.1f MB", runtime.model_name, args.host, args.port, memory.slots,
         memory.max_length, memory.kv_tokens, memory.total_bytes / 1e6)
-    serve(runtime, args.host, args.port, args.shutdown_grace)
+    serve(runtime, args.host, args.port, args.shutdown_grace, _transport_limits(args))
     return 0
 
 
