@@ -10,6 +10,7 @@ down on SIGTERM with both ranks exiting.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import os
 import shutil
@@ -34,20 +35,22 @@ from sambay.parallel.serving import BroadcastRunner, follow
 from tests.conftest import random_model, small_config
 from tests.parallel.test_tensor_parallel import CONFIG, WORLD, _free_port
 
-SCHEDULER = SchedulerConfig(slots=4, max_length=64, block_size=16, kv_blocks=6, prefill_chunk=7, prefill_budget=14)
+SCHEDULER = SchedulerConfig(slots=4, max_length=64, block_size=16, kv_blocks=6, prefill_chunk=7, prefill_budget=14,
+                            prefix_cache_bytes=10**7)
 REQUESTS = [
     ([5, 9, 2, 7, 1, 3, 8, 8, 2], SamplingParams(temperature=0, max_new_tokens=30, stop_token_ids=())),
     ([4, 4], SamplingParams(temperature=0.9, seed=3, n=2, max_new_tokens=20, frequency_penalty=0.5,
                             stop_token_ids=())),
     (list(range(1, 30)), SamplingParams(temperature=0, max_new_tokens=25, stop_token_ids=())),
 ]
+LATER = [([*range(1, 21), 9, 9], SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=()))]  # cached prefix
 
 
-def _collect(scheduler: EngineCore, overlap: bool = False) -> list[dict[int, list[int]]]:
-    """Submit REQUESTS one step apart; step (asynchronously with ``overlap``) until all finish; each request's
+def _collect(scheduler: EngineCore, overlap: bool = False, requests=REQUESTS) -> list[dict[int, list[int]]]:
+    """Submit ``requests`` one step apart; step (asynchronously with ``overlap``) until all finish; each request's
     tokens per sample."""
-    results = [{} for _ in REQUESTS]
-    done = [False] * len(REQUESTS)
+    results = [{} for _ in requests]
+    done = [False] * len(requests)
 
     def sink(i):
         def put(output):
@@ -56,7 +59,7 @@ def _collect(scheduler: EngineCore, overlap: bool = False) -> list[dict[int, lis
             done[i] = done[i] or output.finished
         return put
 
-    for i, (prompt, params) in enumerate(REQUESTS):
+    for i, (prompt, params) in enumerate(requests):
         scheduler.submit(prompt, params, sink(i))
         scheduler.step(overlap)
     for _ in range(500):
@@ -80,11 +83,13 @@ def _worker(rank: int, port: int) -> None:
         try:
             scheduler = EngineCore(Engine(sharded), SCHEDULER, runner)
             actual = _collect(scheduler, overlap=True)  # asynchronous here, synchronous alone
+            actual += _collect(scheduler, True, LATER)  # from the prefix cache
         finally:
             runner.stop()
-        single = EngineCore(Engine(reference), SCHEDULER)
-        expected = _collect(single)
+        single = EngineCore(Engine(reference), dataclasses.replace(SCHEDULER, prefix_cache_bytes=0))
+        expected = _collect(single) + _collect(single, False, LATER)
         assert single.scheduler.preemptions > 0 and scheduler.scheduler.preemptions > 0
+        assert scheduler.stats()["prefix_cache_hits"] == 16, scheduler.stats()  # LATER, from the third request
         assert actual == expected, f"{actual} != {expected}"
     finally:
         dist.destroy_process_group()

@@ -68,7 +68,8 @@ def make_runner(model: SambaY, config: SchedulerConfig, cls: type[ModelRunner] =
     if memory.kv_blocks and memory.kv_blocks < blocks_for(max_length, config.block_size):
         raise ValueError(f"the K/V pool holds {memory.kv_tokens} tokens, less than one sequence of "
                          f"max_length = {max_length}: give it more memory or lower max_length")
-    snapshots = config.prefix_cache_bytes // memory.bytes_per_slot if memory.kv_blocks else 0
+    # a model without per-row state (a Transformer++) would need no snapshots; its prefix cache is not built
+    snapshots = config.prefix_cache_bytes // memory.bytes_per_slot if memory.kv_blocks and memory.bytes_per_slot else 0
     return cls(model, slots=config.slots, max_length=max_length, block_size=config.block_size,
                kv_blocks=memory.kv_blocks or None, cuda_graph=config.cuda_graph, snapshots=snapshots)
 

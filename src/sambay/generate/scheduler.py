@@ -318,14 +318,15 @@ class Scheduler:
 
     def _pieces(self, job: _Job, start: int, ends: bool) -> list[tuple[int, int, int]]:
         """The chunk ``job.tokens[start:job.consumed]`` as (start, end, snapshot entry or -1) pieces: with a
-        prefix cache, a block-aligned chunk end inside the tokens saves a snapshot, and the last chunk is cut
-        at the last block boundary before the final token, the state saved there (`prefix_cache`)."""
+        prefix cache, the chunk that reaches the last block boundary before the final token is cut there and
+        the state saved (`prefix_cache`), and any other block-aligned chunk end inside the tokens saves too."""
         end = job.consumed
         if self.prefix is None:
             return [(start, end, -1)]
         size = self.blocks.block_size
-        cut = (len(job.tokens) - 1) // size * size if ends else end
-        if cut <= start or cut % size:
+        last = (len(job.tokens) - 1) // size * size  # the boundary every prompt is cached at
+        cut = last if start < last <= end else end
+        if cut <= start or cut % size or (cut == end and ends):
             return [(start, end, -1)]
         if job.keys is None:
             job.keys = chain_keys(job.tokens, size, len(job.tokens) // size)
