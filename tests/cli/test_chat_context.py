@@ -5,6 +5,7 @@ message too long to fit alone is refused without losing the history."""
 from __future__ import annotations
 
 import io
+import itertools
 import sys
 
 import pytest
@@ -60,3 +61,22 @@ def test_a_message_too_long_to_fit_alone_is_refused_and_the_session_goes_on(monk
     assert "message not sent: with the system message it takes" in out and f"context is {MAX_LEN}" in out
     assert len(prompts) == 2
     assert "hello" in short_engine.tokenizer.decode(prompts[1])  # the history before the refused message is kept
+
+
+def test_each_turn_prefills_only_what_is_new(monkeypatch, capsys, engine):
+    """The prefix cache (issue 15): turn after turn, the conversation so far is served from the cache, and
+    the replies are those of a chat without it."""
+    config = small_config(vocab_size=200064, d_model=16, n_heads=4, n_kv_heads=2, d_ff=16, max_seq_len=1024)
+    model = random_model(config)
+    system = " ".join(f"rule {i}." for i in range(60))  # about 180 tokens: a full block of 128 and more
+    lines = [f"{i} {MESSAGE}" for i in range(3)]
+    replies = []
+    for gb in ("0", "0.01"):
+        fresh = Engine(model, engine.tokenizer)
+        code, out, prompts = chat_through(monkeypatch, capsys, fresh, lines, "--system", system,
+                                          "--prefix-cache-gb", gb)
+        assert code == 0 and all(a == b[: len(a)] for a, b in itertools.pairwise(prompts)), out
+        replies.append([line for line in out.splitlines() if "tokens/s" not in line])
+        hits = fresh._core.stats()["prefix_cache_hits"]
+        assert hits == (0 if gb == "0" else 2 * 128), hits  # turns 2 and 3 start from the system prompt's block
+    assert replies[0] == replies[1]

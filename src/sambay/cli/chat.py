@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_threads_argument(parser)
     add_sampling_arguments(parser)
+    parser.add_argument("--prefix-cache-gb", type=float, default=1.0, metavar="GB",
+                        help="memory for the prefix cache's state snapshots, so each turn prefills only what is "
+                             "new (default 1; 0 turns it off)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     console = make_console()
     engine = load_engine(options, make_console(stderr=True))
+    engine.prefix_cache_bytes = max(0, int(args.prefix_cache_gb * 1e9))
     set_threads(args.threads, engine.model)
     console.print(COMMANDS_HELP, style=REASONING_STYLE)
     conversation = Conversation(system=args.system)
