@@ -57,6 +57,7 @@ def make_runner(model: SambaY, config: SchedulerConfig, cls: type[ModelRunner] =
                          f"max_length = {max_length}: give it more memory or lower max_length")
     # a model without per-row state (a Transformer++) would need no snapshots; its prefix cache is not built
     snapshots = config.prefix_cache_bytes // memory.bytes_per_slot if memory.kv_blocks and memory.bytes_per_slot else 0
+    snapshots = min(snapshots, memory.kv_blocks)  # each snapshot needs a cached block of its own to be reachable
     return cls(model, slots=config.slots, max_length=max_length, block_size=config.block_size,
                kv_blocks=memory.kv_blocks or None, cuda_graph=config.cuda_graph, snapshots=snapshots)
 
