@@ -25,7 +25,7 @@ import sambay.cli
 
 # command → module of `sambay.cli`. The modules are imported inside `main` (they pull in torch, the
 # tokenizer and rich: a second or more), so that Ctrl-C during the imports is handled like any other.
-COMMANDS = {"bench": "bench", "bench-serve": "bench_serve", "chat": "chat", "generate": "generate",
+COMMANDS = {"bench": "bench", "bench-serve": "bench_serve", "chat": "chat", "eval": "eval", "generate": "generate",
             "serve": "serve", "train": "train"}
 
 
