@@ -3,6 +3,8 @@
     eval "$(bash benchmarks/device_setup.sh)"
     python3 benchmarks/serve_sweep.py --out results/ --arch sambay --concurrency 1 4 16 64 --max-tokens 8192
     python3 benchmarks/serve_sweep.py --out results/ --arch transformer --concurrency 64 --max-tokens 8192
+    python3 benchmarks/serve_sweep.py --out results/ --arch sambay --concurrency 16 64 --max-tokens 2048 \
+        --json-schema benchmarks/schemas/steps.json                   # the same load, every answer a grammar
 
 For each architecture (`--arch`: the release's SambaY, or our Transformer++ of the same width and depth:
 32 full-attention layers with RoPE, `sambay.config.transformer_plan`):
@@ -13,7 +15,11 @@ For each architecture (`--arch`: the release's SambaY, or our Transformer++ of t
    `sambay bench-serve --prompt-tokens`), with the bandwidth limit at the run's mean batch and context;
 4. after the server stops, in the same run: the offline fixed-context decode step (`sambay.bench.runs`) at
    batch C and the same mean context, the baseline a server cannot beat.
-Writes sweep-<arch>.json and prints one table row per level.
+With ``--json-schema FILE`` every request carries that schema as its ``response_format`` (a completion:
+the grammar applies from the first token), so each decode step also computes the grammar's token masks;
+`benchmarks/schemas/steps.json` asks for at least 4,096 short strings, more than 8,192 tokens can close,
+so no request stops early and the two runs decode the same tokens per request.
+Writes sweep-<arch>.json (sweep-<arch>-json.json with a schema) and prints one table row per level.
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ def sweep(args, directory: Path, log) -> tuple[list[dict], float]:
         for c in args.concurrency:
             config = LoadConfig(url=f"http://127.0.0.1:{args.port}", concurrency=c, requests=c,
                                 prompt_lengths=(args.prompt_tokens,), prompt_unit="tokens", max_tokens=args.max_tokens,
-                                workers=max(1, min(8, c // 16)), timeout_s=3600)
+                                workers=max(1, min(8, c // 16)), timeout_s=3600, json_schema=args.schema)
             report = asyncio.run(run_load(config, footprint, args.bandwidth))
             reports.append(report)
             print(json.dumps(report), flush=True)
@@ -120,7 +126,10 @@ def main() -> int:
     p.add_argument("--cache-memory-gb", type=float, default=100.0)
     p.add_argument("--port", type=int, default=8011)
     p.add_argument("--no-offline", action="store_true", help="skip the offline fixed-context baseline")
+    p.add_argument("--json-schema", type=Path, help="send this JSON Schema with every request (response_format)")
     args = p.parse_args()
+    args.schema = json.loads(args.json_schema.read_text()) if args.json_schema else None
+    name = args.arch + ("-json" if args.schema else "")
     args.max_length = args.prompt_tokens + args.max_tokens + 64
     args.out.mkdir(parents=True, exist_ok=True)
     args.bandwidth = copy_bandwidth()
@@ -129,7 +138,7 @@ def main() -> int:
     started = time.perf_counter()
     make_model(directory, config)
     print(f"{args.arch}: checkpoint written in {time.perf_counter() - started:.0f} s", flush=True)
-    with open(args.out / f"serve-{args.arch}.log", "w") as log:
+    with open(args.out / f"serve-{name}.log", "w") as log:
         reports, ready_s = sweep(args, directory, log)
     if not args.no_offline:
         model = sambay.load_model(directory, device="cuda", dtype=torch.bfloat16, progress=False)
@@ -139,15 +148,15 @@ def main() -> int:
     result = {"arch": args.arch, "gpu": torch.cuda.get_device_name(), "bandwidth_bytes_per_s": args.bandwidth,
               "slots": args.slots, "cache_memory_gb": args.cache_memory_gb, "prompt_tokens": args.prompt_tokens,
               "max_tokens": args.max_tokens, "server_ready_s": round(ready_s, 1), "runs": reports,
-              "torch": torch.__version__}
-    (args.out / f"sweep-{args.arch}.json").write_text(json.dumps(result, indent=1))
+              "json_schema": args.schema, "torch": torch.__version__}
+    (args.out / f"sweep-{name}.json").write_text(json.dumps(result, indent=1))
     print("| arch | C | output tok/s | of limit | offline step tok/s | served / offline | TTFT p50/p99 ms | "
           "ITL p50/p99 ms | failed |")
     for r in reports:
         limit, offline = r.get("bandwidth_limit", {}), r.get("offline_step", {})
         ratio = (f"{r['output_tokens_per_s'] / offline['output_tokens_per_s']:.2f}"
                  if offline.get("output_tokens_per_s") else "-")
-        print(f"| {args.arch} | {r['concurrency']} | {r['output_tokens_per_s']} | "
+        print(f"| {name} | {r['concurrency']} | {r['output_tokens_per_s']} | "
               f"{limit.get('fraction_of_limit', 0):.0%} | {offline.get('output_tokens_per_s', offline.get('error'))} | "
               f"{ratio} | {r['ttft_ms']['p50']}/{r['ttft_ms']['p99']} | {r['itl_ms']['p50']}/{r['itl_ms']['p99']} | "
               f"{r['failed']} |")

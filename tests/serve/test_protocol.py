@@ -34,7 +34,8 @@ def test_reasoning_split_in_the_message(builder):
         assert choice["message"]["reasoning_content"] == "2 + 2 is 4"
         assert choice["message"]["content"] == "The answer is 4."
         assert choice["finish_reason"] == "stop"
-    assert response["usage"] == {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21}
+    assert response["usage"] == {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21,
+                                 "completion_tokens_details": {"reasoning_tokens": 0}}  # no delta counted any
 
 
 def test_reasoning_split_in_stream_deltas(builder):

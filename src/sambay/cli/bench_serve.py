@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="seconds per request, send to last token (default: 300)")
     p.add_argument("--api-key", help="bearer token, if the server wants one")
     p.add_argument("--workers", type=int, help="client processes (default: one per 16 streams, at most the CPUs)")
+    p.add_argument("--json-schema", type=Path, metavar="FILE",
+                   help="send this JSON Schema with every request (response_format): the cost of a grammar")
     p.add_argument("--model-dir", type=Path, help="the served checkpoint: report the decode bandwidth limit")
     p.add_argument("--bandwidth", type=float, help="memory bandwidth in bytes/s for the limit (default: 4.3e12, H200)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -80,8 +82,15 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
         settings["prompt_unit"] = "words" if args.prompt_words else "tokens"
         settings["prompt_lengths"] = tuple(args.prompt_words or args.prompt_tokens)
     concurrency = args.concurrency if args.concurrency is not None or args.request_rate else 8
+    schema = None
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(args.json_schema.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--json-schema {args.json_schema}: {e}") from None
     return LoadConfig(url=args.url, model=args.model, concurrency=concurrency, request_rate=args.request_rate,
-                      requests=args.requests, seed=args.seed, api_key=args.api_key, workers=args.workers, **settings)
+                      requests=args.requests, seed=args.seed, api_key=args.api_key, workers=args.workers,
+                      json_schema=schema, **settings)
 
 
 def _format(report: dict) -> str:

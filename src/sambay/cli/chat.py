@@ -33,7 +33,9 @@ from sambay.cli._common import (
     sampling_params,
     set_threads,
 )
+from sambay.cli._lora import add_lora_argument, apply_lora, read_lora
 from sambay.cli._output import REASONING_STYLE, ReplyPrinter, make_console
+from sambay.cli._structured import add_structured_arguments, structured_fields
 from sambay.generate import Engine, SamplingParams
 
 HELP = "chat with a model interactively"
@@ -55,8 +57,10 @@ class Conversation:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", metavar="TEXT", help="the system message")
     add_model_arguments(parser)
+    add_lora_argument(parser)
     add_threads_argument(parser)
     add_sampling_arguments(parser)
+    add_structured_arguments(parser)
     parser.add_argument("--prefix-cache-gb", type=float, default=1.0, metavar="GB",
                         help="memory for the prefix cache's state snapshots, so each turn prefills only what is "
                              "new (default 1; 0 turns it off)")
@@ -64,9 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     options = model_options(args)
-    params = sampling_params(args)
+    params = sampling_params(args, **structured_fields(args, chat=True))
     console = make_console()
+    adapter = read_lora(args)
     engine = load_engine(options, make_console(stderr=True))
+    apply_lora(engine, adapter)
     engine.prefix_cache_bytes = max(0, int(args.prefix_cache_gb * 1e9))
     set_threads(args.threads, engine.model)
     console.print(COMMANDS_HELP, style=REASONING_STYLE)

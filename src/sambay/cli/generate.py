@@ -35,8 +35,11 @@ from sambay.cli._common import (
     sampling_params,
     set_threads,
 )
+from sambay.cli._lora import add_lora_argument, apply_lora, read_lora
 from sambay.cli._output import ReplyPrinter, make_console
+from sambay.cli._structured import add_structured_arguments, structured_fields
 from sambay.generate import Engine, SamplingParams, SequenceDelta
+from sambay.lora import Adapter
 from sambay.text.reasoning import ReasoningSplit, split_reasoning
 
 HELP = "complete one prompt"
@@ -57,22 +60,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel", type=int, metavar="N", help="shard the model over N processes "
                         "started by torchrun (python -m torch.distributed.run --nproc-per-node N -m sambay.cli ...)")
     add_model_arguments(parser)
+    add_lora_argument(parser)
     add_threads_argument(parser)
     add_sampling_arguments(parser)
+    add_structured_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     options = model_options(args)
-    params = sampling_params(args, n=args.n, **({"stop_token_ids": ()} if args.ignore_eos else {}))
+    params = sampling_params(args, n=args.n, **({"stop_token_ids": ()} if args.ignore_eos else {}),
+                             **structured_fields(args, chat=not args.raw))
     if args.raw and args.system:
         raise UsageError("--system needs the chat template; drop --raw")
     prompt = _read_prompt(args)  # before loading, which takes seconds
+    adapter = read_lora(args)
     if args.tensor_parallel is None:
         started = time.perf_counter()
         engine = load_engine(options, make_console(stderr=True))
+        apply_lora(engine, adapter)
         set_threads(args.threads, engine.model)
         return _generate(args, engine, params, prompt, time.perf_counter() - started)
-    return _generate_tensor_parallel(args, options, params, prompt)
+    return _generate_tensor_parallel(args, options, params, prompt, adapter)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -95,7 +103,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def _generate_tensor_parallel(args: argparse.Namespace, options: ModelOptions, params: SamplingParams,
-                              prompt: str) -> int:
+                              prompt: str, adapter: Adapter | None) -> int:
     """Every rank loads the model, keeps its shard and steps in lockstep; rank 0 prints."""
     from sambay import parallel  # torch.distributed only where it is asked for
 
@@ -105,6 +113,7 @@ def _generate_tensor_parallel(args: argparse.Namespace, options: ModelOptions, p
         started = time.perf_counter()
         # CUDA-graph capture of the all-reduces is untested: decode runs eagerly
         engine = load_engine(replace(options, device=member.device), make_console(stderr=True), cuda_graphs=False)
+        apply_lora(engine, adapter)  # into the full weights, before they are sharded
         set_threads(args.threads, engine.model)
         parallel.tensor_parallel(engine.model)
         if params.seed is None:
@@ -128,8 +137,9 @@ def _generate(args: argparse.Namespace, engine: Engine, params: SamplingParams, 
     timer = StreamTimer(prompt_tokens=len(ids))
     stream = timer.run(engine.stream([ids], params))
     if args.json:
-        texts, counts, reasons = _collect(stream, params.n)
-        choices = [_choice(j, texts[j], counts[j], reasons[j], raw=args.raw) for j in range(params.n)]
+        texts, counts, reasons, reasoning = _collect(stream, params.n)
+        choices = [{**_choice(j, texts[j], counts[j], reasons[j], raw=args.raw), "reasoning_tokens": reasoning[j]}
+                   for j in range(params.n)]
         timing = {"load_s": round(load_s, 4), **timer.as_dict()}
         print(json.dumps({"prompt_tokens": len(ids), "completion_tokens": sum(counts), "choices": choices,
                           "timing": timing}, ensure_ascii=False))
@@ -143,15 +153,17 @@ def _generate(args: argparse.Namespace, engine: Engine, params: SamplingParams, 
     return 0
 
 
-def _collect(stream: Iterator[list[SequenceDelta]], n: int) -> tuple[list[str], list[int], list[str | None]]:
-    """Texts, generated-token counts and finish reasons of the n samples of one prompt."""
-    texts, counts, reasons = [""] * n, [0] * n, [None] * n
+def _collect(stream: Iterator[list[SequenceDelta]], n: int
+             ) -> tuple[list[str], list[int], list[str | None], list[int]]:
+    """Texts, generated-token counts, finish reasons and reasoning tokens of the n samples of one prompt."""
+    texts, counts, reasons, reasoning = [""] * n, [0] * n, [None] * n, [0] * n
     for step in stream:
         for d in step:
             texts[d.sample_index] += d.text
             counts[d.sample_index] += 1
             reasons[d.sample_index] = d.finish_reason
-    return texts, counts, reasons
+            reasoning[d.sample_index] = d.reasoning_tokens or reasoning[d.sample_index]
+    return texts, counts, reasons, reasoning
 
 
 def _choice(index: int, text: str, tokens: int, finish_reason: str | None, *, raw: bool) -> dict:

@@ -7,10 +7,13 @@ the result). Examples::
 
     sambay train scripts/arithmetic.toml --final-model-dir out/arith
     sambay train --init-from MODEL_DIR --train-files chats.jsonl --max-steps 500 --lr 1e-5   # SFT
+    sambay train --init-from MODEL_DIR --train-files chats.jsonl --lora-rank 16 --lr 2e-4    # LoRA SFT
+    sambay train --init-from MODEL_DIR --train-files pairs.jsonl --objective dpo --lora-rank 16  # DPO
     torchrun --nproc-per-node 8 -m sambay.cli train run.toml --parallel fsdp                  # 8 GPUs
 
 The run writes ``out_dir/log.jsonl``, resumable checkpoints under ``out_dir/checkpoints`` and the
-final weights in the released format (``final_model_dir``, default ``out_dir/model``). While it runs it
+final weights in the released format (``final_model_dir``, default ``out_dir/model``), or with
+``--lora-rank`` the adapter in PEFT's format (default ``out_dir/adapter``; `sambay merge` folds it in). While it runs it
 prints to stderr what it is doing and its progress (a live bar on a terminal; otherwise one line per
 logged step: step, loss, lr, tokens/s, elapsed, ETA); stdout gets one JSON line with the final metrics.
 """
@@ -53,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)
         elif kind is list:
-            group.add_argument(flag, dest=field.name, nargs="+", default=None, metavar="PATH", help=help_text)
+            group.add_argument(flag, dest=field.name, nargs="+", default=None, help=help_text,
+                               metavar="PATH" if field.name.endswith("_files") else "NAME")
         else:
             group.add_argument(flag, dest=field.name, type=kind, default=None, metavar=kind.__name__.upper(),
                                help=help_text)

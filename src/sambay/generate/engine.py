@@ -92,6 +92,7 @@ class Completion:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    reasoning_tokens: int = 0  # tokens inside <think> (``SamplingParams.reasoning`` requests)
 
 
 class Engine:
@@ -180,6 +181,7 @@ class Engine:
                 if d.logprob is not None:
                     c.logprobs.append(d.logprob)
                 c.finish_reason = d.finish_reason
+                c.reasoning_tokens = d.reasoning_tokens or c.reasoning_tokens
         return results
 
     def stream(self, prompts: Sequence[Prompt], params: SamplingParams) -> Iterator[list[SequenceDelta]]:

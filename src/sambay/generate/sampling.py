@@ -23,6 +23,10 @@ it overflows; 1/0.01 scales a logit by at most 100); presence and frequency pena
 (OpenAI's range). The HTTP API (`sambay.serve.schemas`) uses the same bounds, with OpenAI's temperature
 cap of 2 on top.
 
+Token masks (a reasoning budget's forced close, a grammar's allowed tokens: `sambay.generate.constraints`)
+are applied by the engine core before all of this, as -inf logits (`apply_token_bitmask`), so every
+processor and the sampler see only the allowed tokens.
+
 Logprobs are ``log_softmax`` of the *processed* distribution, the one the token was drawn from (after
 penalties, temperature and masks: masked tokens get -inf). For greedy rows they are ``log_softmax`` of
 the penalised logits at temperature 1.
@@ -37,6 +41,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from sambay.generate.guided import GuidedDecoding
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 REPETITION_PENALTY_RANGE = (0.01, 10.0)  # inclusive; 1 = off
@@ -71,6 +77,9 @@ class SamplingParams:
     n: int = 1  # samples per prompt, sharing one prefill
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the k most likely
     skip_special_tokens: bool = True  # drop special markers from the text
+    reasoning: bool = False  # the reply opens a <think> block (a reasoning model's chat prompt); see constraints
+    max_reasoning_tokens: int | None = None  # tokens inside <think> before its close is forced; 0: no reasoning
+    guided: GuidedDecoding | None = None  # the grammar the answer follows (JSON schema, regex, choice)
 
     def __post_init__(self):
         _check(0 <= self.temperature < math.inf,
@@ -92,6 +101,13 @@ class SamplingParams:
         _check(isinstance(self.n, int) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
                f"logprobs must be None or an int in [0, 20], got {self.logprobs!r}")
+        budget = self.max_reasoning_tokens
+        _check(budget is None or (isinstance(budget, int) and budget >= 0),
+               f"max_reasoning_tokens must be None or an int >= 0, got {budget!r}")
+        _check(budget is None or self.reasoning, "max_reasoning_tokens bounds the <think> block of a reasoning "
+               "request: set reasoning=True (a chat prompt of a reasoning model)")
+        _check(self.guided is None or isinstance(self.guided, GuidedDecoding),
+               f"guided must be a GuidedDecoding or None, got {type(self.guided).__name__}")
 
     @property
     def is_greedy(self) -> bool:
@@ -268,6 +284,25 @@ def sample(
     chosen = logprobs.gather(1, tokens.view(-1, 1)).squeeze(1)
     top = logprobs.topk(params.logprobs, dim=-1)
     return Sampled(tokens, chosen, top.indices, top.values)
+
+
+def apply_token_bitmask(logits: Tensor, bitmask: Tensor) -> Tensor:
+    """Logits with every token not allowed by ``bitmask`` set to -inf.
+
+    Args:
+        logits: (b, vocab) next-token logits.
+        bitmask: (b, words) int32 on the logits' device: bit ``i % 32`` of word ``i // 32`` allows token i
+            (llguidance's and xgrammar's layout); tokens past ``32 * words`` are not allowed.
+
+    Returns:
+        (b, vocab) masked logits (a new tensor).
+    """
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)  # (b, 32 * words)
+    vocab = logits.shape[-1]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    return logits.masked_fill(~allowed[:, :vocab], float("-inf"))
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:

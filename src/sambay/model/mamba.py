@@ -3,7 +3,7 @@
     [x | z] = in_proj(h)                      (b, t, 2 d_inner)
     u       = silu(causal_conv(x))            (b, t, d_inner)
     [δ | B | C] = x_proj(u)                   (b, t, dt_rank + 2 d_state)
-    Δ_pre   = dt_proj.weight · δ              bias added inside the scan, in fp32
+    Δ_pre   = dt_proj(δ)                      the weight only: its bias is added inside the scan, in fp32
     y       = selective_scan(u, Δ_pre, A = -exp(A_log), B, C, D) ⊙ silu(z)
     out     = out_proj(y)
 
@@ -26,6 +26,17 @@ from sambay.model.span import Span
 from sambay.ops import Ops
 
 
+class DeltaProjection(nn.Linear):
+    """dt_proj: a Linear whose forward applies the weight only, since the scan adds the bias in fp32.
+
+    Calling the module (rather than reading its weight) lets a wrapper applied from outside, such as a
+    LoRA adapter (`sambay.lora`), see this projection like any other; the parameters keep their names.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
 class Mamba(nn.Module):
     """Selective-SSM mixer of a MAMBA layer."""
 
@@ -36,7 +47,7 @@ class Mamba(nn.Module):
         self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=False)
         self.conv = nn.Conv1d(d_inner, d_inner, config.d_conv, groups=d_inner, bias=config.conv_bias)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.dt_proj = DeltaProjection(dt_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.zeros(d_inner, d_state, dtype=torch.float32))  # kept fp32
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=False)
@@ -76,7 +87,7 @@ class Mamba(nn.Module):
     def _project(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u (..., d_inner) → Δ before bias (..., d_inner), B and C (..., d_state)."""
         low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.linear(low, self.dt_proj.weight), B, C  # the dt bias is added in fp32 by the scan
+        return self.dt_proj(low), B, C  # the dt bias is added in fp32 by the scan
 
 
 class MemoryMamba(Mamba):

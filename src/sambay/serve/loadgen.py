@@ -84,6 +84,7 @@ class LoadConfig:
     api_key: str | None = None
     timeout_s: float = 300.0  # per request, from send to [DONE]
     workers: int | None = None  # client processes; None: one per 16 in flight, at most the CPU count
+    json_schema: dict | None = None  # sent with every request as its response_format (the cost of a grammar)
 
     def __post_init__(self):
         host = urlsplit(self.url).hostname or ""
@@ -199,8 +200,12 @@ def arrival_offsets(requests: int, rate: float | None, seed: int) -> list[float]
 def _body(config: LoadConfig, model: str, index: int) -> dict:
     length = config.prompt_lengths[index % len(config.prompt_lengths)]
     prompt = prompt_ids(length, index, config.seed) if config.prompt_unit == "tokens" else " ".join(["word"] * length)
-    return {"model": model, "prompt": prompt, "max_tokens": config.max_tokens, "temperature": config.temperature,
+    body = {"model": model, "prompt": prompt, "max_tokens": config.max_tokens, "temperature": config.temperature,
             "stream": True, "stream_options": {"include_usage": True}}
+    if config.json_schema is not None:
+        schema = {"name": "bench", "schema": config.json_schema}
+        body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    return body
 
 
 @dataclass

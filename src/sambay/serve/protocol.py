@@ -13,6 +13,12 @@ any non-finite number that slipped through rather than sending what clients cann
 
 `check_prompt_length` refuses a prompt whose characters alone prove it too long, before the tokenizer
 spends seconds on megabytes of text.
+
+Reasoning budgets and grammars (`structured_fields`): a chat completion is a reasoning request (its reply
+opens the model's ``<think>`` block, after which a grammar starts); a completion's prompt is raw text, so
+its grammar applies from the first token and a reasoning budget is refused. A grammar is compiled and
+checked here, so an invalid schema, an unsupported ``response_format`` type or a regex nothing satisfies
+is a 400 before the request is queued.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_str  # a str as JSON, non-ASCII kept (as ensure_ascii=False)
 
 from sambay.generate import SamplingParams, TokenLogprob
+from sambay.generate.guided import GuidedDecoding, grammar_compiler
 from sambay.generate.requests import Output
 from sambay.serve import schemas
 from sambay.serve.errors import APIError
@@ -74,7 +81,8 @@ def prepare_chat(req: schemas.ChatCompletionRequest, tokenizer: Tokenizer, max_l
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     return Prepared(prompt, _params(req, len(prompt), max_length, defaults, logprobs,
-                                    req.max_completion_tokens or req.max_tokens))
+                                    req.max_completion_tokens or req.max_tokens,
+                                    structured_fields(req, tokenizer, chat=True)))
 
 
 def prepare_completion(req: schemas.CompletionRequest, tokenizer: Tokenizer, max_length: int,
@@ -88,11 +96,65 @@ def prepare_completion(req: schemas.CompletionRequest, tokenizer: Tokenizer, max
             raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
     if not prompt:
         raise APIError(400, "the prompt is empty", param="prompt")
-    return Prepared(prompt, _params(req, len(prompt), max_length, defaults, req.logprobs, req.max_tokens))
+    return Prepared(prompt, _params(req, len(prompt), max_length, defaults, req.logprobs, req.max_tokens,
+                                    structured_fields(req, tokenizer, chat=False)))
+
+
+def structured_fields(req: schemas._Request, tokenizer: Tokenizer, *, chat: bool) -> dict:
+    """The `SamplingParams` fields of the request's reasoning budget and grammar (the grammar checked)."""
+    budget = req.max_reasoning_tokens
+    if req.reasoning_effort is not None:
+        if budget is not None:
+            raise APIError(400, "give max_reasoning_tokens or reasoning_effort, not both", param="reasoning_effort")
+        budget = schemas.REASONING_EFFORT_BUDGETS[req.reasoning_effort]
+    if budget is not None and not chat:
+        raise APIError(400, "a reasoning budget applies to chat completions, whose reply opens the <think> block; "
+                       "a completion's prompt is raw text", param="max_reasoning_tokens")
+    guided = _guided(req)
+    if guided is not None:
+        try:
+            grammar_compiler(tokenizer).check(guided)
+        except ValueError as e:
+            raise APIError(400, str(e), param=_GUIDED_PARAM[guided.kind]) from None
+    return {"reasoning": chat, "max_reasoning_tokens": budget, "guided": guided}
+
+
+_GUIDED_PARAM = {"json_schema": "response_format", "json_object": "response_format", "regex": "guided_regex",
+                 "choice": "guided_choice"}
+_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _guided(req: schemas._Request) -> GuidedDecoding | None:
+    """The request's grammar: at most one of response_format (json_object, json_schema), guided_choice and
+    guided_regex."""
+    fmt = req.response_format
+    if fmt is not None and fmt.type not in _FORMATS:
+        raise APIError(400, f"response_format type {fmt.type!r} is not supported; use one of "
+                       f"{', '.join(_FORMATS)}", param="response_format.type")
+    given = [g for g in (fmt is not None and fmt.type != "text", req.guided_choice is not None,
+                         req.guided_regex is not None) if g]
+    if len(given) > 1:
+        raise APIError(400, "give at most one of response_format (json_object, json_schema), guided_choice, "
+                       "guided_regex", param="response_format")
+    try:
+        if req.guided_choice is not None:
+            return GuidedDecoding(choice=tuple(req.guided_choice))
+        if req.guided_regex is not None:
+            return GuidedDecoding(regex=req.guided_regex)
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return GuidedDecoding(json_object=True)
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError(400, 'response_format json_schema needs {"json_schema": {"schema": {...}}}',
+                           param="response_format.json_schema")
+        return GuidedDecoding.from_schema(fmt.json_schema.schema_)
+    except ValueError as e:
+        raise APIError(400, str(e), param="guided_choice" if req.guided_choice is not None else None) from None
 
 
 def _params(req: schemas._Request, prompt_tokens: int, max_length: int, defaults: SamplingParams,
-            logprobs: int | None, max_tokens: int | None) -> SamplingParams:
+            logprobs: int | None, max_tokens: int | None, structured: dict) -> SamplingParams:
     room = max_length - prompt_tokens
     if room < 1:
         raise APIError(413, f"the prompt has {prompt_tokens} tokens; this server's context is {max_length} "
@@ -107,7 +169,7 @@ def _params(req: schemas._Request, prompt_tokens: int, max_length: int, defaults
     try:
         return defaults.replace(**given, presence_penalty=req.presence_penalty,
                                 frequency_penalty=req.frequency_penalty, stop=tuple(req.stop or ()), seed=req.seed,
-                                n=req.n, logprobs=logprobs, max_new_tokens=max_tokens or room)
+                                n=req.n, logprobs=logprobs, max_new_tokens=max_tokens or room, **structured)
     except ValueError as e:
         raise APIError(400, str(e)) from None
 
@@ -120,6 +182,7 @@ class _Choice:
     content: str = ""
     reasoning: str = ""
     tokens: int = 0
+    reasoning_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -155,7 +218,8 @@ class ResponseBuilder:
     def usage(self) -> dict:
         completion = sum(c.tokens for c in self.choices)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+                "total_tokens": self.prompt_tokens + completion,
+                "completion_tokens_details": {"reasoning_tokens": sum(c.reasoning_tokens for c in self.choices)}}
 
     def add(self, output: Output) -> list[dict]:
         """Account for one output; returns the stream chunks it makes (one per advanced choice)."""
@@ -202,6 +266,8 @@ class ResponseBuilder:
         choice = self.choices[d.sample_index]
         choice.tokens += 1
         choice.finish_reason = d.finish_reason
+        if d.reasoning_tokens is not None:
+            choice.reasoning_tokens = d.reasoning_tokens
         if d.logprob is not None:
             choice.logprobs.append(d.logprob)
         return choice.feed(d.text, d.finish_reason is not None)

@@ -6,7 +6,15 @@ servers do, so clients that send optional fields we do not implement (``user``, 
 Responses follow the OpenAI wire format; the reasoning trace travels in ``reasoning_content`` (the field
 name vLLM and DeepSeek use), next to ``content``. ``model`` may be omitted: a server serves one model.
 
-Extensions beyond OpenAI's parameters: ``top_k`` (-1 or 0 = off), ``min_p``, ``repetition_penalty``.
+Extensions beyond OpenAI's parameters: ``top_k`` (-1 or 0 = off), ``min_p``, ``repetition_penalty``, and
+vLLM's ``guided_choice`` / ``guided_regex``.
+
+Reasoning and structured outputs (`sambay.generate.constraints`): ``max_reasoning_tokens`` bounds the
+``<think>`` block of a chat completion (0 skips it); OpenAI's ``reasoning_effort`` names a budget:
+``low`` = 1,024, ``medium`` = 4,096, ``high`` = 16,384 tokens (`REASONING_EFFORT_BUDGETS`). ``response_format``
+``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema": {...}}}``, ``guided_choice``
+and ``guided_regex`` constrain the answer (after the reasoning, for chat). Usage reports
+``completion_tokens_details.reasoning_tokens`` in every response.
 
 Numeric domain (`sambay.generate.sampling` gives the reasons): every number finite (``NaN``, ``Infinity``
 and ``1e999`` are refused, though Python's JSON parser reads them); ``temperature`` in [0, 2], greedy
@@ -25,8 +33,34 @@ from sambay.generate.sampling import GREEDY_TEMPERATURE, PRESENCE_PENALTY_RANGE,
 _Penalty = Annotated[float, Field(ge=PRESENCE_PENALTY_RANGE[0], le=PRESENCE_PENALTY_RANGE[1])]
 
 
+# reasoning_effort → max_reasoning_tokens. This model's traces run to a few thousand tokens on competition
+# math (the model card's examples allow 32K): low keeps a short check, medium most traces, high all but the longest.
+REASONING_EFFORT_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: the schema under ``schema`` (``name`` and ``strict`` are read
+    and ignored: the schema is always enforced)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``{"type": "text" | "json_object" | "json_schema", "json_schema": ...}``; another type is a 400 naming
+    the supported ones (checked by `sambay.serve.protocol`, not here, so the message can say what to send)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    json_schema: JSONSchemaFormat | None = None
 
 
 class _Request(BaseModel):
@@ -51,6 +85,12 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1, description="The answer is one of these strings.")
+    guided_regex: str | None = Field(None, description="The answer matches this regular expression.")
+    max_reasoning_tokens: int | None = Field(None, ge=0, description="Tokens inside <think> (chat); 0 skips it.")
+    reasoning_effort: Literal["low", "medium", "high"] | None = Field(None, description=(
+        "A reasoning budget: " + ", ".join(f"{k} = {v}" for k, v in REASONING_EFFORT_BUDGETS.items()) + " tokens."))
 
     @field_validator("stop")
     @classmethod
@@ -96,10 +136,15 @@ class CompletionRequest(_Request):
 # responses ---------------------------------------------------------------------------------------
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0  # tokens inside <think>, tags excluded
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):

@@ -31,6 +31,12 @@ class TrainConfig:
     model: str = "sambay-da-tiny"  # preset name in sambay.config.PRESETS (ignored with init_from)
     init_from: str | None = None  # released-format model directory to start from (SFT)
     tokenizer: str | None = None  # directory with tokenizer.json / tokenizer_config.json; unset: init_from
+    # objective and LoRA (sambay.lora: adapters saved in PEFT's format, the base frozen)
+    objective: str = "lm"  # "lm" (next-token loss: pretraining, SFT) or "dpo" (prompt/chosen/rejected JSONL pairs)
+    dpo_beta: float = 0.1  # DPO: β, the strength of the tie to the reference model (the initial weights)
+    lora_rank: int = 0  # LoRA rank r (0: train every weight); the output is then an adapter directory
+    lora_alpha: float = 0.0  # LoRA updates are scaled by lora_alpha / lora_rank (0: lora_alpha = lora_rank)
+    lora_targets: list[str] = field(default_factory=lambda: ["all"])  # attention mamba gmu mlp all, or mamba.x_proj ...
     # data
     train_files: list[str] = field(default_factory=list)  # .txt (one document each) or .jsonl ({"text"} / {"messages"})
     eval_files: list[str] = field(default_factory=list)  # held-out files; none: hold out heldout_fraction of train
@@ -88,6 +94,14 @@ class TrainConfig:
             raise ValueError("max_minutes and peak_tflops must be >= 0")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.objective not in ("lm", "dpo"):
+            raise ValueError(f"TrainConfig.objective must be 'lm' or 'dpo', got {self.objective!r}")
+        if self.lora_rank < 0 or self.lora_alpha < 0 or self.dpo_beta <= 0:
+            raise ValueError("lora_rank and lora_alpha must be >= 0 and dpo_beta > 0")
+        if self.lora_rank:
+            from sambay.lora.targets import resolve_targets  # imports the model classes: only for LoRA runs
+
+            resolve_targets(self.lora_targets)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -95,7 +109,8 @@ class TrainConfig:
 
     @property
     def model_dir(self) -> Path:
-        return Path(self.final_model_dir or Path(self.out_dir) / "model")
+        """Where the result goes: released-format weights, or for a LoRA run the adapter (out_dir/adapter)."""
+        return Path(self.final_model_dir or Path(self.out_dir) / ("adapter" if self.lora_rank else "model"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

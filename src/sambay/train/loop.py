@@ -84,6 +84,10 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> dict:
         config: the run.
         reporter: where rank 0 says what it does and shows the progress (default: silent).
     """
+    if config.objective == "dpo":
+        from sambay.train.dpo import train_dpo
+
+        return train_dpo(config, reporter)
     rt = setup_distributed(config)
     report = reporter if reporter is not None and rt.is_main else Reporter()
     config = resolve_dtype(config, rt.device, report)
@@ -176,6 +180,10 @@ def _describe(config: TrainConfig, model: torch.nn.Module, rt: Runtime) -> str:
     """One line: what is trained, where, and how much."""
     params = sum(p.numel() for p in model.parameters())
     name = config.init_from or config.model
+    if config.lora_rank:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        targets = " ".join(config.lora_targets)
+        name += f" with LoRA rank {config.lora_rank} on {targets} ({trainable / 1e6:.2f}M trainable)"
     batch = config.micro_batch_size * config.grad_accum * rt.world
     processes = f" x {rt.world} processes" if rt.world > 1 else ""
     return (f"training {name} ({params / 1e6:.2f}M parameters) on {rt.device.type}{processes}, {config.dtype}: "
@@ -229,15 +237,17 @@ class _Budget:
 
 
 def throughput(model: torch.nn.Module, config: TrainConfig, steps: int, tokens: int, seconds: float) -> dict:
-    """Steps, tokens and speed of this process's steps; model FLOPs as 6 · parameters · tokens/s.
+    """Steps, tokens and speed of this process's steps; model FLOPs as (4 N + 2 N_trainable) · tokens/s.
 
-    6N per token (forward 2N, backward 4N) leaves out attention's score FLOPs, small at these
-    windows; MFU divides by ``peak_tflops`` when given.
+    Per token: forward 2N, backward 2N for the activations' gradients and 2 N_trainable for the weights'
+    (6N in full training; frozen LoRA bases skip their weight gradients). Attention's score FLOPs are
+    left out, small at these windows; MFU divides by ``peak_tflops`` when given.
     """
     params = sum(p.numel() for p in model.parameters())  # FSDP's DTensors count their global shape
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokens_per_s = tokens / max(seconds, 1e-9)
     out = {"steps": steps, "tokens": tokens, "train_s": seconds, "tokens_per_s": tokens_per_s,
-           "params": params, "model_tflops": 6 * params * tokens_per_s / 1e12}
+           "params": params, "model_tflops": (4 * params + 2 * trainable) * tokens_per_s / 1e12}
     if config.peak_tflops:
         out["mfu"] = out["model_tflops"] / config.peak_tflops
     return out
@@ -271,12 +281,7 @@ def finish(model: torch.nn.Module, tokenizer, eval_data: PackedData, config: Tra
     state = full_model_state(model)  # collective under FSDP
     out: dict = {}
     if rt.is_main:
-        report.say(f"writing the model to {config.model_dir} ({config.save_dtype})")
-        plain = SambaY(model_config(model), backend="auto")
-        plain.load_state_dict(state)
-        plain.to(rt.device).eval()
-        dtype = torch.bfloat16 if config.save_dtype == "bfloat16" else torch.float32
-        save_model(plain.to_dtype(dtype), config.model_dir)  # saved first: a failing evaluation loses nothing
+        plain = save_result(state, model_config(model), config, rt.device, report)
         source = Path(config.tokenizer or config.init_from)
         for name in TOKENIZER_FILES:
             if (source / name).exists():
@@ -290,6 +295,26 @@ def finish(model: torch.nn.Module, tokenizer, eval_data: PackedData, config: Tra
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def save_result(state: dict, model_config, config: TrainConfig, device: torch.device, report: Reporter) -> SambaY:
+    """Writes the trained weights (released format, ``save_dtype``) or, for a LoRA run, the adapter (PEFT's
+    format, fp32), to ``config.model_dir``; returns a plain model of the result (adapters merged) on ``device``."""
+    plain = SambaY(model_config, backend="auto")
+    if config.lora_rank:
+        from sambay.lora import apply_lora, merge_lora, save_adapter
+
+        apply_lora(plain, config.lora_targets, rank=config.lora_rank, alpha=config.lora_alpha or None)
+        plain.load_state_dict(state)
+        report.say(f"writing the LoRA adapter to {config.model_dir} (PEFT format)")
+        save_adapter(plain, config.model_dir, base_model=config.init_from or config.model)
+        return merge_lora(plain).to(device).eval()
+    plain.load_state_dict(state)
+    plain.to(device).eval()
+    report.say(f"writing the model to {config.model_dir} ({config.save_dtype})")
+    dtype = torch.bfloat16 if config.save_dtype == "bfloat16" else torch.float32
+    save_model(plain.to_dtype(dtype), config.model_dir)  # saved first: a failing evaluation loses nothing
+    return plain
 
 
 def model_config(model: torch.nn.Module):

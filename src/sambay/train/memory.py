@@ -81,7 +81,8 @@ def saved_bytes(model: nn.Module, seq_len: int, device: torch.device, autocast) 
 def step_memory(model: nn.Module, config: TrainConfig, device: torch.device, autocast) -> StepMemory:
     """The measured `StepMemory` of ``model`` at ``config.seq_len`` (see the module docstring)."""
     per_sequence = saved_bytes(model, config.seq_len, device, autocast)
-    parameter_bytes = sum(p.numel() * 4 for p in model.parameters())  # fp32 parameters, gradients, moments
+    # fp32 gradients and moments of the trained parameters (all of them, or a LoRA run's adapters)
+    parameter_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     return StepMemory(per_sequence=int(per_sequence * PEAK_OVER_SAVED), fixed=3 * parameter_bytes)
 
 

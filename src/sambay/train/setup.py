@@ -102,18 +102,38 @@ def build_data(
 
 
 def build_model(config: TrainConfig, runtime: Runtime) -> SambaY:
-    """A fresh model of preset ``config.model`` or the weights of ``config.init_from``, fp32, on the device.
+    """A fresh model of preset ``config.model`` or the weights of ``config.init_from``, fp32, on the device;
+    with ``lora_rank``, frozen and given adapters (`add_lora`).
 
     The ops backend is "reference": the Triton kernels are inference-only (no backward).
     """
     if config.init_from:
         model = load_model(config.init_from, dtype=torch.float32, backend="reference", progress=False)
-        return model.to(runtime.device).train()
-    if config.model not in PRESETS:
+    elif config.model not in PRESETS:
         raise ValueError(f"unknown model preset {config.model!r}; choose from {sorted(PRESETS)}")
-    generator = torch.Generator().manual_seed(config.seed)  # same init on every rank
-    model = SambaY(PRESETS[config.model], backend="reference").init_weights(generator)
+    else:
+        generator = torch.Generator().manual_seed(config.seed)  # same init on every rank
+        model = SambaY(PRESETS[config.model], backend="reference").init_weights(generator)
+    if config.lora_rank:
+        model = add_lora(model, config)
     return model.to(runtime.device).train()
+
+
+def add_lora(model: SambaY, config: TrainConfig) -> SambaY:
+    """Freeze ``model`` and wrap the ``lora_targets`` projections in fp32 adapters (`sambay.lora.apply_lora`).
+
+    Under bf16 autocast the frozen base is stored in bf16 (A_log and λ stay fp32): it is only ever read
+    in bf16, and it halves the memory of the weights that LoRA exists to leave alone. A seeded generator
+    gives every rank the same A matrices.
+    """
+    from sambay.lora import apply_lora
+
+    if config.dtype == "bfloat16":
+        model.to_dtype(torch.bfloat16)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    apply_lora(model, config.lora_targets, rank=config.lora_rank, alpha=config.lora_alpha or None,
+               generator=generator)
+    return model
 
 
 def parallelize(model: SambaY, config: TrainConfig, runtime: Runtime) -> torch.nn.Module:

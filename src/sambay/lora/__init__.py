@@ -1,0 +1,37 @@
+"""LoRA for SambaY: adapters on every projection kind (attention, Mamba, GMU, MLP), in PEFT's format.
+
+    layer.py    LoRALinear: base(x) + s · B (A x), adapters stacked per slot; lora_delta
+    targets.py  named targets and groups; apply_lora (freeze + wrap), merge_lora (fold + unwrap)
+    peft.py     save_adapter / read_adapter (PEFT's adapter_config.json + adapter_model.safetensors under the
+                checkpoint's module names), attach_adapter (unmerged), merge_adapter (folded)
+
+Training (`sambay train --lora-rank R`) wraps the chosen layers before parallelism and saves the adapter;
+`sambay merge` folds one into a released-format checkpoint; `sambay generate/chat --lora DIR` merge it
+into the loaded weights (free at inference).
+
+Serving several adapters at once (not built yet; it belongs to the engine core): each `LoRALinear`
+already holds its adapters stacked, ``lora_A`` (n, r, in), ``lora_B`` (n, out, r), ``scaling`` (n,), slot 0
+all zeros for base-model rows and adapters of lower rank zero-padded to r. The model runner would own a
+static (max_rows,) int64 tensor of slot ids, filled per step from the requests' ``model`` field, and hand
+that same tensor to every LoRALinear once (a non-persistent buffer, so CUDA graphs see a fixed address and
+forward stays free of per-call state). Forward then adds ``s[i] · B[i] (A[i] x)`` per row, i = the row's
+slot: ``torch.bmm`` over ``lora_A[index]`` in the reference, a gathered (BGMV/SGMV-style) Triton kernel on
+the GPU, with `lora_delta` as the reference for one slot.
+"""
+
+from sambay.lora.layer import LoRALinear, lora_delta
+from sambay.lora.peft import (
+    Adapter,
+    AdapterError,
+    attach_adapter,
+    hf_module_name,
+    merge_adapter,
+    read_adapter,
+    save_adapter,
+)
+from sambay.lora.targets import GROUPS, TARGETS, apply_lora, lora_layers, merge_lora, resolve_targets
+
+__all__ = [
+    "GROUPS", "TARGETS", "Adapter", "AdapterError", "LoRALinear", "apply_lora", "attach_adapter", "hf_module_name",
+    "lora_delta", "lora_layers", "merge_adapter", "merge_lora", "read_adapter", "resolve_targets", "save_adapter",
+]
