@@ -21,7 +21,7 @@ import pytest
 from sambay.cli import __main__ as cli
 from sambay.serve import transport
 from sambay.serve.server import make_server
-from sambay.serve.transport import TransportLimits
+from sambay.serve.transport import MAX_HEAD_BYTES, TransportLimits
 from tests.serve.conftest import MODEL, free_port, wait_for
 
 QUICK = {"idle_timeout": 0.3, "header_timeout": 0.3, "body_timeout": 0.3}
@@ -258,3 +258,30 @@ def test_a_timeout_of_zero_is_a_usage_error(model_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["serve", "--model", str(model_dir), "--header-timeout", "0"])
     assert exit_info.value.code == 2 and "--header-timeout: must be positive" in capsys.readouterr().err
+
+
+def test_what_the_transport_refuses_is_counted_in_metrics(runtime):
+    """413, 408, 431 and 503 never reach the app's response counter: they are counted by reason."""
+    def count(reason: str) -> float:
+        return runtime.metrics.registry.get_sample_value("sambay_transport_refusals_total", {"reason": reason}) or 0.0
+
+    reasons = ("body_too_large", "body_timeout", "head_too_large", "too_many_connections")
+    before = {r: count(r) for r in reasons}
+    with guarded(runtime, max_body_bytes=1000, max_connections=2, **QUICK) as (server, port):
+        with connect(port) as sock:
+            sock.sendall(post_head("/v1/completions", 5000))
+            assert read_response(sock)[0] == 413
+        with connect(port) as sock:
+            sock.sendall(post_head("/v1/completions", 100) + b"{")
+            assert parse(read_until_closed(sock))[0] == 408
+        with connect(port) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * (MAX_HEAD_BYTES + 10))
+            assert parse(read_until_closed(sock))[0] == 431
+        held = [connect(port) for _ in range(2)]
+        assert wait_for(lambda: len(server.server_state.connections) == 2)
+        with connect(port) as extra:
+            assert parse(read_until_closed(extra))[0] == 503
+        for sock in held:
+            sock.close()
+    assert {r: count(r) - before[r] for r in reasons} == dict.fromkeys(reasons, 1.0)
+    assert 'sambay_transport_refusals_total{reason="too_many_connections"}' in runtime.metrics.render().decode()

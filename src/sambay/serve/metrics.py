@@ -1,6 +1,8 @@
 """Prometheus metrics of the server (``GET /metrics``), in a registry of its own (one per app).
 
     sambay_http_requests_total{path,status}     HTTP responses by route template ("unmatched": no route) and status
+    sambay_transport_refusals_total{reason}     what the transport answers itself (`transport`): body_too_large,
+                                                body_timeout, head_too_large, head_timeout, too_many_connections
     sambay_prompt_tokens_total                  prompt tokens admitted to the queue
     sambay_generation_tokens_total              tokens generated (all samples)
     sambay_requests_running / _waiting          requests holding slots / queued for one
@@ -36,6 +38,8 @@ class Metrics:
     def __init__(self, scheduler: EngineCore):
         r = self.registry = CollectorRegistry()
         self.http = Counter("sambay_http_requests", "HTTP responses", ["path", "status"], registry=r)
+        self.refusals = Counter("sambay_transport_refusals", "Requests and connections refused by the transport",
+                                ["reason"], registry=r)
         self.prompt_tokens = Counter("sambay_prompt_tokens", "Prompt tokens admitted to the queue", registry=r)
         self.generation_tokens = Counter("sambay_generation_tokens", "Generated tokens", registry=r)
         for name, key, doc in (("requests_running", "running", "Requests holding slots"),
@@ -77,6 +81,10 @@ class Metrics:
                 self.itl.observe(output.time - previous)
         if output.finished and output.error is None and output.deltas:
             self.latency.observe(output.time - timing.arrival)
+
+    def transport_refused(self, reason: str) -> None:
+        """Count a refusal the transport answered itself (it never reaches the app's response counter)."""
+        self.refusals.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -134,8 +134,9 @@ def make_server(runtime: Runtime, host: str, port: int, grace: float, limits: Tr
     log.info("limits: request bodies up to %.1f MB, %d connections, timeouts idle %g s, head %g s, body %g s",
              limits.max_body_bytes / 1e6, limits.max_connections, limits.idle_timeout, limits.header_timeout,
              limits.body_timeout)
-    app = BodyLimit(create_app(runtime), limits.max_body_bytes, limits.body_timeout)
+    refused = runtime.metrics.transport_refused
+    app = BodyLimit(create_app(runtime), limits.max_body_bytes, limits.body_timeout, refused)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=grace + 5,
-                            access_log=False, interface="asgi3", http=protocol_factory(limits), ws="none",
+                            access_log=False, interface="asgi3", http=protocol_factory(limits, refused), ws="none",
                             timeout_keep_alive=limits.idle_timeout)
     return _Server(config, runtime, grace)

@@ -28,6 +28,7 @@ import functools
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
@@ -89,21 +90,24 @@ def _error_json(status: int, message: str, code: str) -> JSONResponse:
 class BodyLimit:
     """ASGI middleware: reads a request's body, within ``max_bytes`` and ``timeout`` seconds, before ``app`` runs."""
 
-    def __init__(self, app, max_bytes: int, timeout: float):
-        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+    def __init__(self, app, max_bytes: int, timeout: float, on_refusal: Callable[[str], None] = lambda reason: None):
+        self.app, self.max_bytes, self.timeout, self.on_refusal = app, max_bytes, timeout, on_refusal
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if _content_length(scope) > self.max_bytes:  # refused before a byte of the body is read
+            self.on_refusal("body_too_large")
             return await self._too_large()(scope, receive, send)
         try:
             body = await asyncio.wait_for(self._read(receive), self.timeout)
         except TimeoutError:
+            self.on_refusal("body_timeout")
             response = _error_json(408, f"the request body did not arrive within {self.timeout:g} s", "request_timeout")
             response.headers["connection"] = "close"  # the rest of the body would be read as a new request
             return await response(scope, receive, send)
         except _TooLarge:
+            self.on_refusal("body_too_large")
             return await self._too_large()(scope, receive, send)
         if body is not None:  # None: the client went away
             await self.app(scope, _replay(body, receive), send)
@@ -184,9 +188,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     Built per connection by uvicorn through `protocol_factory`."""
 
-    def __init__(self, *args, limits: TransportLimits, warned: list[float], **kwargs):
+    def __init__(self, *args, limits: TransportLimits, warned: list[float], on_refusal: Callable[[str], None],
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.limits, self._warned = limits, warned
+        self.limits, self._warned, self.on_refusal = limits, warned, on_refusal
         self._deadline: asyncio.TimerHandle | None = None
         self._head_bytes: int | None = None  # bytes of the request head read so far; None between heads
 
@@ -206,6 +211,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_bytes is not None:  # a head begun and not finished: all of ``data`` after its start is head
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self.on_refusal("head_too_large")
                 self.transport.write(_raw_response(431, "Request Header Fields Too Large", "the request head is "
                                                    f"over {MAX_HEAD_BYTES:,} bytes", "request_head_too_large"))
                 self.transport.close()
@@ -247,6 +253,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _expire(self) -> None:
         self._deadline = None
+        if self._head_bytes is not None:  # a head still arriving (an idle connection is simply closed)
+            self.on_refusal("head_timeout")
         if not self.transport.is_closing():
             self.transport.close()
 
@@ -258,14 +266,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if now - self._warned[0] > _WARN_EVERY_S:
             self._warned[0] = now
             log.warning("connection limit (%d) reached: new connections get 503", self.limits.max_connections)
+        self.on_refusal("too_many_connections")
         transport.set_protocol(asyncio.Protocol())  # this one was never set up: its callbacks must not run
         transport.write(_raw_response(503, "Service Unavailable", "too many connections; retry later",
                                       "too_many_connections"))
         transport.close()
 
 
-def protocol_factory(limits: TransportLimits):
-    """What uvicorn's ``Config(http=...)`` takes: builds a `GuardedHttpToolsProtocol` per connection."""
+def protocol_factory(limits: TransportLimits, on_refusal: Callable[[str], None] = lambda reason: None):
+    """What uvicorn's ``Config(http=...)`` takes: builds a `GuardedHttpToolsProtocol` per connection.
+    ``on_refusal(reason)`` counts what the transport answers itself (for /metrics)."""
     if limits.max_connections is None:
         raise ValueError("resolve the limits first (TransportLimits.resolved)")
-    return functools.partial(GuardedHttpToolsProtocol, limits=limits, warned=[float("-inf")])
+    return functools.partial(GuardedHttpToolsProtocol, limits=limits, warned=[float("-inf")], on_refusal=on_refusal)
