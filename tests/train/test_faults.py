@@ -77,6 +77,10 @@ def test_no_resume_over_later_checkpoints_then_kill_9_resumes_this_run(corpus, t
     kill_after_first_save = {"module": "sambay.train.loop", "name": "save_checkpoint", "after": 1}
     assert _run(_TRAIN, fresh, kill_after_first_save) == -signal.SIGKILL
     log = tmp_path / "run" / "log.jsonl"
+    fresh_steps = [r["step"] for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "train"]
+    assert fresh_steps and max(fresh_steps) <= 4  # the earlier run's log went aside with its checkpoints
+    earlier = read_log(tmp_path / "run" / "checkpoints.old-1" / "log.jsonl")
+    assert max(earlier) == 12
     lines_before = len(log.read_text().splitlines())
     assert _run(_TRAIN, _fields(corpus, tmp_path / "run", data, max_steps=8, checkpoint_every=4)) == 0
     resumed = [json.loads(line) for line in log.read_text().splitlines()[lines_before:]]

@@ -98,10 +98,10 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> dict:
     config = fit_to_memory(config, model, rt.device, _autocast(config, rt.device), report.say)
     model = parallelize(model, config, rt)
     optimizer = build_optimizer(model, config)
-    log = MetricLogger(config.out_dir, enabled=rt.is_main, tensorboard=config.tensorboard)
     micro, accum = config.micro_batch_size, config.grad_accum
     global_batch = micro * accum * rt.world
     step, last = _resume(config, model, optimizer, report), {}
+    log = MetricLogger(config.out_dir, enabled=rt.is_main, tensorboard=config.tensorboard)  # after a set-aside
     report.say(_describe(config, model, rt))
     t0, tokens_seen, first_step, train_loss = time.perf_counter(), 0, step, float("nan")
     budget = _Budget(config.max_minutes * 60.0, first_step, rt.device)
@@ -167,6 +167,9 @@ def _resume(config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.
     if not config.resume:
         if (moved := set_aside(config.checkpoint_dir)) is not None:
             report.say(f"not resuming: moved the earlier checkpoints in {config.checkpoint_dir} to {moved}")
+            earlier_log = Path(config.out_dir) / "log.jsonl"
+            if earlier_log.exists() and (not dist.is_initialized() or dist.get_rank() == 0):  # its steps are theirs
+                earlier_log.replace(moved / "log.jsonl")
         return 0
     checkpoint = latest_checkpoint(config.checkpoint_dir, report.say)
     if checkpoint is None:
