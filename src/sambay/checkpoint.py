@@ -9,7 +9,8 @@ This is the only module where Hugging Face key names appear (STYLE §2):
   Pickles are never read. Tensors go straight from the file to the target device and dtype one at a
   time, so peak memory is the model plus one tensor. ``A_log`` and ``lambda_*`` stay fp32 whatever
   the requested dtype, as the release stores them. ``torch_dtype`` must name a float dtype we load
-  (int8 and other quantised checkpoints are refused, not read as float32). A tied head
+  (int8 and other quantised checkpoints are refused, not read as float32; sambay's own weight-only format,
+  marked by a ``quantization_config.json``, is read through `sambay.quant`). A tied head
   (``tie_word_embeddings``) is the embedding: an ``lm_head.weight`` stored beside it is ignored, with
   a warning if it differs;
 - errors in a config.json name its keys (``hidden_size``), not our fields (``d_model``); a path to a
@@ -453,8 +454,9 @@ def load_model(
     with torch.device("meta"):
         model = SambaY(config, backend=backend)
     model.to_dtype(dtype or checkpoint_dtype(raw) or torch.float32)
+    quantized = _quantized_pairs(model, path)
     pairs = name_pairs(model)
-    _check_names(set(files), set(pairs), config, where=f"checkpoint {path}")
+    _check_names(set(files), set(pairs) | set(quantized), config, where=f"checkpoint {path}")
     params = dict(model.named_parameters())
     by_file = check_tensors(files, headers, {hf: params[ours].shape for hf, ours in pairs.items()})
     tied_head = config.tie_embeddings and "lm_head.weight" in files
@@ -469,10 +471,30 @@ def load_model(
                 _assign(model, pairs[hf], value.to(device=device, dtype=target.dtype))
                 bar.advance(task, value.numel() * value.element_size())
         bar.update(task, completed=total)  # the files' headers
+    if quantized:
+        from sambay.quant.format import load_quantized_tensors
+
+        load_quantized_tensors(model, files, headers, quantized, device)
     if tied_head:
         [(_, head)] = read_tensors(headers[files["lm_head.weight"]], ["lm_head.weight"])
         _check_tied_head(head.to(device=device, dtype=model.embed.weight.dtype), model.embed.weight, str(path))
     return model.eval()
+
+
+def _quantized_pairs(model: SambaY, path: Path) -> dict[str, str]:
+    """With a ``quantization_config.json`` (`sambay.quant`): swap the projections for `QuantizedLinear` and
+    return {checkpoint name: our name} of their int weights and scales; {} for a float checkpoint."""
+    from sambay.quant.format import quantized_buffers, read_spec
+    from sambay.quant.layer import apply_quantized_layers
+
+    spec = read_spec(path)
+    if spec is None:
+        return {}
+    try:
+        apply_quantized_layers(model, spec)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: quantization_config.json does not fit the model: {e}") from None
+    return {hf_name(name, model.config): name for name in quantized_buffers(model)}
 
 
 _LAYER_NAME = re.compile(r"model\.layers\.(\d{1,6})\.")

@@ -26,7 +26,7 @@ import sambay.cli
 # command → module of `sambay.cli`. The modules are imported inside `main` (they pull in torch, the
 # tokenizer and rich: a second or more), so that Ctrl-C during the imports is handled like any other.
 COMMANDS = {"bench": "bench", "bench-serve": "bench_serve", "chat": "chat", "eval": "eval", "generate": "generate",
-            "merge": "merge", "serve": "serve", "train": "train"}
+            "merge": "merge", "quantize": "quantize", "serve": "serve", "train": "train"}
 
 
 def _check_commands() -> None:

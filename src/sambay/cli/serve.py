@@ -4,6 +4,7 @@
     sambay serve --model DIR --slots 64 --max-length 8192
     sambay serve --model DIR --slots 64 --cache-memory-gb 20    64 sequences sharing 20 GB of cache
     sambay serve --model DIR --api-key KEY                requests need "Authorization: Bearer KEY"
+    sambay serve --model DIR --lora math=ADAPTER_DIR --lora code=DIR2    "model": "math" selects an adapter
     python -m torch.distributed.run --nproc-per-node 2 -m sambay.cli serve --tensor-parallel 2 --model DIR
 
 Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming or not), /health, /metrics.
@@ -12,11 +13,13 @@ On a GPU the model and scheduler run in a process of their own (--engine-process
 (Mamba, sliding window) and a pool of shared-K/V blocks that sequences take as they grow
 (`sambay.generate.blocks`); by default the pool can hold every slot at --max-length, with
 --cache-memory-gb it is what fits in that budget, and requests are preempted and recomputed when it
-runs out. SIGTERM stops accepting requests, lets in-flight ones
-finish for --shutdown-grace seconds, then aborts the rest. A port already in use is reported before the
-model loads. What one client may send and hold (--max-body-mb, --max-connections, --idle-timeout,
---header-timeout, --body-timeout) is enforced by `sambay.serve.transport`; the README's Security section
-says what is left to a reverse proxy.
+runs out. --lora NAME=DIR (repeatable) serves PEFT LoRA adapters beside the base model, unmerged: a
+request's "model" picks one, and requests of every adapter and of the base share each step (a gathered
+LoRA matmul, `sambay.lora`); not yet with --tensor-parallel. SIGTERM stops accepting requests, lets
+in-flight ones finish for --shutdown-grace seconds, then aborts the rest. A port already in use is
+reported before the model loads. What one client may send and hold (--max-body-mb, --max-connections,
+--idle-timeout, --header-timeout, --body-timeout) is enforced by `sambay.serve.transport`; the README's
+Security section says what is left to a reverse proxy.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import dataclasses
 import logging
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 from sambay.cli._common import UsageError, add_model_arguments, add_sampling_arguments, load_engine, model_options
 from sambay.cli._common import sampling_params as sampling_defaults
@@ -40,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", metavar="NAME", help="the model name clients use (default: the dir name)")
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: none, no key needed)")
+    p.add_argument("--lora", metavar="NAME=DIR", action="append", type=_lora_spec, default=[],
+                   help="serve the PEFT LoRA adapter in DIR as model NAME, batched with the base model (repeatable; "
+                        "default: none)")
     group = p.add_argument_group("capacity")
     group.add_argument("--slots", type=int, default=8, help="concurrent sequences (default: 8)")
     group.add_argument("--cache-memory-gb", type=float,
@@ -101,6 +108,33 @@ def _positive(kind):
     return parse
 
 
+def _lora_spec(text: str) -> tuple[str, str]:
+    """An argparse type: ``NAME=DIR`` with a non-empty name and an existing directory → (name, dir)."""
+    name, sep, directory = text.partition("=")
+    if not sep or not name.strip() or not directory:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    if not Path(directory).is_dir():
+        raise argparse.ArgumentTypeError(f"{name}: adapter directory {directory} does not exist")
+    return name.strip(), directory
+
+
+def _read_adapters(args: argparse.Namespace, model_name: str) -> list:
+    """The --lora adapters, read and checked on their own before the model loads (names unique, none the base
+    model's); refused with --tensor-parallel, whose sharding does not split the adapters yet."""
+    if not args.lora:
+        return []
+    if args.tensor_parallel is not None:
+        raise UsageError("--lora does not combine with --tensor-parallel yet (the adapters are not sharded)")
+    names = [name for name, _ in args.lora]
+    for name in names:
+        if name == model_name or names.count(name) > 1:
+            owner = "the base model" if name == model_name else "another --lora"
+            raise UsageError(f"--lora {name}: the name is already taken (by {owner})")
+    from sambay.lora import read_adapter
+
+    return [read_adapter(directory) for _, directory in args.lora]
+
+
 def _transport_limits(args: argparse.Namespace):
     from sambay.serve.transport import TransportLimits
 
@@ -118,6 +152,7 @@ def main(args: argparse.Namespace) -> int:
     options = _directories(model_options(args))
     from sambay.cli._common import check_serving_cache
     check_serving_cache(args, options)  # before the model loads, like the port
+    adapters = _read_adapters(args, args.served_model_name or options.model_dir.resolve().name)
     if args.tensor_parallel is not None:
         if args.engine_process:
             raise UsageError("--engine-process does not combine with --tensor-parallel yet (rank 0 runs the "
@@ -128,6 +163,10 @@ def main(args: argparse.Namespace) -> int:
     if engine_process:
         return _serve_engine_process(args, options)
     engine = load_engine(options, make_console(stderr=True))
+    if adapters:
+        from sambay.lora import attach_adapters
+
+        attach_adapters(engine.model, adapters)  # before the runner binds its adapter index and captures graphs
     return _serve(args, options, engine, _scheduler_config(args, engine.model))
 
 
@@ -181,7 +220,8 @@ def _serve(args: argparse.Namespace, options, engine, scheduler, runner=None) ->
 
     config = ServeConfig(model_dir=options.model_dir, model_name=args.served_model_name, host=args.host,
                          port=args.port, api_key=args.api_key, scheduler=scheduler,
-                         defaults=sampling_defaults(args), grace=args.shutdown_grace, limits=_transport_limits(args))
+                         defaults=sampling_defaults(args), grace=args.shutdown_grace, limits=_transport_limits(args),
+                         adapters=tuple(name for name, _ in args.lora))
     runtime = build_runtime(engine, config, runner or _make_runner(engine.model, scheduler))
     budget = runtime.scheduler.memory
     logging.getLogger("sambay.serve").info(
@@ -206,13 +246,14 @@ def _serve_engine_process(args: argparse.Namespace, options) -> int:
     budget = None if args.cache_memory_gb is None else int(args.cache_memory_gb * 1e9)
     spec = EngineSpec(model_dir=str(options.model_dir), tokenizer_dir=str(options.tokenizer_dir),
                       device=options.device, dtype=str(options.dtype).removeprefix("torch.") if options.dtype else None,
-                      scheduler=scheduler, cache_memory_bytes=budget)
+                      scheduler=scheduler, cache_memory_bytes=budget,
+                      adapters=tuple(directory for _, directory in args.lora))
     try:
         remote = RemoteScheduler(spec)
     except RuntimeError as e:
         raise UsageError(str(e)) from None
     runtime = Runtime(tokenizer, remote, args.served_model_name or options.model_dir.resolve().name,
-                      sampling_defaults(args), api_key=args.api_key)
+                      sampling_defaults(args), api_key=args.api_key, adapters=tuple(name for name, _ in args.lora))
     memory = remote.memory
     logging.getLogger("sambay.serve").info(
         "serving %r on http://%s:%d (model in its own process): %d sequences of up to %d tokens, shared K/V "

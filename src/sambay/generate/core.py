@@ -147,7 +147,8 @@ class EngineCore:
     def limits(self) -> Limits:
         """What a request may ask of this core (checked at `submit`)."""
         return Limits(vocab_size=self.model.config.vocab_size, max_length=self.max_length, slots=self.config.slots,
-                      block_size=self.blocks.block_size, kv_blocks=self.blocks.capacity if self.blocks.paged else 0)
+                      block_size=self.blocks.block_size, kv_blocks=self.blocks.capacity if self.blocks.paged else 0,
+                      adapters=self.runner.adapters)
 
     def stats(self) -> dict[str, int]:
         """Requests running and waiting (preempted ones included), free slots and K/V blocks, and the prefix
@@ -162,16 +163,18 @@ class EngineCore:
                     "prefix_cache_snapshots": prefix.snapshots if prefix else 0,
                     "prefix_cache_entries": prefix.entries if prefix else 0}
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[Output], None]) -> Request:
-        """Queue a request; its outputs go to ``sink`` (called in the model thread).
+    def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[Output], None],
+               adapter: int = 0) -> Request:
+        """Queue a request; its outputs go to ``sink`` (called in the model thread). ``adapter`` is the slot of
+        the LoRA adapter it runs with (`sambay.lora.attach_adapters`; 0: the base model).
 
         Raises:
             PromptTooLong, ValueError: the request can never run. QueueFull, SchedulerClosed: not now.
         """
         prompt = [int(i) for i in prompt]
-        self.limits.check(prompt, params)
+        self.limits.check(prompt, params, adapter)
         self.outputs.check(params)  # a grammar that cannot be used, before it is queued
-        request = Request(self, prompt, params, sink)
+        request = Request(self, prompt, params, sink, adapter)
         with self._lock:
             refuse_if_busy(self._closing, len(self.scheduler.waiting), self.config.max_waiting)
             self.scheduler.waiting.append(request)

@@ -5,12 +5,13 @@
 
 A plan names cache rows (slots), never requests: the runner does not know what a request is, and a
 tensor-parallel server sends the same plan to every rank (`encode` / `decode` make it one int64 tensor).
-The runner applies the fields in their order here: rows start fresh, block-table rows change, rows
-restore a cached prefix's state (prefix caching), prompt chunks are prefilled (a row may have two chunks
-in one step: they run one after the other, and a chunk may save the row's state into a snapshot after
-it), prefilled rows are fanned out to their sibling samples, then every decoding row consumes the token
-last sampled into it (kept on the device by the runner, so the host never has to read a token back
-before the next step is launched).
+The runner applies the fields in their order here: rows start fresh (each with the LoRA adapter it runs
+with, kept by the runner until the row starts again, so decode rows need no per-step adapter list),
+block-table rows change, rows restore a cached prefix's state (prefix caching), prompt chunks are
+prefilled (a row may have two chunks in one step: they run one after the other, and a chunk may save the
+row's state into a snapshot after it), prefilled rows are fanned out to their sibling samples, then every
+decoding row consumes the token last sampled into it (kept on the device by the runner, so the host never
+has to read a token back before the next step is launched).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class StepPlan:
     prefill: tuple[PrefillChunk, ...] = ()
     copies: tuple[tuple[int, int], ...] = ()  # (src, dst): a finished prefill fanned out to n samples
     decode: tuple[int, ...] = ()  # rows that consume their last sampled token
+    adapters: tuple[int, ...] = ()  # adapter slot of each ``reset`` row (0: the base model); () means all 0
 
     @property
     def emit(self) -> tuple[int, ...]:
@@ -72,6 +74,7 @@ def encode(plan: StepPlan) -> Tensor:
     """The plan as one flat int64 tensor (for a broadcast to the other ranks)."""
     w = _Writer()
     w.put(plan.reset)
+    w.put(plan.adapters)
     w.put(plan.block_rows)
     width = 0 if plan.block_table is None else plan.block_table.shape[1]
     w.values.append(width)
@@ -97,7 +100,7 @@ def decode(data: Tensor) -> StepPlan:
         at += n + 1
         return values[at - n : at]
 
-    reset, block_rows = take(), take()
+    reset, adapters, block_rows = take(), take(), take()
     width = values[at]
     at += 1
     table = None
@@ -115,4 +118,5 @@ def decode(data: Tensor) -> StepPlan:
         chunks.append(PrefillChunk(slot, tuple(take()), emit, save))
     flat = take()
     copies = tuple(zip(flat[::2], flat[1::2], strict=True))
-    return StepPlan(tuple(reset), tuple(block_rows), table, restore, tuple(chunks), copies, tuple(take()))
+    return StepPlan(tuple(reset), tuple(block_rows), table, restore, tuple(chunks), copies, tuple(take()),
+                    adapters=tuple(adapters))

@@ -21,8 +21,10 @@ Which boundaries get a snapshot (vLLM's ``--mamba-cache-mode align`` makes the s
 Snapshots anywhere else would need the state at positions no forward stops at.
 
 Keys are a hash chain over full blocks (each block's key hashes its parent's key and its tokens), so a
-key names a whole prefix; every hit is verified against the stored tokens, so a hash collision can never
-serve another prefix's state. K/V blocks are reference-counted by the `BlockPool`; cached blocks no row
+key names a whole prefix; the chain starts from the request's LoRA adapter (`chain_seed`), so rows of
+different adapters, whose states differ for the same tokens, never share a block or a snapshot; every
+hit is verified against the stored tokens (and the chain's start), so a hash collision can never serve
+another prefix's state. K/V blocks are reference-counted by the `BlockPool`; cached blocks no row
 holds are taken back least recently released first (a sequence's tail first) when the pool runs out,
 and snapshots are evicted least recently used when their pool is full. A snapshot whose blocks were
 taken back is unreachable until the same prefix is cached again.
@@ -48,9 +50,15 @@ class Hit:
     entry: int
 
 
-def chain_keys(tokens: list[int], block_size: int, n_blocks: int) -> list[int]:
-    """The keys of the first ``n_blocks`` full blocks of ``tokens``: key j names tokens[: (j + 1) * block_size]."""
-    keys, key = [], 0
+def chain_seed(adapter: int) -> int:
+    """The parent key of a prompt's first block: 0 for the base model, a per-adapter value otherwise."""
+    return 0 if adapter == 0 else hash(("lora adapter", adapter))
+
+
+def chain_keys(tokens: list[int], block_size: int, n_blocks: int, seed: int = 0) -> list[int]:
+    """The keys of the first ``n_blocks`` full blocks of ``tokens``: key j names tokens[: (j + 1) * block_size]
+    run with the adapter whose `chain_seed` is ``seed``."""
+    keys, key = [], seed
     for j in range(n_blocks):
         key = hash((key, tuple(tokens[j * block_size : (j + 1) * block_size])))
         keys.append(key)
@@ -84,9 +92,10 @@ class PrefixCache:
         """Snapshot entries in use."""
         return len(self._snapshots)
 
-    def lookup(self, tokens: list[int], keys: list[int]) -> Hit | None:
-        """The longest cached prefix of ``tokens`` (``keys``: their `chain_keys`) leaving a token to prefill."""
-        best, blocks, parent = None, [], 0
+    def lookup(self, tokens: list[int], keys: list[int], seed: int = 0) -> Hit | None:
+        """The longest cached prefix of ``tokens`` (``keys``: their `chain_keys` from ``seed``) leaving a token
+        to prefill."""
+        best, blocks, parent = None, [], seed
         for j, key in enumerate(keys[: (len(tokens) - 1) // self.block_size]):
             block = self._block_of.get(key)
             if block is None or self._content[key] != (parent, tuple(self._span(tokens, j))):
@@ -106,12 +115,14 @@ class PrefixCache:
         self.queries += tokens
         self.hits += hit.length if hit else 0
 
-    def snapshot(self, tokens: list[int], keys: list[int], boundary: int, row_blocks: list[int]) -> int | None:
-        """Cache the prefix ``tokens[:boundary]`` of a row holding ``row_blocks``: its blocks are kept, and the
-        snapshot entry its state is to be saved into is returned (None: already cached, or no entry)."""
+    def snapshot(self, tokens: list[int], keys: list[int], boundary: int, row_blocks: list[int],
+                 seed: int = 0) -> int | None:
+        """Cache the prefix ``tokens[:boundary]`` of a row holding ``row_blocks`` (``keys`` chained from ``seed``):
+        its blocks are kept, and the snapshot entry its state is to be saved into is returned (None: already
+        cached, or no entry)."""
         n = boundary // self.block_size
         for j in range(n):
-            self._keep(keys[j], keys[j - 1] if j else 0, self._span(tokens, j), row_blocks[j])
+            self._keep(keys[j], keys[j - 1] if j else seed, self._span(tokens, j), row_blocks[j])
         key = keys[n - 1]
         if key in self._snapshots or not self.entries:
             return None

@@ -74,9 +74,12 @@ class Limits:
     slots: int
     block_size: int
     kv_blocks: int  # blocks of the paged shared K/V (0: nothing paged)
+    adapters: int = 0  # LoRA adapters served beside the base model (request slots 1..adapters)
 
-    def check(self, prompt: list[int], params: SamplingParams) -> None:
+    def check(self, prompt: list[int], params: SamplingParams, adapter: int = 0) -> None:
         """Raises PromptTooLong or ValueError (with the reason) for a request that can never run."""
+        if not 0 <= adapter <= self.adapters:
+            raise ValueError(f"LoRA adapter slot {adapter} does not exist (this server has {self.adapters})")
         vocab = self.vocab_size
         if not prompt or not all(0 <= i < vocab for i in prompt):
             raise ValueError(f"the prompt must hold at least one token id, each in [0, {vocab})")
@@ -123,12 +126,13 @@ class Timing:
 
 
 class Request:
-    """A submitted request: its prompt, parameters, sink and timing; `cancel` frees its slots."""
+    """A submitted request: its prompt, parameters, sink, LoRA adapter slot (0: the base model) and timing;
+    `cancel` frees its slots."""
 
     def __init__(self, scheduler: EngineCore, prompt: list[int], params: SamplingParams,
-                 sink: Callable[[Output], None]):
+                 sink: Callable[[Output], None], adapter: int = 0):
         self.id = next(scheduler._ids)
-        self.prompt, self.params, self.sink = prompt, params, sink
+        self.prompt, self.params, self.sink, self.adapter = prompt, params, sink, adapter
         self.timing = Timing()
         self._scheduler = scheduler
 

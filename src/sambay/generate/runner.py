@@ -16,6 +16,13 @@ chunks run eagerly over the rows that have tokens (their state is taken out with
 `SambaYCache.select` and written back). With prefix caching the runner also holds a pool of state
 snapshots (`SnapshotPool`): a plan restores rows from it and saves rows into it after their chunks.
 
+LoRA adapters served side by side (`sambay.lora.attach_adapters`): the runner owns ``adapter_index``, one
+static (slots + 1,) int64 tensor bound once to every `LoRALinear` (`bind_adapter_index`), and each row's
+adapter slot (``row_adapters``, set when a plan resets the row). Before each forward it writes the
+forward's rows' slots into ``adapter_index[:b]`` (a device gather, inside the decode graphs too), so one
+step mixes rows of several adapters and of the base model (slot 0, zeros). The layers hold one index, so
+the runner built last over a model is the one whose rows' adapters they follow (a server builds one).
+
 `warm_up` runs every kernel specialisation a request can reach (prefill of short, long and
 block-aligned chunks at aligned and unaligned starts) so that the first request costs what the
 hundredth does. Inputs arrive as CPU tensors or lists; outputs (logits) stay on the model's device.
@@ -33,6 +40,7 @@ from torch import Tensor
 
 from sambay.generate.plan import PrefillChunk, StepPlan
 from sambay.generate.snapshots import SnapshotPool
+from sambay.lora.layer import LoRALinear, bind_adapter_index
 from sambay.model.sambay import SambaY
 
 log = logging.getLogger("sambay.runner")
@@ -95,6 +103,11 @@ class ModelRunner:
                                      kv_blocks=kv_blocks)
         self.snapshots = SnapshotPool(self.cache, snapshots)
         self.last_tokens = torch.zeros(slots + 1, dtype=torch.long, device=self.device)  # (slots + 1,)
+        self.row_adapters = torch.zeros(slots + 1, dtype=torch.long, device=self.device)  # (slots + 1,) per row
+        self.adapter_index = torch.zeros(slots + 1, dtype=torch.long, device=self.device)  # (b,) of each forward
+        self.has_lora = bind_adapter_index(model, self.adapter_index) > 0  # without adapters: no index to write
+        stacked = [m.lora_A.shape[0] for m in model.modules() if isinstance(m, LoRALinear)]
+        self.adapters = max(stacked, default=1) - 1  # adapters served beside the base model (slots 1..adapters)
         self.buckets = decode_buckets(slots)
         self._graphs: dict[int, _BucketGraph] = {}
         if cuda_graph and self.device.type == "cuda":
@@ -115,7 +128,7 @@ class ModelRunner:
         """Carry out ``plan``; returns (len(plan.emit), vocab) next-token logits of the emitting rows (None
         if none). The logits of decode rows may be a graph's static buffer: use them before the next call."""
         if plan.reset:
-            self.reset_rows(plan.reset)
+            self.reset_rows(plan.reset, plan.adapters)
         if plan.block_rows:
             self.set_block_rows(plan.block_rows, plan.block_table)
         if plan.restore:
@@ -131,6 +144,7 @@ class ModelRunner:
             dst = upload([d for _, d in plan.copies], self.device)
             self.cache.copy_rows(src, dst)
             self.last_tokens[dst] = self.last_tokens[src]
+            self.row_adapters[dst] = self.row_adapters[src]
         if plan.decode:
             outs.append(self.decode(plan.decode))
         if not outs:
@@ -166,8 +180,9 @@ class ModelRunner:
 
     # cache operations ------------------------------------------------------------------------------
 
-    def reset_rows(self, rows: Sequence[int]) -> None:
-        """Make cache rows fresh for a new sequence: zero their Mamba states and lengths.
+    def reset_rows(self, rows: Sequence[int], adapters: Sequence[int] = ()) -> None:
+        """Make cache rows fresh for a new sequence: zero their Mamba states and lengths, and set the adapter
+        slot each runs with (``adapters``, one per row; empty: the base model).
 
         The sliding-window rings and the shared K/V need no zeroing: which entries are valid is derived
         from ``seqlens`` alone, so a row of length 0 never reads its stale keys."""
@@ -176,6 +191,7 @@ class ModelRunner:
             state.conv[index] = 0
             state.ssm[index] = 0
         self.cache.seqlens[index] = 0
+        self.row_adapters[index] = upload(list(adapters), self.device) if adapters else 0
 
     def set_block_rows(self, rows: Sequence[int], table: Tensor) -> None:
         """Write rows of the block table: table (len(rows), max_blocks) int32 on the CPU."""
@@ -195,6 +211,8 @@ class ModelRunner:
         lengths = torch.tensor([len(c.tokens) for c in chunks])  # (k,)
         index, lengths = upload([c.slot for c in chunks], self.device), upload(lengths, self.device)
         part = self.cache.select(index)
+        if self.has_lora:
+            self.adapter_index[: len(chunks)] = self.row_adapters[index]
         logits = self.model(upload(tokens, self.device), part, lengths=lengths, check_inputs=False)
         part.advance(lengths)
         self.cache.update_rows(index, part)
@@ -221,6 +239,8 @@ class ModelRunner:
         start = self.cache.seqlens[rows]  # (B,)
         table = self.cache.full[0].block_table[rows] if self.cache.paged else None  # (B, max_blocks)
         view = self.cache.view(rows, start, table)
+        if self.has_lora:
+            self.adapter_index[: rows.shape[0]] = self.row_adapters[rows]
         logits = self.model(self.last_tokens[rows].view(-1, 1), view, check_inputs=False)[:, -1]
         self.cache.seqlens[rows] = start + 1
         self.cache.seqlens[self.pad :].zero_()  # padding rows always start at position 0 of the spare row

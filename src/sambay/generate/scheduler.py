@@ -28,7 +28,10 @@ Notable features:
 - Prefix caching (`sambay.generate.prefix_cache`, when the runner has a snapshot pool): a new request
   starts from the longest cached prefix of its prompt (its state restored, its K/V blocks shared), and
   prefilling rows save snapshots at block-aligned chunk ends and at the last block boundary of each
-  prompt. The n samples of a request always share the prompt's full K/V blocks.
+  prompt. The n samples of a request always share the prompt's full K/V blocks. Requests of different
+  LoRA adapters never share cached state (the key chain starts from the adapter).
+- LoRA adapters: a request's rows run with its adapter (``Request.adapter``, a slot of the stacked
+  adapters; 0 is the base model), named in the plan when the rows start; one step mixes adapters.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch
 from sambay.generate.blocks import BlockPool, blocks_for
 from sambay.generate.outputs import OutputProcessor, SequenceState
 from sambay.generate.plan import PrefillChunk, StepPlan
-from sambay.generate.prefix_cache import Hit, PrefixCache, chain_keys
+from sambay.generate.prefix_cache import Hit, PrefixCache, chain_keys, chain_seed
 from sambay.generate.requests import Output, Request, SchedulerConfig
 
 log = logging.getLogger("sambay.scheduler")
@@ -71,6 +74,7 @@ class _Job:
     tokens: list[int]
     consumed: int = 0
     keys: list[int] | None = None  # `chain_keys` of the tokens' full blocks, once needed
+    seed: int = 0  # the chain's start: the request's adapter (`chain_seed`)
 
     @property
     def remaining(self) -> int:
@@ -181,7 +185,7 @@ class Scheduler:
     def schedule(self) -> Step:
         """Admit what fits, choose this step's prefill chunks and decoding rows, and write the plan."""
         decode = self._plan_decode()  # first: running requests get their blocks before new ones are admitted
-        admitted, reset, restore = self._admit()
+        admitted, reset, adapters, restore = self._admit()
         samples: list[Sample] = []
         chunks, copies = self._plan_prefill(samples, decoding=bool(decode))
         base = sum(c.emit for c in chunks)  # logits rows: the emitting prefill chunks, then the decode rows
@@ -195,28 +199,34 @@ class Scheduler:
         changes = self.blocks.take_changes()
         rows, table = changes if changes is not None else ((), None)
         plan = StepPlan(reset=tuple(reset), block_rows=tuple(rows), block_table=table, restore=tuple(restore),
-                        prefill=tuple(chunks), copies=tuple(copies), decode=tuple(row.slot for _, row in decode))
+                        prefill=tuple(chunks), copies=tuple(copies), decode=tuple(row.slot for _, row in decode),
+                        adapters=tuple(adapters) if any(adapters) else ())
         return Step(plan, tuple(samples), tuple(admitted))
 
-    def _admit(self) -> tuple[list[Run], list[int], list[tuple[int, int, int]]]:
-        admitted, reset, restore = [], [], []
+    def _admit(self) -> tuple[list[Run], list[int], list[int], list[tuple[int, int, int]]]:
+        """Resume preempted runs, then start waiting requests, while they fit; returns the runs admitted, the
+        rows they reset with each row's adapter, and the rows restored from cached prefixes."""
+        admitted, reset, adapters, restore = [], [], [], []
         while True:
             if self.preempted:
                 run = self.preempted[0]
                 if run.inflight or not self._fits([len(run.request.prompt) + len(r.generated) for r in run.live]):
                     break
                 self.preempted.popleft()
-                reset += self._resume(run)
+                slots = self._resume(run)
+                reset += slots
+                adapters += [run.request.adapter] * len(slots)
             elif self.waiting and (started := self._start(self.waiting[0])) is not None:
                 self.waiting.popleft()
                 run, hit = started
                 reset += [row.slot for row in run.rows]
+                adapters += [run.request.adapter] * len(run.rows)
                 if hit is not None:
                     restore.append((hit.entry, run.rows[0].slot, hit.length))
             else:
                 break
             admitted.append(run)
-        return admitted, reset, restore
+        return admitted, reset, adapters, restore
 
     def _fits(self, lengths: list[int]) -> bool:
         """Free slots and blocks for rows of these lengths?"""
@@ -233,8 +243,9 @@ class Scheduler:
         """Admit a new request if it fits (None if not): n rows, the first holding the prompt's cached prefix
         (if any) and blocks for the rest, the others sharing its full blocks; the first prefills the rest."""
         params, prompt, size = request.params, list(request.prompt), self.blocks.block_size
-        keys = chain_keys(prompt, size, len(prompt) // size) if self.prefix else []
-        hit = self.prefix.lookup(prompt, keys) if self.prefix else None
+        seed = chain_seed(request.adapter)
+        keys = chain_keys(prompt, size, len(prompt) // size, seed) if self.prefix else []
+        hit = self.prefix.lookup(prompt, keys, seed) if self.prefix else None
         shared = hit.blocks if hit else ()
         whole = blocks_for(len(prompt), size) if self.blocks.paged else 0
         need = whole - len(shared) + (params.n - 1) * (whole - len(prompt) // size if self.blocks.paged else 0)
@@ -254,7 +265,7 @@ class Scheduler:
                 for j, slot in enumerate(slots)]
         length = hit.length if hit else 0
         rows[0].length = length
-        run = Run(request, rows, [_Job(rows[0], prompt, consumed=length, keys=keys)])
+        run = Run(request, rows, [_Job(rows[0], prompt, consumed=length, keys=keys, seed=seed)])
         self.running.append(run)
         return run, hit
 
@@ -264,7 +275,8 @@ class Scheduler:
         slots = self._take_slots([len(h) for h in histories])
         for row, slot in zip(run.live, slots, strict=True):
             row.slot, row.length, row.planned = slot, 0, len(row.generated)
-        run.jobs = [_Job(row, h) for row, h in zip(run.live, histories, strict=True)]
+        seed = chain_seed(run.request.adapter)
+        run.jobs = [_Job(row, h, seed=seed) for row, h in zip(run.live, histories, strict=True)]
         self.running.append(run)
         return slots
 
@@ -329,8 +341,8 @@ class Scheduler:
         if cut <= start or cut % size or (cut == end and ends):
             return [(start, end, -1)]
         if job.keys is None:
-            job.keys = chain_keys(job.tokens, size, len(job.tokens) // size)
-        entry = self.prefix.snapshot(job.tokens, job.keys, cut, self.blocks.owned(job.row.slot))
+            job.keys = chain_keys(job.tokens, size, len(job.tokens) // size, job.seed)
+        entry = self.prefix.snapshot(job.tokens, job.keys, cut, self.blocks.owned(job.row.slot), job.seed)
         save = -1 if entry is None else entry
         return [(start, end, save)] if cut == end else [(start, cut, save), (cut, end, -1)]
 

@@ -9,21 +9,23 @@ Training (`sambay train --lora-rank R`) wraps the chosen layers before paralleli
 `sambay merge` folds one into a released-format checkpoint; `sambay generate/chat --lora DIR` merge it
 into the loaded weights (free at inference).
 
-Serving several adapters at once (not built yet; it belongs to the engine core): each `LoRALinear`
-already holds its adapters stacked, ``lora_A`` (n, r, in), ``lora_B`` (n, out, r), ``scaling`` (n,), slot 0
-all zeros for base-model rows and adapters of lower rank zero-padded to r. The model runner would own a
-static (max_rows,) int64 tensor of slot ids, filled per step from the requests' ``model`` field, and hand
-that same tensor to every LoRALinear once (a non-persistent buffer, so CUDA graphs see a fixed address and
-forward stays free of per-call state). Forward then adds ``s[i] · B[i] (A[i] x)`` per row, i = the row's
-slot: ``torch.bmm`` over ``lora_A[index]`` in the reference, a gathered (BGMV/SGMV-style) Triton kernel on
-the GPU, with `lora_delta` as the reference for one slot.
+Serving several adapters at once (`sambay serve --lora NAME=DIR`, repeatable): `attach_adapters` stacks
+them in each `LoRALinear`, ``lora_A`` (n, r, in), ``lora_B`` (n, out, r), ``scaling`` (n,), slot 0 all zeros
+for base-model rows and adapters of lower rank zero-padded to r. The model runner owns a static
+(max_rows,) int64 tensor of slot ids, filled per step from the rows' adapters (the plan names each new
+row's adapter), and hands that same tensor to every LoRALinear once (`bind_adapter_index`: a
+non-persistent buffer, so CUDA graphs see a fixed address and forward stays free of per-call state).
+Forward then adds ``s[i] · B[i] (A[i] x)`` per row, i = the row's slot: `lora_delta_gathered` (``torch.bmm``
+over ``lora_A[index]``) is the reference and, for now, the GPU path too (a gathered BGMV/SGMV-style Triton
+kernel would be its fast path), with `lora_delta` as the reference for one slot.
 """
 
-from sambay.lora.layer import LoRALinear, lora_delta
+from sambay.lora.layer import LoRALinear, bind_adapter_index, lora_delta, lora_delta_gathered
 from sambay.lora.peft import (
     Adapter,
     AdapterError,
     attach_adapter,
+    attach_adapters,
     hf_module_name,
     merge_adapter,
     read_adapter,
@@ -32,6 +34,7 @@ from sambay.lora.peft import (
 from sambay.lora.targets import GROUPS, TARGETS, apply_lora, lora_layers, merge_lora, resolve_targets
 
 __all__ = [
-    "GROUPS", "TARGETS", "Adapter", "AdapterError", "LoRALinear", "apply_lora", "attach_adapter", "hf_module_name",
-    "lora_delta", "lora_layers", "merge_adapter", "merge_lora", "read_adapter", "resolve_targets", "save_adapter",
+    "GROUPS", "TARGETS", "Adapter", "AdapterError", "LoRALinear", "apply_lora", "attach_adapter", "attach_adapters",
+    "bind_adapter_index", "hf_module_name", "lora_delta", "lora_delta_gathered", "lora_layers", "merge_adapter",
+    "merge_lora", "read_adapter", "resolve_targets", "save_adapter",
 ]

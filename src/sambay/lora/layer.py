@@ -8,9 +8,9 @@ with special semantics (Mamba's `DeltaProjection`, whose bias the scan adds) get
 
 Adapters are stacked: ``lora_A`` is (n_adapters, r, in_features), ``lora_B`` (n_adapters, out_features, r)
 and ``scaling`` (n_adapters,). Training, merging and ``sambay generate --lora`` use one adapter (slot 0).
-The layout is the one a multi-adapter server needs (S-LoRA, arXiv 2311.03285; vLLM's punica kernels):
-a per-row adapter index gathers each row's A and B (``lora_A[index]``), adapters of lower rank padded
-with zeros up to r. That gathered path is engine-core work and not built here (see the package docstring).
+A multi-adapter server (S-LoRA, arXiv 2311.03285; vLLM's punica kernels) binds a per-row adapter index,
+``adapter_index`` (max_rows,) int64, owned by the model runner (`bind_adapter_index`); forward then gathers
+each row's A and B (`lora_delta_gathered`), adapters of lower rank padded with zeros up to r.
 
 Dtypes: A and B are created in fp32 for training (autocast runs the matmuls in bf16) or in the model
 dtype for inference; the update is computed in their dtype and added in the base output's dtype.
@@ -39,6 +39,8 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(n_adapters, base.out_features, rank, device=device, dtype=dtype))
         # not persistent: set from the adapter's alpha / r whenever adapters are built or loaded
         self.register_buffer("scaling", torch.full((n_adapters,), alpha / rank, device=device), persistent=False)
+        # (max_rows,) int64 slot of each batch row, the runner's tensor (`bind_adapter_index`); None: slot 0
+        self.register_buffer("adapter_index", None, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -62,9 +64,14 @@ class LoRALinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (..., in_features) → (..., out_features)."""
+        """x: (..., in_features) → (..., out_features); with an adapter index bound, x is (b, ..., in_features)
+        and row i takes the adapter of slot ``adapter_index[i]``."""
         y = self.base(x)
-        delta = lora_delta(x, self.lora_A[0], self.lora_B[0], self.scaling[0])
+        if self.adapter_index is None:
+            delta = lora_delta(x, self.lora_A[0], self.lora_B[0], self.scaling[0])
+        else:
+            index = self.adapter_index[: x.shape[0]]  # (b,): a static slice, so a CUDA graph replays it
+            delta = lora_delta_gathered(x, self.lora_A, self.lora_B, self.scaling, index)
         return y + delta.to(y.dtype)
 
     @torch.no_grad()
@@ -86,3 +93,33 @@ def lora_delta(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor) -> Tensor:
         (..., out_features) in A's dtype (under autocast, the autocast dtype).
     """
     return F.linear(F.linear(x.to(A.dtype), A), B) * scaling.to(A.dtype)
+
+
+def lora_delta_gathered(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor) -> Tensor:
+    """s[i] · B[i] (A[i] x) per row, i = the row's slot: the reference of a gathered (BGMV-style) LoRA matmul.
+
+    Args:
+        x: (b, ..., in_features).
+        A: (n, r, in_features); B: (n, out_features, r); scaling: (n,).
+        index: (b,) int64 slot of each row of x.
+
+    Returns:
+        (b, ..., out_features) in A's dtype; a row of slot i equals `lora_delta` with adapter i.
+    """
+    b = x.shape[0]
+    rows = x.reshape(b, -1, x.shape[-1]).to(A.dtype)  # (b, t, in_features)
+    low = torch.bmm(rows, A[index].transpose(1, 2))  # (b, t, r)
+    delta = torch.bmm(low, B[index].transpose(1, 2)) * scaling[index].to(A.dtype)[:, None, None]  # (b, t, out)
+    return delta.reshape(*x.shape[:-1], B.shape[1])
+
+
+def bind_adapter_index(model: nn.Module, index: Tensor) -> int:
+    """Make every `LoRALinear` of ``model`` read its rows' slots from ``index`` ((max_rows,) int64, on the
+    model's device, owned and filled by the caller); returns the number of layers bound.
+
+    Bound once, before any CUDA graph is captured: the layers hold the tensor, never a copy, so the graphs
+    read whatever the runner writes into it."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.adapter_index = index
+    return len(layers)

@@ -238,6 +238,50 @@ def attach_adapter(model: nn.Module, adapter: Adapter, *, dtype: torch.dtype = t
     return attached
 
 
+def attach_adapters(model: nn.Module, adapters: list[Adapter], *, dtype: torch.dtype | None = None
+                    ) -> dict[str, LoRALinear]:
+    """Stack several adapters in every layer any of them names, for serving them side by side (unmerged).
+
+    Slot 0 of each `LoRALinear` is all zeros (the base model's rows); adapter k goes to slot k + 1, zeros in
+    the layers it does not name, its A and B zero-padded up to the layer's largest rank (zero columns of A
+    and rows of B add nothing). Rows pick their slot through a bound index (`bind_adapter_index`). Every
+    adapter is checked before the model is touched, as in `attach_adapter`.
+
+    Args:
+        model: a SambaY without adapters.
+        adapters: read by `read_adapter`, in slot order (slot k + 1 for ``adapters[k]``).
+        dtype: of A and B (default: the model's, as inference runs).
+
+    Returns:
+        {module path: LoRALinear} of the layers that got adapters.
+    """
+    paths = {hf_module_name(path, model.config): (path, layer) for path, layer in linear_layers(model)}
+    for adapter in adapters:
+        for name, layer in adapter.layers.items():
+            _check_fits(name, layer, paths, adapter.directory)
+    names = sorted({name for adapter in adapters for name in adapter.layers})
+    attached = {}
+    for name in names:
+        path, base = paths[name]
+        updates = [adapter.layers.get(name) for adapter in adapters]
+        rank = max(u.A.shape[0] for u in updates if u is not None)
+        layer = wrap_layer(model, path, rank, float(rank), dtype=dtype or base.weight.dtype,
+                           n_adapters=len(adapters) + 1)
+        with torch.no_grad():
+            layer.lora_A.zero_()
+            layer.lora_B.zero_()
+            layer.scaling.zero_()
+            for slot, update in enumerate(updates, start=1):
+                if update is not None:
+                    r = update.A.shape[0]
+                    layer.lora_A[slot, :r].copy_(update.A)
+                    layer.lora_B[slot, :, :r].copy_(update.B)
+                    layer.scaling[slot] = update.scaling
+        layer.requires_grad_(False)
+        attached[path] = layer
+    return attached
+
+
 def _check_fits(name: str, update: AdapterLayer, paths: dict[str, tuple[str, nn.Module]], where: Path) -> None:
     if name not in paths:
         kinds = ", ".join(sorted({target.rsplit(".", 1)[-1] for target in paths}))

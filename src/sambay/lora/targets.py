@@ -112,14 +112,14 @@ def freeze(model: nn.Module) -> None:
 
 
 def wrap_layer(model: nn.Module, path: str, rank: int, alpha: float, *, dtype: torch.dtype = torch.float32,
-               generator: torch.Generator | None = None) -> LoRALinear:
+               generator: torch.Generator | None = None, n_adapters: int = 1) -> LoRALinear:
     """Replace the Linear at ``path`` by a `LoRALinear` around it (B = 0: the outputs are unchanged)."""
     parent, attribute = path.rsplit(".", 1)
     owner = model.get_submodule(parent)
     base = getattr(owner, attribute)
     if isinstance(base, LoRALinear):
         raise ValueError(f"{path} already has a LoRA adapter")
-    layer = LoRALinear(base, rank, alpha, dtype=dtype)
+    layer = LoRALinear(base, rank, alpha, n_adapters=n_adapters, dtype=dtype)
     if generator is not None:
         layer.reset_parameters(generator)
     setattr(owner, attribute, layer)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from sambay.ops.attention import attention_ref, diff_attention_ref, visibility
 from sambay.ops.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from sambay.ops.layer_norm import add_layer_norm_ref
+from sambay.ops.quantized_matmul import quantized_matmul_ref
 from sambay.ops.selective_scan import selective_scan_ref, selective_state_update_ref
 from sambay.ops.swiglu import swiglu_ref
 
@@ -28,6 +29,7 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update_ref",
     "diff_attention_ref",
+    "quantized_matmul_ref",
     "resolve_backend",
     "selective_scan_ref",
     "selective_state_update_ref",
@@ -51,6 +53,7 @@ class Ops:
     attention: Callable
     swiglu: Callable
     add_layer_norm: Callable
+    quantized_matmul: Callable
 
 
 REFERENCE = Ops(
@@ -63,6 +66,7 @@ REFERENCE = Ops(
     attention=attention_ref,
     swiglu=swiglu_ref,
     add_layer_norm=add_layer_norm_ref,
+    quantized_matmul=quantized_matmul_ref,
 )
 
 BACKENDS = ("auto", "reference", "triton")
@@ -80,7 +84,7 @@ def _triton_ops() -> Ops:
 
     if not (torch.cuda.is_available() or _interpreting()):
         raise RuntimeError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 for slow CPU tests)")
-    from sambay.ops.triton import attention, causal_conv1d, layer_norm, selective_scan, swiglu
+    from sambay.ops.triton import attention, causal_conv1d, layer_norm, quantized_matmul, selective_scan, swiglu
 
     return Ops(
         name="triton",
@@ -92,6 +96,7 @@ def _triton_ops() -> Ops:
         attention=attention.attention,
         swiglu=swiglu.swiglu,
         add_layer_norm=layer_norm.add_layer_norm,
+        quantized_matmul=quantized_matmul.quantized_matmul,
     )
 
 
@@ -148,4 +153,5 @@ def resolve_backend(name: str = "auto") -> Ops:
         attention=_attention_by_device(fast.attention, REFERENCE.attention),
         swiglu=_by_device(fast.swiglu, REFERENCE.swiglu),
         add_layer_norm=_by_device(fast.add_layer_norm, REFERENCE.add_layer_norm),
+        quantized_matmul=_by_device(fast.quantized_matmul, REFERENCE.quantized_matmul),
     )

@@ -2,18 +2,19 @@
 
     GET  /health                 200 {"status": "ok"}; 503 while shutting down
     GET  /metrics                Prometheus text (`sambay.serve.metrics`)
-    GET  /v1/models              the one served model
+    GET  /v1/models              the served model and its LoRA adapters (``sambay serve --lora NAME=DIR``)
     POST /v1/completions         raw-text completion, streaming (SSE) or not
     POST /v1/chat/completions    chat completion; the <think> trace in ``reasoning_content``
 
 Routes only map HTTP to the runtime: `protocol` prepares requests and assembles responses, `runtime`
 submits and streams, `errors` answers every failure in OpenAI's format. A request body is read as JSON
 whatever its Content-Type (as OpenAI's and vLLM's servers do: ``curl -d`` sends form-urlencoded), and
-``model`` may be omitted: it defaults to the one model served. Streams are Server-Sent Events,
-``data: {json}\\n\\n`` per chunk, ending with ``data: [DONE]\\n\\n``; a request aborted by shutdown ends
-its stream with an error event. With ``api_key`` set, /v1 routes need ``Authorization: Bearer KEY``
-(the scheme in any case, RFC 7235; the key compared in constant time); a refusal is a 401 with
-``WWW-Authenticate: Bearer``.
+``model`` may be omitted: it defaults to the base model. A request whose ``model`` names a LoRA adapter
+runs with it, batched with requests of other adapters and of the base; an unknown name is a 404. Streams
+are Server-Sent Events, ``data: {json}\\n\\n`` per chunk, ending with ``data: [DONE]\\n\\n``; a request
+aborted by shutdown ends its stream with an error event. With ``api_key`` set, /v1 routes need
+``Authorization: Bearer KEY`` (the scheme in any case, RFC 7235; the key compared in constant time); a
+refusal is a 401 with ``WWW-Authenticate: Bearer``.
 
 Before any work on a request: a string holding a lone UTF-16 surrogate (``"\\ud800"``, valid JSON but
 not Unicode text), in any field, is a 400 naming the field; a text prompt whose length alone rules it
@@ -134,24 +135,26 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict:
-        card = schemas.ModelCard(id=runtime.model_name, created=0, max_model_len=runtime.max_length)
-        return schemas.ModelList(data=[card]).model_dump()
+        base = runtime.model_name
+        cards = [schemas.ModelCard(id=name, created=0, max_model_len=runtime.max_length,
+                                   parent=None if name == base else base) for name in (base, *runtime.adapters)]
+        return schemas.ModelList(data=cards).model_dump()
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: ChatBody, http: HTTPRequest):
-        _check_model(runtime, body)
+        adapter = _check_model(runtime, body)
         check_prompt_length(body, runtime.max_length, runtime.max_token_chars)
         prepared = await run_in_threadpool(prepare_chat, body, runtime.tokenizer, runtime.max_length,
                                            runtime.defaults)
-        return await _complete(runtime, body, prepared, http, chat=True)
+        return await _complete(runtime, body, prepared, http, chat=True, adapter=adapter)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionBody, http: HTTPRequest):
-        _check_model(runtime, body)
+        adapter = _check_model(runtime, body)
         check_prompt_length(body, runtime.max_length, runtime.max_token_chars)
         prepared = await run_in_threadpool(prepare_completion, body, runtime.tokenizer, runtime.max_length,
                                            runtime.defaults)
-        return await _complete(runtime, body, prepared, http, chat=False)
+        return await _complete(runtime, body, prepared, http, chat=False, adapter=adapter)
 
     return app
 
@@ -163,10 +166,10 @@ def _is_authorized(header: str, api_key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), api_key.encode())
 
 
-def _check_model(runtime: Runtime, body: schemas._Request) -> None:
-    """A named model must be the one served; an omitted one is it (as vLLM)."""
-    if body.model is not None:
-        runtime.check_model(body.model)
+def _check_model(runtime: Runtime, body: schemas._Request) -> int:
+    """The LoRA adapter slot the request's model names (0: the base model); an omitted model is the base (as
+    vLLM), an unknown one a 404."""
+    return 0 if body.model is None else runtime.check_model(body.model)
 
 
 class _CountResponses:
@@ -194,10 +197,12 @@ class _CountResponses:
         await self.app(scope, receive, counted)
 
 
-async def _complete(runtime: Runtime, body: schemas._Request, prepared: Prepared, http: HTTPRequest, *, chat: bool):
+async def _complete(runtime: Runtime, body: schemas._Request, prepared: Prepared, http: HTTPRequest, *, chat: bool,
+                    adapter: int = 0):
     """Submit; answer with a stream of chunks or, once finished, the whole response."""
-    request, stream = runtime.submit(prepared)
-    builder = ResponseBuilder(chat=chat, model=runtime.model_name, n=prepared.params.n,
+    request, stream = runtime.submit(prepared, adapter)
+    model = runtime.adapters[adapter - 1] if adapter else runtime.model_name
+    builder = ResponseBuilder(chat=chat, model=model, n=prepared.params.n,
                               prompt_tokens=len(prepared.prompt), tokenizer=runtime.tokenizer)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

@@ -48,6 +48,7 @@ class EngineSpec:
     dtype: str | None  # a torch dtype name ("bfloat16"); None: the checkpoint's
     scheduler: SchedulerConfig
     cache_memory_bytes: int | None = None  # size the K/V pool to this budget (`kv_blocks_for_budget`)
+    adapters: tuple[str, ...] = ()  # LoRA adapter directories to serve, in slot order (`attach_adapters`)
 
 
 class RemoteScheduler:
@@ -91,16 +92,17 @@ class RemoteScheduler:
         with self._lock:
             return {**self._stats, "waiting": max(self._stats["waiting"], self._waiting)}
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[Output], None]) -> Request:
+    def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[Output], None],
+               adapter: int = 0) -> Request:
         """As `EngineCore.submit`: the same checks and errors, then the request goes to the engine process."""
         prompt = [int(i) for i in prompt]
-        self.limits.check(prompt, params)
-        request = Request(self, prompt, params, sink)
+        self.limits.check(prompt, params, adapter)
+        request = Request(self, prompt, params, sink, adapter)
         with self._lock:
             refuse_if_busy(self._closing, self._waiting, self.config.max_waiting)
             self._requests[request.id] = request
             self._waiting += 1
-        self._send(("submit", request.id, prompt, params))
+        self._send(("submit", request.id, prompt, params, adapter))
         return request
 
     def cancel(self, request: Request) -> None:
@@ -218,6 +220,10 @@ def _engine_main(conn, spec: EngineSpec) -> None:
     try:
         engine = Engine.load(spec.model_dir, tokenizer_dir=spec.tokenizer_dir, device=spec.device,
                              dtype=getattr(torch, spec.dtype) if spec.dtype else None, progress=False)
+        if spec.adapters:
+            from sambay.lora import attach_adapters, read_adapter
+
+            attach_adapters(engine.model, [read_adapter(d) for d in spec.adapters])
         config = spec.scheduler
         if spec.cache_memory_bytes is not None:
             config = sized_for_budget(config, engine.model, spec.cache_memory_bytes)
@@ -230,9 +236,9 @@ def _engine_main(conn, spec: EngineSpec) -> None:
     while True:
         kind, *body = conn.recv()
         if kind == "submit":
-            request_id, prompt, params = body
+            request_id, prompt, params, adapter = body
             try:
-                handle = scheduler.submit(prompt, params, sink(request_id))
+                handle = scheduler.submit(prompt, params, sink(request_id), adapter)
             except (ValueError, QueueFull, SchedulerClosed) as e:
                 send(("refused", request_id, str(e)))
                 continue

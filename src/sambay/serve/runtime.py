@@ -125,6 +125,7 @@ class Runtime:
     defaults: SamplingParams  # sampling fields a request leaves unset
     api_key: str | None = None
     poll_s: float = 0.5  # how often a non-streaming request checks that its client is still there
+    adapters: tuple[str, ...] = ()  # LoRA adapter names clients pass as "model", in slot order (slot 1 first)
 
     def __post_init__(self):
         self.metrics = Metrics(self.scheduler)
@@ -140,16 +141,23 @@ class Runtime:
     def draining(self) -> bool:
         return self.scheduler.closing
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+    def check_model(self, name: str) -> int:
+        """The adapter slot a request's ``model`` selects: 0 for the base model, k for the k-th adapter; an
+        unknown name is a 404."""
+        if name == self.model_name:
+            return 0
+        if name in self.adapters:
+            return self.adapters.index(name) + 1
+        served = ", ".join(repr(n) for n in (self.model_name, *self.adapters))
+        raise APIError(404, f"model {name!r} does not exist; this server serves {served}",
+                       param="model", code="model_not_found")
 
-    def submit(self, prepared: Prepared) -> tuple[Request, AsyncStream]:
-        """Queue a request; refusals become OpenAI errors."""
+    def submit(self, prepared: Prepared, adapter: int = 0) -> tuple[Request, AsyncStream]:
+        """Queue a request (run with LoRA adapter slot ``adapter``, 0: the base model); refusals become
+        OpenAI errors."""
         stream = AsyncStream()
         try:
-            request = self.scheduler.submit(prepared.prompt, prepared.params, stream.put)
+            request = self.scheduler.submit(prepared.prompt, prepared.params, stream.put, adapter)
         except QueueFull as e:
             raise APIError(429, f"{e}; retry later", code="queue_full") from None
         except SchedulerClosed as e:

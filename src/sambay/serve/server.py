@@ -46,13 +46,15 @@ class ServeConfig:
     defaults: SamplingParams = REASONING_DEFAULTS  # for sampling fields a request leaves unset
     grace: float = 30.0  # seconds in-flight requests may keep running after SIGTERM
     limits: TransportLimits = field(default_factory=TransportLimits)  # body cap, timeouts, connections
+    adapters: tuple[str, ...] = ()  # names of the LoRA adapters attached to the model, in slot order
 
 
 def build_runtime(engine: Engine, config: ServeConfig, runner: ModelRunner | None = None) -> Runtime:
     """A started scheduler over ``engine`` (and ``runner``, see `EngineCore`), wrapped for the HTTP layer."""
     scheduler = EngineCore(engine, config.scheduler, runner).start()
     name = config.model_name or config.model_dir.resolve().name
-    return Runtime(engine.tokenizer, scheduler, name, config.defaults, api_key=config.api_key)
+    return Runtime(engine.tokenizer, scheduler, name, config.defaults, api_key=config.api_key,
+                   adapters=config.adapters)
 
 
 class _Server(uvicorn.Server):

@@ -1,0 +1,114 @@
+"""Weight-only quantisation ops: the RTN quantiser and packing against their stated bounds and layout (CPU),
+and the Triton dequantising matmul against `quantized_matmul_ref` (GPU, or the Triton interpreter at tiny
+sizes on the CPU, with blocks shrunk so that several K steps and N tiles are crossed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sambay.ops.quantized_matmul import (
+    QMAX,
+    dequantize_ref,
+    pack_int4,
+    quantize_rtn,
+    quantized_matmul_ref,
+    unpack_int4,
+)
+from tests.tolerances import assert_close, assert_low_precision
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+# the interpreter's tl.dot reads bf16 operands as raw bits (see test_triton_kernels): fp16 on the CPU
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if ON_GPU else [torch.float32, torch.float16]
+# (rows m, n_out, n_in, group_size): decode (m = 1), odd m and n_out, a group smaller than BLOCK_K and one
+# larger, and n_in not a multiple of BLOCK_K
+SHAPES = [(1, 37, 48, 16), (3, 33, 64, 32), (19, 70, 96, 8), (1, 20, 40, 40)] if not ON_GPU else [
+    (1, 3072 + 16, 2560, 128), (8, 2560, 10240, 128), (300, 4097, 2560, 64), (1, 5, 128, 128)]
+
+
+def _weight(n_out, n_in, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_out, n_in, generator=g) / n_in**0.5  # a trained model's scale: rows of unit norm
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group_size", [8, 32, 64])
+def test_round_to_nearest_error_is_at_most_half_a_step(bits, group_size):
+    w = _weight(29, 64)
+    w[3, :group_size] = 0.0  # an all-zero group: scale 0, q 0, no NaN
+    q, s = quantize_rtn(w, bits, group_size)
+    assert s.dtype == torch.float32 and s.shape == (29, 64 // group_size)
+    assert q.dtype == (torch.int8 if bits == 8 else torch.uint8) and q.shape == (29, 64 if bits == 8 else 32)
+    err = (dequantize_ref(q, s, bits, group_size) - w).abs()
+    step = s.repeat_interleave(group_size, dim=1)  # (n_out, n_in): each weight's scale
+    assert bool((err <= step / 2 + 1e-7).all()), f"max err / step {(err / step.clamp_min(1e-12)).max():.3f}"
+    assert s[3, 0] == 0 and bool((dequantize_ref(q, s, bits, group_size)[3, :group_size] == 0).all())
+    # the group's largest |w| is represented exactly (up to fp32 rounding): the symmetric range is used fully
+    qmax = q if bits == 8 else unpack_int4(q)
+    assert int(qmax.abs().max()) == QMAX[bits]
+
+
+def test_int4_packing_layout_is_pinned():
+    """Input 2j in the low nibble, 2j + 1 in the high nibble, each q + 8 (the README's layout)."""
+    q = torch.tensor([[-7, 7, 0, -1], [3, -3, 5, 2]], dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.tolist() == [[(7 + 8) << 4 | (-7 + 8), (-1 + 8) << 4 | 8], [5 << 4 | 11, 10 << 4 | 13]]
+    assert torch.equal(unpack_int4(packed), q)
+    full = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)
+    assert torch.equal(unpack_int4(pack_int4(full)), full)
+
+
+def test_reference_matmul_is_dequantise_then_matmul():
+    w = _weight(24, 32)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+    q, s = quantize_rtn(w, 4, 16)
+    y = quantized_matmul_ref(x, q, s, 4, 16)
+    assert y.shape == (2, 5, 24)
+    assert_close(y, x @ dequantize_ref(q, s, 4, 16).t(), atol=1e-5, rtol=1e-5, what="reference")
+
+
+@pytest.mark.parametrize("bits,group_size,message", [
+    (3, 16, "bits must be 8 or 4"), (4, 12, "does not divide"), (8, 7, "even number"),
+])
+def test_bad_arguments(bits, group_size, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_rtn(_weight(4, 32), bits, group_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m,n_out,n_in,group_size", SHAPES)
+def test_triton_matches_reference(monkeypatch, dtype, bits, m, n_out, n_in, group_size):
+    pytest.importorskip("triton")
+    from sambay.ops.triton import quantized_matmul as tri
+
+    if not ON_GPU:
+        monkeypatch.setattr(tri, "BLOCK_M", 16)
+        monkeypatch.setattr(tri, "BLOCK_N", 16)
+        monkeypatch.setattr(tri, "BLOCK_K", 16)
+    q, s = quantize_rtn(_weight(n_out, n_in), bits, group_size)
+    q, s = q.to(DEVICE), s.to(DEVICE)
+    x = torch.randn(m, n_in, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    out = tri.quantized_matmul(x.to(dtype), q, s, bits, group_size)
+    ref32 = quantized_matmul_ref(x, q, s, bits, group_size)
+    what = f"quantized_matmul {bits}-bit {dtype}"
+    if dtype == torch.float32:
+        assert_close(out, ref32, atol=1e-4, rtol=1e-4, what=what)
+    else:
+        assert out.dtype == dtype, what
+        assert_low_precision(out, quantized_matmul_ref(x.to(dtype), q, s, bits, group_size), ref32, what=what)
+
+
+def test_triton_keeps_leading_dims_and_rejects_a_wrong_layout():
+    pytest.importorskip("triton")
+    from sambay.ops.triton import quantized_matmul as tri
+
+    q, s = quantize_rtn(_weight(16, 32), 4, 16)
+    x = torch.randn(2, 3, 32).to(DEVICE)
+    q, s = q.to(DEVICE), s.to(DEVICE)
+    assert_close(tri.quantized_matmul(x, q, s, 4, 16), quantized_matmul_ref(x, q, s, 4, 16), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="qweight"):
+        tri.quantized_matmul(x, q, s, 8, 16)  # packed int4 read as int8
+    with pytest.raises(ValueError, match="scales"):
+        tri.quantized_matmul(x, q, s.half(), 4, 16)
