@@ -32,12 +32,12 @@ class _Ids:
         pass
 
 
-def make(slots=3, kv_blocks=None, block_size=16, max_length=64, **config) -> Scheduler:
+def make(slots=3, kv_blocks=None, block_size=16, max_length=64, snapshots=0, **config) -> Scheduler:
     cache = allocate_cache(n_mamba=1, n_sliding=1, n_full=1, batch_size=slots + 1, max_length=max_length, d_inner=4,
                            d_state=2, d_conv=4, n_kv_heads=1, head_dim=4, window=8, dtype=torch.float32,
                            device="meta", block_size=block_size, kv_blocks=kv_blocks)
     c = SchedulerConfig(slots=slots, max_length=max_length, block_size=block_size, kv_blocks=kv_blocks, **config)
-    return Scheduler(c, BlockPool(cache), OutputProcessor(None, ()), max_length, lambda seed: None)
+    return Scheduler(c, BlockPool(cache), OutputProcessor(None, ()), max_length, lambda seed: None, snapshots)
 
 
 def add(s: Scheduler, owner: _Ids, prompt: list[int], params=GREEDY) -> Request:
@@ -155,3 +155,23 @@ def test_plans_survive_the_broadcast_encoding():
         assert (back.block_table is None) == (p.block_table is None)
         if p.block_table is not None:
             assert torch.equal(back.block_table, p.block_table)
+
+
+def test_a_preempted_request_resumes_from_its_cached_prompt():
+    """Prefix cache (issue 15): the newest request is preempted; when it returns, its row restores the
+    snapshot of its prompt's last boundary (32 of its 40 tokens) and re-prefills only the rest."""
+    s, owner = make(slots=2, kv_blocks=5, snapshots=4, prefill_chunk=64, prefill_budget=64), _Ids()
+    add(s, owner, [3] * 20, GREEDY.replace(max_new_tokens=14))  # 2 blocks, then a third at length 32
+    add(s, owner, list(range(1, 41)), GREEDY.replace(max_new_tokens=30))  # 3 blocks: the pool is full
+    restored = None
+    for _ in range(100):
+        step = s.schedule()
+        if step.plan.restore:  # only a resume can hit: the two prompts share nothing
+            restored = step.plan
+        feed(s, step)
+        if not s.busy:
+            break
+    assert s.preemptions == 1 and restored is not None
+    (_, slot, length), = restored.restore
+    assert length == 32 and restored.prefill[0].slot == slot and restored.prefill[0].tokens[:8] == tuple(range(33, 41))
+    assert s.prefix.hits >= 32 and not s.busy

@@ -210,12 +210,13 @@ class Scheduler:
         while True:
             if self.preempted:
                 run = self.preempted[0]
-                if run.inflight or not self._fits([len(run.request.prompt) + len(r.generated) for r in run.live]):
+                if run.inflight or (resumed := self._resume(run)) is None:
                     break
                 self.preempted.popleft()
-                slots = self._resume(run)
+                slots, hits = resumed
                 reset += slots
                 adapters += [run.request.adapter] * len(slots)
+                restore += hits
             elif self.waiting and (started := self._start(self.waiting[0])) is not None:
                 self.waiting.popleft()
                 run, hit = started
@@ -227,17 +228,6 @@ class Scheduler:
                 break
             admitted.append(run)
         return admitted, reset, adapters, restore
-
-    def _fits(self, lengths: list[int]) -> bool:
-        """Free slots and blocks for rows of these lengths?"""
-        need = sum(blocks_for(n, self.blocks.block_size) for n in lengths) if self.blocks.paged else 0
-        return len(self.free) >= len(lengths) and self.blocks.free_blocks >= need
-
-    def _take_slots(self, lengths: list[int]) -> list[int]:
-        slots, self.free = self.free[: len(lengths)], self.free[len(lengths) :]
-        for slot, n in zip(slots, lengths, strict=True):
-            assert self.blocks.grow(slot, n)  # checked by `_fits`
-        return slots
 
     def _start(self, request: Request) -> tuple[Run, Hit | None] | None:
         """Admit a new request if it fits (None if not): n rows, the first holding the prompt's cached prefix
@@ -269,16 +259,32 @@ class Scheduler:
         self.running.append(run)
         return run, hit
 
-    def _resume(self, run: Run) -> list[int]:
-        """Re-admit a preempted request: each live row re-prefills its prompt and every token it generated."""
+    def _resume(self, run: Run) -> tuple[list[int], list[tuple[int, int, int]]] | None:
+        """Re-admit a preempted request if it fits (None if not): each live row re-prefills its prompt and every
+        token it generated, from the longest cached prefix of that history; returns its slots and restores."""
         histories = [run.request.prompt + row.generated for row in run.live]
-        slots = self._take_slots([len(h) for h in histories])
-        for row, slot in zip(run.live, slots, strict=True):
-            row.slot, row.length, row.planned = slot, 0, len(row.generated)
-        seed = chain_seed(run.request.adapter)
-        run.jobs = [_Job(row, h, seed=seed) for row, h in zip(run.live, histories, strict=True)]
+        size, seed = self.blocks.block_size, chain_seed(run.request.adapter)
+        keys = [chain_keys(h, size, len(h) // size, seed) if self.prefix else [] for h in histories]
+        hits = [self.prefix.lookup(h, k, seed) if self.prefix else None for h, k in zip(histories, keys, strict=True)]
+        shared = {block for hit in hits if hit for block in hit.blocks}
+        need = sum(blocks_for(len(h), size) - (len(hit.blocks) if hit else 0) for h, hit in zip(histories, hits,
+                                                                                                strict=True))
+        if len(self.free) < len(histories) or (self.blocks.paged and self.blocks.available(tuple(shared)) < need):
+            return None
+        slots, self.free = self.free[: len(histories)], self.free[len(histories) :]
+        restore, run.jobs = [], []
+        for row, slot, history, k, hit in zip(run.live, slots, histories, keys, hits, strict=True):
+            self.blocks.share(slot, hit.blocks if hit else ())
+            assert self.blocks.grow(slot, len(history))  # counted above
+            length = hit.length if hit else 0
+            row.slot, row.length, row.planned = slot, length, len(row.generated)
+            run.jobs.append(_Job(row, history, consumed=length, keys=k or None, seed=seed))
+            if self.prefix:
+                self.prefix.count(len(history), hit)
+            if hit:
+                restore.append((hit.entry, slot, length))
         self.running.append(run)
-        return slots
+        return slots, restore
 
     def _preempt(self, run: Run) -> None:
         """Give ``run``'s slots and blocks back; it waits, ahead of new requests, to be recomputed."""
