@@ -111,3 +111,12 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """`serve` replaced by one that records the runtime and returns at once (CLI tests of `sambay serve`)."""
+    runtimes = []
+    monkeypatch.setattr("sambay.serve.server.serve", lambda runtime, *a: runtimes.append(runtime)
+                        or runtime.scheduler.close(0))
+    return runtimes

@@ -16,15 +16,6 @@ from tests.serve.conftest import MODEL
 # --port 0: the port check before loading the model must not depend on port 8000 being free on this machine
 
 
-@pytest.fixture
-def served(monkeypatch):
-    """`serve` replaced by one that records the runtime and returns at once."""
-    runtimes = []
-    monkeypatch.setattr("sambay.serve.server.serve", lambda runtime, *a: runtimes.append(runtime)
-                        or runtime.scheduler.close(0))
-    return runtimes
-
-
 @pytest.mark.parametrize(("flags", "message"), [
     (["--cache-memory-gb", "0.0000001"], "constant state"),  # not even the slots' Mamba and window state
     (["--cache-memory-gb", "0.0001"], "less than one sequence"),  # some blocks, not a max-length sequence

@@ -204,13 +204,6 @@ def test_an_unknown_model_is_a_404(lora_server):
 # the CLI -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def served(monkeypatch):
-    runtimes = []
-    monkeypatch.setattr("sambay.serve.server.serve", lambda runtime, *a: runtimes.append(runtime)
-                        or runtime.scheduler.close(0))
-    return runtimes
-
 
 def test_cli_serves_the_adapters(model_dir, tmp_path, served):
     engine = Engine.load(model_dir, progress=False)

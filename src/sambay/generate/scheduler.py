@@ -234,8 +234,7 @@ class Scheduler:
         (if any) and blocks for the rest, the others sharing its full blocks; the first prefills the rest."""
         params, prompt, size = request.params, list(request.prompt), self.blocks.block_size
         seed = chain_seed(request.adapter)
-        keys = chain_keys(prompt, size, len(prompt) // size, seed) if self.prefix else []
-        hit = self.prefix.lookup(prompt, keys, seed) if self.prefix else None
+        keys, hit = self._lookup(prompt, seed)
         shared = hit.blocks if hit else ()
         whole = blocks_for(len(prompt), size) if self.blocks.paged else 0
         need = whole - len(shared) + (params.n - 1) * (whole - len(prompt) // size if self.blocks.paged else 0)
@@ -259,13 +258,19 @@ class Scheduler:
         self.running.append(run)
         return run, hit
 
+    def _lookup(self, tokens: list[int], seed: int) -> tuple[list[int], Hit | None]:
+        """The `chain_keys` of ``tokens`` (from ``seed``) and their longest cached prefix (none without a cache)."""
+        if self.prefix is None:
+            return [], None
+        keys = chain_keys(tokens, self.blocks.block_size, len(tokens) // self.blocks.block_size, seed)
+        return keys, self.prefix.lookup(tokens, keys, seed)
+
     def _resume(self, run: Run) -> tuple[list[int], list[tuple[int, int, int]]] | None:
         """Re-admit a preempted request if it fits (None if not): each live row re-prefills its prompt and every
         token it generated, from the longest cached prefix of that history; returns its slots and restores."""
         histories = [run.request.prompt + row.generated for row in run.live]
         size, seed = self.blocks.block_size, chain_seed(run.request.adapter)
-        keys = [chain_keys(h, size, len(h) // size, seed) if self.prefix else [] for h in histories]
-        hits = [self.prefix.lookup(h, k, seed) if self.prefix else None for h, k in zip(histories, keys, strict=True)]
+        keys, hits = zip(*(self._lookup(h, seed) for h in histories), strict=True)
         shared = {block for hit in hits if hit for block in hit.blocks}
         need = sum(blocks_for(len(h), size) - (len(hit.blocks) if hit else 0) for h, hit in zip(histories, hits,
                                                                                                 strict=True))

@@ -111,8 +111,8 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _fsync(directory: Path) -> None:
-    """Makes the renames and deletions in ``directory`` durable."""
+def fsync_dir(directory: Path) -> None:
+    """Makes the renames and deletions in ``directory`` durable (also used by the checkpoints, `train.state`)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -146,7 +146,7 @@ def prepare_data(
         return data_dir
     if meta_path.exists():  # invalidate before any shard changes: a kill from here on leaves no fingerprint
         meta_path.unlink()
-        _fsync(data_dir)
+        fsync_dir(data_dir)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     is_chat = next(_documents(Path([*files, *eval_files][0])), ("text", ""))[0] == "chat"
     writers = {s: _ShardWriter(data_dir / s, dtype, is_chat) for s in ("train", "eval")}
@@ -167,7 +167,7 @@ def prepare_data(
     token_bytes[list(tokenizer.marker_ids)] = 0  # markers are structure, not text: no bytes, no bits
     _atomic_write(data_dir / "token_bytes.npy", lambda f: np.save(f, token_bytes))
     for split in writers:
-        _fsync(data_dir / split)  # the shards' renames are on disk before the fingerprint that vouches for them
+        fsync_dir(data_dir / split)  # the shards' renames are on disk before the fingerprint that vouches for them
     meta = {"fingerprint": fingerprint, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "chat": is_chat,
             "splits": {s: {"shards": w.shards, "bytes": w.n_bytes} for s, w in writers.items()}}
     _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))

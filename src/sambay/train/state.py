@@ -48,6 +48,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from sambay.train.data import fsync_dir
+
 log = logging.getLogger("sambay.train")
 
 LATEST = "latest"
@@ -135,11 +137,11 @@ def save_checkpoint(
         if final.exists():  # a re-save of the same step (after a resume); the old copy is complete
             _discard(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, root / LATEST)
-        _fsync_dir(root)
+        fsync_dir(root)
         earlier = [path for s, path in _checkpoints(root) if s < step]
         for old in earlier[: max(len(earlier) - (keep - 1), 0)] if keep > 0 else []:
             _discard(old)
@@ -161,16 +163,8 @@ def _discard(path: Path) -> None:
     """
     doomed = path.with_name(f".tmp-discard-{path.name}")
     os.rename(path, doomed)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(doomed)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_complete(path: Path) -> bool:
@@ -216,7 +210,7 @@ def set_aside(root: str | Path) -> Path | None:
         while (moved := root.with_name(f"{root.name}.old-{n}")).exists():
             n += 1
         os.rename(root, moved)
-        _fsync_dir(root.parent)
+        fsync_dir(root.parent)
     _barrier()
     return moved
 
