@@ -74,7 +74,7 @@ def test_each_turn_prefills_only_what_is_new(monkeypatch, capsys, engine):
     for gb in ("0", "0.01"):
         fresh = Engine(model, engine.tokenizer)
         code, out, prompts = chat_through(monkeypatch, capsys, fresh, lines, "--system", system,
-                                          "--prefix-cache-gb", gb)
+                                          "--prefix-cache-memory-gb" if gb == "0" else "--prefix-cache-gb", gb)
         assert code == 0 and all(a == b[: len(a)] for a, b in itertools.pairwise(prompts)), out
         replies.append([line for line in out.splitlines() if "tokens/s" not in line])
         hits = fresh._core.stats()["prefix_cache_hits"]

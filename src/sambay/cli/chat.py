@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
     add_sampling_arguments(parser)
     add_structured_arguments(parser)
-    parser.add_argument("--prefix-cache-gb", type=float, default=1.0, metavar="GB",
+    parser.add_argument("--prefix-cache-gb", "--prefix-cache-memory-gb", dest="prefix_cache_gb",
+                        type=float, default=1.0, metavar="GB",
                         help="memory for the prefix cache's state snapshots, so each turn prefills only what is "
                              "new (default 1; 0 turns it off)")
 

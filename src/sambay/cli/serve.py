@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default: 64)")
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                        help="plan step n+1 while the host processes step n's tokens (default: on)")
-    group.add_argument("--prefix-cache-gb", type=float, default=2.0, metavar="GB",
+    group.add_argument("--prefix-cache-gb", "--prefix-cache-memory-gb", dest="prefix_cache_gb",
+                       type=float, default=2.0, metavar="GB",
                        help="memory for prefix-cache state snapshots, beside --cache-memory-gb: a prompt that starts "
                             "with a cached prefix prefills only the rest (default: 2; 0 turns prefix caching off)")
     group.add_argument("--shutdown-grace", type=float, default=30.0,
