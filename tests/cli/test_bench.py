@@ -77,3 +77,25 @@ def test_with_matplotlib_bench_png_is_written(tmp_path):
     markdown, notes = report.write(RESULT, tmp_path)
     assert (tmp_path / "bench.png").stat().st_size > 0 and "| sambay | 2 | 16 |" in markdown
     assert notes == [f"wrote bench.json, bench.md, bench.png in {tmp_path}"]
+
+
+def test_compile_without_formats_is_a_usage_error(capsys, tmp_path, fake_suite):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--smoke", "--compile", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--formats" in capsys.readouterr().err and not fake_suite
+
+
+@pytest.mark.slow
+def test_formats_compare_weight_formats_against_their_own_limits(monkeypatch, capsys, tmp_path):
+    """`--formats`: the same tiny model in each weight format, its weights' bytes counted as stored, a decode
+    and a prefill row for each."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "--smoke", "--formats", "bf16", "int8", "int4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = __import__("json").loads((tmp_path / "bench.json").read_text())["rows"]
+    weights = {r["system"]: r["bytes"] for r in rows if r["kind"] == "weights"}
+    assert list(weights) == ["sambay-bf16", "sambay-int8", "sambay-int4"]
+    assert weights["sambay-bf16"] > weights["sambay-int8"] > weights["sambay-int4"]
+    for system in weights:
+        assert f"| {system} | 1 | 16 |" in out and f"| {system} | 16 |" in out  # decode, then prefill
+    assert "| weights" in out and "int4" in out

@@ -78,6 +78,23 @@ def test_cuda_graph_decode_equals_eager_decode():
     assert torch.equal(torch.cat(graphed, 1).cpu(), eager)
 
 
+def test_compiled_cuda_graph_decode_equals_eager_decode():
+    """`GraphedDecoder(compile=True)`: inductor's fused step under our graph gives the eager tokens and logits
+    (fp32), and the model's op tables are its own again afterwards."""
+    from sambay.generate.cuda_graphs import GraphedDecoder
+
+    model = sambay.load_model(CHECKPOINT, device="cuda", dtype=torch.float32, backend="triton", progress=False)
+    before = model.ops
+    ids = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(1)).cuda()
+    cache = model.new_cache(batch_size=3, max_length=40)
+    decoder = GraphedDecoder(model, cache, compile=True)
+    assert model.ops is before and all(m.ops is before for m in model.modules() if hasattr(m, "ops"))
+    with torch.inference_mode():
+        decoder.tokens.copy_(forward(model, ids, cache)[:, -1].argmax(-1, keepdim=True))
+    graphed = [decoder.tokens.clone()] + [decoder.step().clone() for _ in range(20)]
+    assert torch.equal(torch.cat(graphed, 1).cpu(), _greedy(model, ids, 21))
+
+
 def test_realistic_head_size_decode_equals_full_forward_across_the_window():
     config = small_config(d_model=256, n_heads=4, n_kv_heads=2, d_ff=512, window=64, vocab_size=512)
     ref = random_model(config)

@@ -76,6 +76,30 @@ def test_bad_arguments(bits, group_size, message):
         quantize_rtn(_weight(4, 32), bits, group_size)
 
 
+def _shrink_blocks(monkeypatch, tri):
+    """Under the interpreter, blocks of 16 so that tiny shapes cross several N tiles and K steps, and decode
+    splits its inputs (split-K with the last program's fix-up) as the release's projections do on the H200."""
+    if ON_GPU:
+        return
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_N_DECODE", "BLOCK_K_DECODE"):
+        monkeypatch.setattr(tri, name, 16)
+    monkeypatch.setattr(tri, "MIN_SPLIT_STEPS", 1)
+
+
+def test_decode_splits_the_inputs_when_the_tiles_are_too_few(monkeypatch):
+    pytest.importorskip("triton")
+    from sambay.ops.triton import quantized_matmul as tri
+
+    _shrink_blocks(monkeypatch, tri)
+    dev = torch.device(DEVICE)
+    if ON_GPU:  # the release's out_proj of the MLP: 40 tiles of 64 outputs over 10,240 inputs
+        assert tri._split(40, 10240, tri.BLOCK_K_DECODE, dev) >= 8
+        assert tri._split(40 * 16, 2560, tri.BLOCK_K_DECODE, dev) == 1  # enough tiles: no split
+    else:  # 4 "SMs" here: 3 tiles of 16 outputs, 48 inputs in steps of 16
+        assert tri._split(3, 48, 16, dev) == 2
+        assert tri._split(64, 48, 16, dev) == 1
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m,n_out,n_in,group_size", SHAPES)
@@ -83,14 +107,13 @@ def test_triton_matches_reference(monkeypatch, dtype, bits, m, n_out, n_in, grou
     pytest.importorskip("triton")
     from sambay.ops.triton import quantized_matmul as tri
 
-    if not ON_GPU:
-        monkeypatch.setattr(tri, "BLOCK_M", 16)
-        monkeypatch.setattr(tri, "BLOCK_N", 16)
-        monkeypatch.setattr(tri, "BLOCK_K", 16)
+    _shrink_blocks(monkeypatch, tri)
     q, s = quantize_rtn(_weight(n_out, n_in), bits, group_size)
     q, s = q.to(DEVICE), s.to(DEVICE)
     x = torch.randn(m, n_in, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     out = tri.quantized_matmul(x.to(dtype), q, s, bits, group_size)
+    assert torch.equal(tri.quantized_matmul(x.to(dtype), q, s, bits, group_size), out), "split-K is deterministic"
+    assert all(int(counts.abs().sum()) == 0 for _, counts in tri._workspaces.values()), "counters reset"
     ref32 = quantized_matmul_ref(x, q, s, bits, group_size)
     what = f"quantized_matmul {bits}-bit {dtype}"
     if dtype == torch.float32:

@@ -28,13 +28,18 @@ def table(result: dict) -> str:
         out.append(f"| {r['system']} | {r['batch']} | {r['context']} | {_fmt(r['tokens_per_s'], 1)} | "
                    f"{_fmt(r['step_s'] * 1e3, 2)} | {_fmt(r.get('limit_tokens_per_s'), 1)} | "
                    f"{_fmt(None if frac is None else 100 * frac, 1)} |")
+    weights = [r for r in rows if r.get("kind") == "weights"]
+    if weights:
+        out += ["", "| weights | GB a decode step reads |", "|---|---|"]
+        out += [f"| {r['system']} | {r['bytes'] / 1e9:.2f} |" for r in weights]
     out += ["", "| system | prompt tokens | seconds | tokens/s | % of bf16 matmul rate |", "|---|---|---|---|---|"]
     for r in (r for r in rows if r.get("kind") == "prefill"):
         frac = r.get("fraction_of_matmul_rate")
         out.append(f"| {r['system']} | {r['context']} | {_fmt(r['seconds'], 3)} | {_fmt(r['tokens_per_s'], 0)} | "
                    f"{_fmt(None if frac is None else 100 * frac, 1)} |")
     for r in (r for r in rows if r.get("kind") == "profile"):
-        out += ["", f"Profile of one eager decode step ({r['system']}, batch {r['batch']}, context {r['context']}): "
+        how = "compiled (inductor)" if r.get("compiled") else "eager"
+        out += ["", f"Profile of one {how} decode step ({r['system']}, batch {r['batch']}, context {r['context']}): "
                 f"{r['kernels_per_step']:.0f} kernels, {r['kernel_ms_per_step']:.2f} ms of kernel time.", "",
                 "| kernel | ms/step | calls/step |", "|---|---|---|"]
         out += [f"| `{name}` | {ms:.3f} | {calls:.0f} |" for name, ms, calls in r["top"]]

@@ -32,12 +32,14 @@ def _fill(cache) -> None:
 
 
 @torch.inference_mode()
-def decode_step_seconds(model: SambaY, batch: int, context: int, steps: int, graphs: bool) -> float:
-    """Seconds per decode step of ``batch`` rows at ``context`` tokens already in the cache."""
+def decode_step_seconds(model: SambaY, batch: int, context: int, steps: int, graphs: bool,
+                        compile: bool = False) -> float:
+    """Seconds per decode step of ``batch`` rows at ``context`` tokens already in the cache (``compile``: the
+    `torch.compile`d step under the same CUDA graph, `GraphedDecoder(compile=True)`)."""
     cache = model.new_cache(batch_size=batch, max_length=context + steps + 8)
     tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=model.device)
     if graphs:
-        decoder = GraphedDecoder(model, cache)
+        decoder = GraphedDecoder(model, cache, compile=compile)
         decoder.tokens.copy_(tokens)
         run = decoder.step
     else:

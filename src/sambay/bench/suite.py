@@ -43,6 +43,26 @@ class BenchConfig:
     reference_contexts: tuple[int, ...] = field(default=(2048,))
 
 
+@dataclass(frozen=True)
+class FormatsConfig:
+    """The weight-format comparison (issue 14): bf16, int8 and int4 side by side, each against the bandwidth
+    limit computed from the bytes its own weights take; with ``compile``, also the compiled step."""
+
+    formats: tuple[str, ...] = ("bf16", "int8", "int4")
+    group_size: int = 128
+    batches: tuple[int, ...] = (1, 8, 64)
+    contexts: tuple[int, ...] = (2048, 32768)
+    prefill_tokens: tuple[int, ...] = (2048, 32768)
+    decode_steps: int = 50
+    compile: bool = False
+    compile_batches: tuple[int, ...] = (1, 8)  # compiled rows: each (batch, context) compiles anew (~30 s)
+    compile_contexts: tuple[int, ...] = (2048,)
+    smoke: bool = False
+
+
+FORMAT_BITS = {"bf16": None, "int8": 8, "int4": 4}
+
+
 def transformer_pp(config: SambaYConfig) -> SambaYConfig:
     """A dense Transformer++ with the dimensions of ``config``: full attention everywhere, RoPE, no DA."""
     return replace(config, plan=(LayerKind.FULL_ATTENTION,) * config.n_layers, differential=False,
@@ -57,7 +77,11 @@ def _build(config: SambaYConfig, backend: str) -> SambaY:
 
 
 def _weight_bytes(model: SambaY) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the weights a step reads: parameters, and the packed weights and scales of quantised layers."""
+    from sambay.quant import QuantizedLinear
+
+    quantized = [b for m in model.modules() if isinstance(m, QuantizedLinear) for b in (m.qweight, m.scales)]
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *quantized))
 
 
 def _fits(model: SambaY, batch: int, context: int) -> bool:
@@ -68,7 +92,7 @@ def _fits(model: SambaY, batch: int, context: int) -> bool:
     return need * 1.1 + 2 * 2**30 < free
 
 
-def _decode_rows(system: str, model: SambaY, bench: BenchConfig, batches, contexts, bw, graphs=True) -> list[dict]:
+def _decode_rows(system: str, model: SambaY, bench, batches, contexts, bw, graphs=True, compile=False) -> list[dict]:
     rows, weights = [], _weight_bytes(model)
     for context in contexts:
         for batch in batches:
@@ -76,7 +100,7 @@ def _decode_rows(system: str, model: SambaY, bench: BenchConfig, batches, contex
             if not _fits(model, batch, context):
                 rows.append({**row, "error": "out of memory"})
                 continue
-            seconds = runs.decode_step_seconds(model, batch, context, bench.decode_steps, graphs)
+            seconds = runs.decode_step_seconds(model, batch, context, bench.decode_steps, graphs, compile)
             moved = limits.decode_bytes(model.config, weights, batch, context)
             row.update(step_s=seconds, tokens_per_s=batch / seconds, bytes_per_step=moved)
             if bw:
@@ -176,4 +200,49 @@ def run(bench: BenchConfig, checkpoint=None) -> dict:
     if graphs:  # last: the longest single measurement
         long = runs.long_generation(model, 1, bench.long_prompt, bench.long_new_tokens)
         rows.append({"system": "sambay", "kind": "long-generation", **long, "context": bench.long_prompt})
+    return {"config": asdict(bench), "hardware": hw, "rows": rows}
+
+
+def run_formats(bench: FormatsConfig, checkpoint=None) -> dict:
+    """bf16 / int8 / int4 decode and prefill of the release's configuration (random weights, quantised with
+    round-to-nearest: the speed does not depend on the values). Rows are named ``sambay-<format>`` and,
+    compiled, ``sambay-<format>-compiled``; ``checkpoint`` as in `run`."""
+    from sambay.quant import QuantSpec, quantize_model
+
+    hw = hardware.measure() if torch.cuda.is_available() else {"device": "cpu"}
+    bw, rate = hw.get("copy_bytes_per_s"), hw.get("bf16_flops_per_s")
+    config = TINY if bench.smoke else PHI4_MINI_FLASH
+    graphs = torch.cuda.is_available()
+    rows: list[dict] = []
+
+    def save():
+        if checkpoint:
+            checkpoint({"config": asdict(bench), "hardware": hw, "rows": rows})
+
+    for fmt in bench.formats:
+        if fmt not in FORMAT_BITS:
+            raise ValueError(f"unknown weight format {fmt!r}; choose from {', '.join(FORMAT_BITS)}")
+        model = _build(config, "auto")
+        if FORMAT_BITS[fmt]:
+            quantize_model(model, QuantSpec(FORMAT_BITS[fmt], bench.group_size))
+        system = f"sambay-{fmt}"
+        weights = _weight_bytes(model)
+        rows.append({"system": system, "kind": "weights", "bytes": weights})
+        rows.extend(_decode_rows(system, model, bench, bench.batches, bench.contexts, bw, graphs))
+        save()
+        if bench.compile and graphs:
+            rows.extend(_decode_rows(f"{system}-compiled", model, bench, bench.compile_batches,
+                                     bench.compile_contexts, bw, graphs, compile=True))
+            save()
+        if graphs and fmt in ("bf16", bench.formats[-1]):
+            from sambay.bench.profile import decode_profile
+
+            for compiled in (False, True) if bench.compile else (False,):
+                rows.append({"system": system, "kind": "profile",
+                             **decode_profile(model, 1, bench.contexts[0], compile=compiled)})
+        rows.extend(_prefill_rows(system, model, bench.prefill_tokens, rate))
+        save()
+        del model
+        if graphs:
+            torch.cuda.empty_cache()
     return {"config": asdict(bench), "hardware": hw, "rows": rows}

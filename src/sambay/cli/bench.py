@@ -3,6 +3,9 @@ hardware limit, in one run (see `sambay.bench`). Writes bench.json, bench.md and
 
     sambay bench --out bench-out        on a CUDA GPU: the released 3.85B configuration (about an hour)
     sambay bench --smoke                anywhere, in seconds: a tiny model, to check the plumbing
+    sambay bench --formats bf16 int8 int4 [--compile]
+                                        weight formats side by side (decode at batch 1, 8, 64 and 2K / 32K
+                                        context, prefill), each against the limit its own bytes set
 
 The plot needs matplotlib (pip install 'sambay[plot]'); the HF baselines need transformers.
 """
@@ -29,6 +32,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
     p.add_argument("--long-new-tokens", type=int, default=32768,
                    help="tokens of the real long generation (default: 32768)")
+    p.add_argument("--formats", nargs="+", choices=("bf16", "int8", "int4"), metavar="FORMAT",
+                   help="compare these weight formats (bf16 int8 int4) instead of running the full suite")
+    p.add_argument("--group-size", type=int, default=128, help="inputs per scale of int8/int4 (default: 128)")
+    p.add_argument("--compile", action="store_true",
+                   help="with --formats: also time the torch.compile'd decode step under the CUDA graph")
+
+
+def _suite_config(args: argparse.Namespace):
+    from sambay.bench import suite
+
+    if args.smoke:
+        return suite.BenchConfig(batches=(1, 2), largest_batch=4, contexts=(16, 40), prefill_tokens=(16, 64),
+                                 decode_steps=2, long_prompt=8, long_new_tokens=8, hf=not args.no_hf,
+                                 smoke=True, reference_contexts=(16,))
+    return suite.BenchConfig(hf=not args.no_hf, long_new_tokens=args.long_new_tokens)
+
+
+def _formats_config(args: argparse.Namespace):
+    from sambay.bench import suite
+
+    if args.smoke:
+        return suite.FormatsConfig(formats=tuple(args.formats), group_size=16, batches=(1, 2), contexts=(16,),
+                                   prefill_tokens=(16,), decode_steps=2, smoke=True)
+    return suite.FormatsConfig(formats=tuple(args.formats), group_size=args.group_size, compile=args.compile)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -37,17 +64,17 @@ def main(args: argparse.Namespace) -> int:
     if not (args.smoke or args.allow_cpu or torch.cuda.is_available()):
         raise UsageError("no CUDA GPU: the full benchmark would run the 3.85B model on the CPU at about 1 token/s "
                          "for hours; use --smoke for a quick check of the plumbing (or --allow-cpu to run it anyway)")
+    if args.compile and not args.formats:
+        raise UsageError("--compile is a column of the --formats comparison: add --formats bf16 (int8 int4)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     log = logging.getLogger("sambay.bench")
     if not report.can_plot():  # say it now, not after the run
         log.warning("matplotlib is not installed: bench.png will not be written (pip install 'sambay[plot]')")
-    if args.smoke:
-        bench = suite.BenchConfig(batches=(1, 2), largest_batch=4, contexts=(16, 40), prefill_tokens=(16, 64),
-                                  decode_steps=2, long_prompt=8, long_new_tokens=8, hf=not args.no_hf,
-                                  smoke=True, reference_contexts=(16,))
+    save = lambda partial: report.write(partial, args.out)  # noqa: E731  (a run cut short keeps its numbers)
+    if args.formats:
+        result = suite.run_formats(_formats_config(args), checkpoint=save)
     else:
-        bench = suite.BenchConfig(hf=not args.no_hf, long_new_tokens=args.long_new_tokens)
-    result = suite.run(bench, checkpoint=lambda partial: report.write(partial, args.out))
+        result = suite.run(_suite_config(args), checkpoint=save)
     markdown, notes = report.write(result, args.out)
     print(markdown)
     print("", *notes, sep="\n")

@@ -10,17 +10,52 @@ CUDA graphs for the same reason).
 Sampling inside the graph: greedy where a row's temperature is 0, otherwise the exponential race
 (argmax of p / E with E ~ Exp(1), which draws from p) on the device's default generator.
 
+With ``compile=True`` the model's forward is first compiled with `torch.compile` (the pieces between our
+custom kernels, see `sambay.ops.for_compile`), then captured the same way: inductor fuses the small ops
+that otherwise cost a launch each, and the graph removes the host, as gpt-fast does with its own
+"reduce-overhead" mode. The op tables are swapped only while the step is compiled and captured; the
+model's eager paths (prefill) are left as they were.
+
 This is the fixed-batch step the benchmarks time (`sambay.bench.runs`) as the baseline of the engine
 core; generation itself runs through `sambay.generate.runner`, whose graphs cover batch buckets.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 from sambay.cache import SambaYCache
 from sambay.model.sambay import SambaY
+from sambay.ops import for_compile
+
+# Dynamo compiles a code object once per set of input shapes: one per batch size and cache length. The
+# default limit (8) would make a benchmark's or a runner's ninth graph run eagerly under capture, silently.
+RECOMPILE_LIMIT = 256
+
+
+@contextlib.contextmanager
+def compiling(model: SambaY):
+    """While inside, every module of ``model`` uses the `for_compile` op table; the old ones come back after."""
+    owners = [m for m in model.modules() if hasattr(m, "ops")]
+    old = [m.ops for m in owners]
+    traced = {id(ops): for_compile(ops) for ops in old}
+    for m, ops in zip(owners, old, strict=True):
+        m.ops = traced[id(ops)]
+    try:
+        yield
+    finally:
+        for m, ops in zip(owners, old, strict=True):
+            m.ops = ops
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
 
 
 def sample_on_device(logits: Tensor, temperature: Tensor) -> Tensor:
@@ -45,23 +80,29 @@ class GraphedDecoder:
     """
 
     def __init__(self, model: SambaY, cache: SambaYCache, *, sample: bool = True, preserve: bool = False,
-                 warmup_steps: int = 2):
+                 warmup_steps: int = 2, compile: bool = False):
         if cache.seqlens.device.type != "cuda":
             raise ValueError("GraphedDecoder needs a model and cache on a CUDA device")
         b, device = cache.batch_size, cache.seqlens.device
         self.model, self.cache, self.sample = model, cache, sample
+        self._forward = self._logits
+        if compile:
+            _raise_recompile_limit()
+            self._forward = torch.compile(self._logits, dynamic=False)
+            warmup_steps = max(warmup_steps, 3)  # compiling runs the step once before it is compiled
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)  # (b, 1) input of the next step
         self.temperature = torch.zeros(b, device=device)  # (b,) 0 = greedy
         saved = [t.clone() for t in (*cache.tensors(), cache.seqlens)] if preserve else None
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(warmup_steps):  # compiles kernels, creates cuBLAS handles, outside the capture
-                self._step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.logits = self._step()  # (b, vocab_size), a static output buffer
+        with compiling(model) if compile else contextlib.nullcontext():
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(warmup_steps):  # compiles kernels, creates cuBLAS handles, outside the capture
+                    self._step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.inference_mode():
+                self.logits = self._step()  # (b, vocab_size), a static output buffer
         if saved is None:
             cache.reset()  # block tables included: a paged cache is captured while its rows own no block
         else:
@@ -69,8 +110,11 @@ class GraphedDecoder:
                 t.copy_(s)
         self.tokens.zero_()
 
+    def _logits(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens, self.cache, check_inputs=False)[:, -1]
+
     def _step(self) -> Tensor:
-        logits = self.model(self.tokens, self.cache, check_inputs=False)[:, -1]
+        logits = self._forward(self.tokens)
         self.cache.advance(1)
         if self.sample:
             self.tokens.copy_(sample_on_device(logits, self.temperature).view(-1, 1))

@@ -8,11 +8,14 @@ so; a named backend that is not available is an error, never a silent fallback.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from sambay.ops.attention import attention_ref, diff_attention_ref, visibility
 from sambay.ops.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
@@ -29,6 +32,7 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update_ref",
     "diff_attention_ref",
+    "for_compile",
     "quantized_matmul_ref",
     "resolve_backend",
     "selective_scan_ref",
@@ -80,8 +84,6 @@ def _triton_ops() -> Ops:
     """The Triton table; raises RuntimeError when Triton or a device to run it on is missing."""
     if importlib.util.find_spec("triton") is None:
         raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
-    import torch
-
     if not (torch.cuda.is_available() or _interpreting()):
         raise RuntimeError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 for slow CPU tests)")
     from sambay.ops.triton import attention, causal_conv1d, layer_norm, quantized_matmul, selective_scan, swiglu
@@ -155,3 +157,25 @@ def resolve_backend(name: str = "auto") -> Ops:
         add_layer_norm=_by_device(fast.add_layer_norm, REFERENCE.add_layer_norm),
         quantized_matmul=_by_device(fast.quantized_matmul, REFERENCE.quantized_matmul),
     )
+
+
+# Ops inductor writes as well as we do: short elementwise chains that it fuses with the bias adds, splits
+# and casts around them. Their references are traced; every other op is a custom kernel, hidden from it.
+TRACED_OPS = ("add_layer_norm", "swiglu")
+
+
+def for_compile(ops: Ops) -> Ops:
+    """The op table to trace with `torch.compile` (the compiled decode step, `GraphedDecoder(compile=True)`).
+
+    Each custom kernel (scan, conv, attention, quantised matmul) is wrapped in `torch.compiler.disable`:
+    Dynamo does not trace into it, so its launcher's host-side code (grids, stride checks) never becomes
+    a guard, and the graph breaks there; the pieces between kernels are compiled, and inductor fuses their
+    small ops (the bias adds, splits, λ, casts and residual adds a step launches one kernel each for
+    otherwise). `add_layer_norm` and `swiglu` become their pure-PyTorch references, which inductor fuses
+    into those same kernels instead of launching ours. Numerics: the references compute in fp32, as our
+    kernels do, so the compiled step matches the eager one within bf16 rounding.
+    """
+    wrapped = {f.name: (getattr(REFERENCE, f.name) if f.name in TRACED_OPS
+                        else torch.compiler.disable(getattr(ops, f.name), recursive=True))
+               for f in dataclasses.fields(Ops) if f.name != "name"}
+    return Ops(name=f"{ops.name}+compile", **wrapped)

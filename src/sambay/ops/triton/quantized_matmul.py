@@ -2,11 +2,23 @@
 
 Same signature and layout as `sambay.ops.quantized_matmul.quantized_matmul_ref`. One kernel serves decode
 (GEMV: the rows are padded up to the smallest tl.dot tile) and prefill (GEMM): each program owns a
-(BLOCK_M, BLOCK_N) tile of the output, walks the inputs BLOCK_K at a time, dequantises the weight tile in
-registers (q * scale, then the activations' dtype) and accumulates in fp32 with tl.dot. The weight is read
-from memory once, as 1 or 1/2 byte an element: the point of weight-only quantisation at batch 1.
+(BLOCK_M, BLOCK_N) tile of the output, walks its inputs BLOCK_K at a time, converts the weight tile to the
+activations' dtype in registers and accumulates in fp32 with tl.dot. The weight is read from memory once,
+as 1 or 1/2 byte an element: the point of weight-only quantisation at batch 1.
 
-Not tuned: the block sizes are a first choice, not measured on the H200 (issue 14 leaves that open).
+Scales: when a K step lies inside one scale group (``group_size`` a multiple of BLOCK_K, the usual 128),
+the integer tile goes into tl.dot as is (int4 and int8 values are exact in bf16) and the (BLOCK_N,) scales
+multiply the step's partial product, one multiply per output instead of one per weight. Otherwise every
+weight is scaled before the dot.
+
+Split-K for decode: a few rows give only ceil(N / BLOCK_N) output tiles, too few programs to keep the
+H200's 132 SMs streaming weights (a 2560-output projection has 40). So the inputs are split into SPLIT
+ranges, one program each; each writes its fp32 partial tile to a workspace and bumps the tile's counter,
+and the program that arrives last sums the partials in split order (deterministic), writes the output
+and resets the counter. One launch, no memset and no reduction kernel: inside a CUDA graph every extra
+launch costs as much as a small projection. The workspace and counters are kept per (device, shape), so
+a captured graph always finds the same buffers; the counters are zero between launches.
+
 Row program ids are widened to int64 before they scale a stride, as in the other kernels.
 """
 
@@ -19,42 +31,89 @@ from torch import Tensor
 
 from sambay.ops.quantized_matmul import check_quant_args
 
-BLOCK_M_DECODE = 16  # the smallest tl.dot tile: decode's 1-8 rows are padded up to it
+BLOCK_M_DECODE = 16  # the smallest tl.dot tile: decode's 1-16 rows are padded up to it
+BLOCK_N_DECODE = 64  # output features a decode program
+BLOCK_K_DECODE = 128  # inputs a decode step: one scale group of the default group size
 BLOCK_M = 64  # prefill rows a program
-BLOCK_N = 64  # output features a program
-BLOCK_K = 64  # inputs a step; any size works (each input column looks up its own group's scale)
+BLOCK_N = 64  # output features a prefill program
+BLOCK_K = 64  # inputs a prefill step
+MIN_PROGRAMS_PER_SM = 4  # decode splits K until about this many programs per SM stream the weights
+MIN_SPLIT_STEPS = 4  # ... but each split walks at least this many BLOCK_K steps
+
+_workspaces: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
 @triton.jit
 def _quantized_matmul(
     # pointers
-    x_ptr, q_ptr, s_ptr, o_ptr,
+    x_ptr, q_ptr, s_ptr, o_ptr, ws_ptr, count_ptr,
     # dimensions
-    M, N, K,
+    M, N, K, k_per_split,
     # strides (the last dimension of each is contiguous)
     s_xm, s_qn, s_sn, s_om,
     # meta-parameters
-    BITS: tl.constexpr, GROUP: tl.constexpr, PREC: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_first = pid_k * k_per_split
+    k_last = tl.minimum(k_first + k_per_split, K)
+    for k0 in range(k_first, k_last, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < K
+        k_mask = rk < k_last
         x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & n_mask[None, :]  # (BLOCK_K, BLOCK_N): the weight tile, transposed
         if BITS == 8:
-            q = tl.load(q_ptr + rn[None, :].to(tl.int64) * s_qn + rk[:, None], mask=w_mask, other=0).to(tl.float32)
+            q = tl.load(q_ptr + rn[None, :].to(tl.int64) * s_qn + rk[:, None], mask=w_mask, other=0)
         else:  # input 2j in the low nibble of byte j, 2j + 1 in the high one, each stored as q + 8
             byte = tl.load(q_ptr + rn[None, :].to(tl.int64) * s_qn + (rk // 2)[:, None], mask=w_mask, other=8)
-            q = ((byte.to(tl.int32) >> ((rk % 2) * 4)[:, None]) & 0xF).to(tl.float32) - 8.0
-        s = tl.load(s_ptr + rn[None, :].to(tl.int64) * s_sn + (rk // GROUP)[:, None], mask=w_mask, other=0.0)
-        acc += tl.dot(x, (q * s).to(x.dtype), input_precision=PREC)
+            q = ((byte.to(tl.int32) >> ((rk % 2) * 4)[:, None]) & 0xF) - 8
+        if GROUP % BLOCK_K == 0:  # the step is inside one group: scale the step's product, not each weight
+            s = tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=n_mask, other=0.0)
+            acc += tl.dot(x, q.to(x.dtype), input_precision=PREC) * s[None, :]
+        else:
+            s = tl.load(s_ptr + rn[None, :].to(tl.int64) * s_sn + (rk // GROUP)[:, None], mask=w_mask, other=0.0)
+            acc += tl.dot(x, (q.to(tl.float32) * s).to(x.dtype), input_precision=PREC)
     out = o_ptr + rm[:, None] * s_om + rn[None, :]
-    tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if SPLIT == 1:
+        tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        tile = pid_m * tl.num_programs(1) + pid_n
+        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        base = ws_ptr + tile.to(tl.int64) * SPLIT * BLOCK_M * BLOCK_N
+        tl.store(base + pid_k * BLOCK_M * BLOCK_N + cell, acc)
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # releases the partial stored above
+        if arrived == SPLIT - 1:  # the last of the tile's programs: every partial is visible (acquire)
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in range(SPLIT):  # in split order, whatever order the programs finished in
+                total += tl.load(base + j * BLOCK_M * BLOCK_N + cell, cache_modifier=".cg")
+            tl.store(out, total.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _split(tiles: int, n_in: int, block_k: int, device: torch.device) -> int:
+    """Input ranges per output tile: enough programs for every SM, never a range under MIN_SPLIT_STEPS steps."""
+    split = 1
+    while (tiles * split < MIN_PROGRAMS_PER_SM * _sm_count(device)
+           and n_in // (2 * split) >= MIN_SPLIT_STEPS * block_k):
+        split *= 2
+    return split
+
+
+def _workspace(device: torch.device, tiles: int, split: int, block_m: int, block_n: int) -> tuple[Tensor, Tensor]:
+    key = (device, tiles, split, block_m, block_n)
+    if key not in _workspaces:
+        _workspaces[key] = (torch.empty(tiles * split * block_m * block_n, dtype=torch.float32, device=device),
+                            torch.zeros(tiles, dtype=torch.int32, device=device))
+    return _workspaces[key]
 
 
 def quantized_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
@@ -74,13 +133,22 @@ def quantized_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, grou
     qweight, scales = qweight.contiguous(), scales.contiguous()
     m = x2.shape[0]
     out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    if m:
-        block_m = BLOCK_M_DECODE if m <= BLOCK_M_DECODE else BLOCK_M
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n_out, BLOCK_N))
-        _quantized_matmul[grid](
-            x2, qweight, scales, out, m, n_out, n_in,
-            x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-            BITS=bits, GROUP=group_size, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        )
+    if m == 0:
+        return out.view(*x.shape[:-1], n_out)
+    if m <= BLOCK_M_DECODE:
+        block_m, block_n, block_k = BLOCK_M_DECODE, BLOCK_N_DECODE, BLOCK_K_DECODE
+    else:
+        block_m, block_n, block_k = BLOCK_M, BLOCK_N, BLOCK_K
+    grid_m, grid_n = triton.cdiv(m, block_m), triton.cdiv(n_out, block_n)
+    split = _split(grid_m * grid_n, n_in, block_k, x.device) if m <= BLOCK_M_DECODE else 1
+    k_per_split = triton.cdiv(triton.cdiv(n_in, split), block_k) * block_k
+    split = triton.cdiv(n_in, k_per_split)  # no empty range at the end
+    workspace, counts = (_workspace(x.device, grid_m * grid_n, split, block_m, block_n) if split > 1
+                         else (out, out))  # unused without a split
+    _quantized_matmul[(grid_m, grid_n, split)](
+        x2, qweight, scales, out, workspace, counts, m, n_out, n_in, k_per_split,
+        x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+        BITS=bits, GROUP=group_size, PREC="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
     return out.view(*x.shape[:-1], n_out)
