@@ -22,9 +22,10 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 # the interpreter's tl.dot reads bf16 operands as raw bits (see test_triton_kernels): fp16 on the CPU
 DTYPES = [torch.float32, torch.bfloat16, torch.float16] if ON_GPU else [torch.float32, torch.float16]
 # (rows m, n_out, n_in, group_size): decode (m = 1), odd m and n_out, a group smaller than BLOCK_K and one
-# larger, and n_in not a multiple of BLOCK_K
-SHAPES = [(1, 37, 48, 16), (3, 33, 64, 32), (19, 70, 96, 8), (1, 20, 40, 40)] if not ON_GPU else [
-    (1, 3072 + 16, 2560, 128), (8, 2560, 10240, 128), (300, 4097, 2560, 64), (1, 5, 128, 128)]
+# larger, n_in not a multiple of BLOCK_K, and a long prefill (dequantised, then cuBLAS)
+SHAPES = [(1, 37, 96, 16), (3, 33, 64, 32), (19, 70, 96, 8), (1, 20, 40, 40), (41, 24, 64, 32)] if not ON_GPU else [
+    (1, 3072 + 16, 2560, 128), (8, 2560, 10240, 128), (300, 4097, 2560, 64), (1, 5, 128, 128),
+    (600, 2050, 2560, 128)]
 
 
 def _weight(n_out, n_in, seed=0):
@@ -77,13 +78,17 @@ def test_bad_arguments(bits, group_size, message):
 
 
 def _shrink_blocks(monkeypatch, tri):
-    """Under the interpreter, blocks of 16 so that tiny shapes cross several N tiles and K steps, and decode
-    splits its inputs (split-K with the last program's fix-up) as the release's projections do on the H200."""
+    """Under the interpreter, small blocks so that tiny shapes cross several N tiles and K steps (32 inputs a
+    step: an int4 step's two dots need 16 each), decode splits its inputs (split-K with the last program's
+    fix-up) as the release's projections do on the H200, and 40 rows already take the dequantise path."""
     if ON_GPU:
         return
-    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_N_DECODE", "BLOCK_K_DECODE"):
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_N_DECODE"):
         monkeypatch.setattr(tri, name, 16)
+    for name in ("BLOCK_K", "BLOCK_K_DECODE"):
+        monkeypatch.setattr(tri, name, 32)
     monkeypatch.setattr(tri, "MIN_SPLIT_STEPS", 1)
+    monkeypatch.setattr(tri, "DEQUANTIZE_ROWS", 40)
 
 
 def test_decode_splits_the_inputs_when_the_tiles_are_too_few(monkeypatch):
@@ -95,9 +100,9 @@ def test_decode_splits_the_inputs_when_the_tiles_are_too_few(monkeypatch):
     if ON_GPU:  # the release's out_proj of the MLP: 40 tiles of 64 outputs over 10,240 inputs
         assert tri._split(40, 10240, tri.BLOCK_K_DECODE, dev) >= 8
         assert tri._split(40 * 16, 2560, tri.BLOCK_K_DECODE, dev) == 1  # enough tiles: no split
-    else:  # 4 "SMs" here: 3 tiles of 16 outputs, 48 inputs in steps of 16
-        assert tri._split(3, 48, 16, dev) == 2
-        assert tri._split(64, 48, 16, dev) == 1
+    else:  # 4 "SMs" here: 3 tiles of 16 outputs, 64 inputs in steps of 32
+        assert tri._split(3, 64, 32, dev) == 2
+        assert tri._split(64, 64, 32, dev) == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

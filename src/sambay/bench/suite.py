@@ -84,6 +84,14 @@ def _weight_bytes(model: SambaY) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *quantized))
 
 
+def _nominal_params(module) -> int:
+    """Parameters a forward multiplies by, quantised projections counted as the weights they stand for."""
+    from sambay.quant import QuantizedLinear
+
+    quantized = sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, QuantizedLinear))
+    return sum(p.numel() for p in module.parameters()) + quantized
+
+
 def _fits(model: SambaY, batch: int, context: int) -> bool:
     if not torch.cuda.is_available():
         return True
@@ -115,7 +123,7 @@ def _decode_rows(system: str, model: SambaY, bench, batches, contexts, bw, graph
 def _prefill_rows(system: str, model: SambaY, tokens_list, rate) -> list[dict]:
     rows = []
     layers = [*model.self_decoder.layers, *model.cross_decoder.layers]
-    params_by_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    params_by_layer = [_nominal_params(layer) for layer in layers]
     for tokens in tokens_list:
         seconds = runs.prefill_seconds(model, tokens)
         flops = limits.prefill_flops(model.config, params_by_layer, model.embed.weight.numel(), tokens)

@@ -1,10 +1,19 @@
 """Triton dequantising matmul: y = x W^T with W read as int8 / packed int4 and fp32 group scales.
 
 Same signature and layout as `sambay.ops.quantized_matmul.quantized_matmul_ref`. One kernel serves decode
-(GEMV: the rows are padded up to the smallest tl.dot tile) and prefill (GEMM): each program owns a
-(BLOCK_M, BLOCK_N) tile of the output, walks its inputs BLOCK_K at a time, converts the weight tile to the
-activations' dtype in registers and accumulates in fp32 with tl.dot. The weight is read from memory once,
+(GEMV: the rows are padded up to the smallest tl.dot tile) and short prefill chunks (GEMM): each program
+owns a (BLOCK_M, BLOCK_N) tile of the output, walks its inputs BLOCK_K at a time, converts the weight tile
+to the activations' dtype in registers and accumulates in fp32 with tl.dot. The weight is read from memory once,
 as 1 or 1/2 byte an element: the point of weight-only quantisation at batch 1.
+
+Layout in registers: weight tiles are loaded (BLOCK_N, BLOCK_K) along the stored rows, so each load is
+contiguous, and fed to tl.dot transposed. An int4 tile is loaded as its bytes, (BLOCK_N, BLOCK_K / 2),
+split into the low nibbles (even inputs) and the high nibbles (odd inputs), and multiplied by the even and
+the odd columns of x in two dots: no per-nibble address arithmetic, which would defeat coalescing.
+
+Long prefills (at least DEQUANTIZE_ROWS rows) are compute-bound: there the weight is dequantised into a
+temporary copy in the activations' dtype (one elementwise kernel, `_dequantize`) and multiplied by cuBLAS,
+whose GEMM this untuned kernel does not match; the copy's traffic is small beside the matmul's work.
 
 Scales: when a K step lies inside one scale group (``group_size`` a multiple of BLOCK_K, the usual 128),
 the integer tile goes into tl.dot as is (int4 and int8 values are exact in bf16) and the (BLOCK_N,) scales
@@ -37,6 +46,8 @@ BLOCK_K_DECODE = 128  # inputs a decode step: one scale group of the default gro
 BLOCK_M = 64  # prefill rows a program
 BLOCK_N = 64  # output features a prefill program
 BLOCK_K = 64  # inputs a prefill step
+DEQUANTIZE_ROWS = 512  # from this many rows on, dequantise to a bf16 copy and let cuBLAS multiply (see above)
+DECODE_WARPS, DECODE_STAGES = 4, 3  # launch options of the decode kernel (benchmarks/quant_gemv.py sweeps them)
 MIN_PROGRAMS_PER_SM = 4  # decode splits K until about this many programs per SM stream the weights
 MIN_SPLIT_STEPS = 4  # ... but each split walks at least this many BLOCK_K steps
 
@@ -59,25 +70,42 @@ def _quantized_matmul(
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
+    w_rows = q_ptr + rn[:, None].to(tl.int64) * s_qn  # (BLOCK_N, 1): the weight is read along its rows
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_first = pid_k * k_per_split
     k_last = tl.minimum(k_first + k_per_split, K)
     for k0 in range(k_first, k_last, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < k_last
-        x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & n_mask[None, :]  # (BLOCK_K, BLOCK_N): the weight tile, transposed
         if BITS == 8:
-            q = tl.load(q_ptr + rn[None, :].to(tl.int64) * s_qn + rk[:, None], mask=w_mask, other=0)
-        else:  # input 2j in the low nibble of byte j, 2j + 1 in the high one, each stored as q + 8
-            byte = tl.load(q_ptr + rn[None, :].to(tl.int64) * s_qn + (rk // 2)[:, None], mask=w_mask, other=8)
-            q = ((byte.to(tl.int32) >> ((rk % 2) * 4)[:, None]) & 0xF) - 8
-        if GROUP % BLOCK_K == 0:  # the step is inside one group: scale the step's product, not each weight
-            s = tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=n_mask, other=0.0)
-            acc += tl.dot(x, q.to(x.dtype), input_precision=PREC) * s[None, :]
-        else:
-            s = tl.load(s_ptr + rn[None, :].to(tl.int64) * s_sn + (rk // GROUP)[:, None], mask=w_mask, other=0.0)
-            acc += tl.dot(x, (q.to(tl.float32) * s).to(x.dtype), input_precision=PREC)
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < k_last
+            x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)  # (BLOCK_N, BLOCK_K)
+            if GROUP % BLOCK_K == 0:  # the step is inside one group: scale the step's product, not each weight
+                s = tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=n_mask, other=0.0)
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PREC) * s[None, :]
+            else:
+                s = tl.load(s_ptr + rn[:, None].to(tl.int64) * s_sn + (rk // GROUP)[None, :],
+                            mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                acc += tl.dot(x, tl.trans((w.to(tl.float32) * s).to(x.dtype)), input_precision=PREC)
+        else:  # byte j holds input 2j in its low nibble and 2j + 1 in its high one, each stored as q + 8
+            rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            b_mask = rb < k_last // 2
+            byte = tl.load(w_rows + rb[None, :], mask=n_mask[:, None] & b_mask[None, :], other=0x88).to(tl.int32)
+            lo, hi = (byte & 0xF) - 8, (byte >> 4) - 8  # (BLOCK_N, BLOCK_K / 2) each: even and odd inputs
+            xm = x_ptr + rm[:, None] * s_xm + 2 * rb[None, :]
+            x_mask = m_mask[:, None] & b_mask[None, :]
+            x_even = tl.load(xm, mask=x_mask, other=0.0)
+            x_odd = tl.load(xm + 1, mask=x_mask, other=0.0)
+            if GROUP % BLOCK_K == 0:
+                s = tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=n_mask, other=0.0)
+                part = tl.dot(x_even, tl.trans(lo.to(x_even.dtype)), input_precision=PREC)
+                part = tl.dot(x_odd, tl.trans(hi.to(x_odd.dtype)), part, input_precision=PREC)
+                acc += part * s[None, :]
+            else:  # inputs 2j and 2j + 1 share a group (the group size is even)
+                s = tl.load(s_ptr + rn[:, None].to(tl.int64) * s_sn + (2 * rb // GROUP)[None, :],
+                            mask=n_mask[:, None] & b_mask[None, :], other=0.0)
+                acc = tl.dot(x_even, tl.trans((lo.to(tl.float32) * s).to(x_even.dtype)), acc, input_precision=PREC)
+                acc = tl.dot(x_odd, tl.trans((hi.to(tl.float32) * s).to(x_odd.dtype)), acc, input_precision=PREC)
     out = o_ptr + rm[:, None] * s_om + rn[None, :]
     if SPLIT == 1:
         tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -93,6 +121,22 @@ def _quantized_matmul(
                 total += tl.load(base + j * BLOCK_M * BLOCK_N + cell, cache_modifier=".cg")
             tl.store(out, total.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
             tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch
+
+
+@triton.jit
+def _dequantize(q_ptr, s_ptr, w_ptr, N, K, s_qn, s_sn, s_wn,
+                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[n, k] = q[n, k] * scale[n, k // GROUP], in W's dtype: the weight a large prefill multiplies by."""
+    rn = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn < N)[:, None] & (rk < K)[None, :]
+    if BITS == 8:
+        q = tl.load(q_ptr + rn[:, None] * s_qn + rk[None, :], mask=mask, other=0).to(tl.float32)
+    else:
+        byte = tl.load(q_ptr + rn[:, None] * s_qn + (rk // 2)[None, :], mask=mask, other=0x88).to(tl.int32)
+        q = ((byte >> ((rk % 2) * 4)[None, :]) & 0xF).to(tl.float32) - 8.0
+    s = tl.load(s_ptr + rn[:, None] * s_sn + (rk // GROUP)[None, :], mask=mask, other=0.0)
+    tl.store(w_ptr + rn[:, None] * s_wn + rk[None, :], (q * s).to(w_ptr.dtype.element_ty), mask=mask)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -135,6 +179,12 @@ def quantized_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, grou
     out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n_out)
+    if m >= DEQUANTIZE_ROWS:  # a long prefill: compute-bound, so the matmul is cuBLAS's on a dequantised copy
+        w = torch.empty((n_out, n_in), dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(n_out, BLOCK_N), triton.cdiv(n_in, BLOCK_K))
+        _dequantize[grid](qweight, scales, w, n_out, n_in, qweight.stride(0), scales.stride(0), w.stride(0),
+                          BITS=bits, GROUP=group_size, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        return torch.matmul(x2, w.t(), out=out).view(*x.shape[:-1], n_out)
     if m <= BLOCK_M_DECODE:
         block_m, block_n, block_k = BLOCK_M_DECODE, BLOCK_N_DECODE, BLOCK_K_DECODE
     else:
@@ -150,5 +200,6 @@ def quantized_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, grou
         x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, GROUP=group_size, PREC="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        **({"num_warps": DECODE_WARPS, "num_stages": DECODE_STAGES} if m <= BLOCK_M_DECODE else {}),
     )
     return out.view(*x.shape[:-1], n_out)

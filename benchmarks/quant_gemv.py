@@ -1,0 +1,126 @@
+"""The dequantising matmul at decode sizes (issue 14): int8 / int4 against cuBLAS bf16, per projection.
+
+    eval "$(bash benchmarks/device_setup.sh)"
+    python3 benchmarks/quant_gemv.py --out results/quant-gemv.json
+
+For each projection shape of the release (`sambay.quant.layer.projections` of the 3.85B configuration,
+with how many of each a decode step runs) and rows M in ``--rows``: the time of one call, measured as a
+CUDA graph of ``--calls`` back-to-back calls replayed (as the decode graph runs them: no launch latency),
+for cuBLAS on the bf16 weight and for `sambay.ops.triton.quantized_matmul` on the int8 and int4 weight.
+Each kernel configuration of a small grid (the module's decode constants: BLOCK_N_DECODE, BLOCK_K_DECODE,
+DECODE_STAGES, MIN_PROGRAMS_PER_SM) is timed, and the one with the least summed time over a step's
+projections is reported per (format, M), with its bandwidth as a fraction of 4.3 TB/s. A time cap
+(``--max-seconds``) stops the sweep early and keeps what was measured. Every configuration's output is
+checked against the reference before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import time
+
+import torch
+
+from sambay.config import PHI4_MINI_FLASH
+from sambay.model.sambay import SambaY
+from sambay.ops.quantized_matmul import quantize_rtn, quantized_matmul_ref
+from sambay.ops.triton import quantized_matmul as tri
+from sambay.quant.layer import projections
+
+LIMIT = 4.3e12
+GRID = {"BLOCK_N_DECODE": (32, 64), "BLOCK_K_DECODE": (128, 256), "DECODE_STAGES": (3, 4),
+        "MIN_PROGRAMS_PER_SM": (2, 4, 8)}
+
+
+def shapes() -> dict[tuple[int, int], int]:
+    """(n_out, n_in) → projections of that shape in one decode step."""
+    with torch.device("meta"):
+        model = SambaY(PHI4_MINI_FLASH, backend="reference")
+    return dict(collections.Counter((lin.out_features, lin.in_features) for _, lin in projections(model)))
+
+
+def graphed_seconds(fn, calls: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (5 * calls)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--max-seconds", type=float, default=150.0)
+    p.add_argument("--out")
+    args = p.parse_args()
+    started, dev = time.monotonic(), torch.device("cuda")
+    step_shapes = shapes()
+    weights, result = {}, {"shapes": {f"{n}x{k}": c for (n, k), c in step_shapes.items()}, "rows": []}
+    g = torch.Generator(device=dev).manual_seed(0)
+    for n, k in step_shapes:
+        w = torch.randn(n, k, device=dev, generator=g, dtype=torch.float32) / k**0.5
+        weights[n, k] = {"bf16": w.bfloat16(), **{bits: quantize_rtn(w, bits, args.group_size) for bits in (8, 4)}}
+    for m in args.rows:
+        xs = {(n, k): torch.randn(m, k, device=dev, generator=g).bfloat16() for n, k in step_shapes}
+        base = {}
+        for n, k in step_shapes:
+            w, x = weights[n, k]["bf16"], xs[n, k]
+            base[n, k] = graphed_seconds(lambda w=w, x=x: x @ w.t(), args.calls)
+        total = sum(base[s] * c for s, c in step_shapes.items())
+        bf16_bytes = sum(2 * n * k * c for (n, k), c in step_shapes.items())
+        result["rows"].append({"format": "bf16-cublas", "m": m, "step_projection_ms": total * 1e3,
+                               "fraction_of_limit": bf16_bytes / LIMIT / total})
+        print(f"M={m} cuBLAS bf16: {total * 1e3:.3f} ms of projections a step, "
+              f"{bf16_bytes / LIMIT / total:.1%} of 4.3 TB/s", flush=True)
+        for bits in (8, 4):
+            q_bytes = sum((n * k * bits // 8 + n * (k // args.group_size) * 4) * c for (n, k), c in step_shapes.items())
+            best = None
+            for values in itertools.product(*GRID.values()):
+                if time.monotonic() - started > args.max_seconds:
+                    result["stopped"] = "time cap"
+                    break
+                setting = dict(zip(GRID, values, strict=True))
+                for name, value in setting.items():
+                    setattr(tri, name, value)
+                tri._workspaces.clear()
+                total, err = 0.0, 0.0
+                for (n, k), count in step_shapes.items():
+                    (qw, sc), x = weights[n, k][bits], xs[n, k]
+                    got = tri.quantized_matmul(x, qw, sc, bits, args.group_size).float()
+                    want = quantized_matmul_ref(x.float(), qw, sc, bits, args.group_size)
+                    err = max(err, float((got - want).abs().max() / want.abs().max()))
+                    def call(qw=qw, sc=sc, x=x, b=bits):
+                        return tri.quantized_matmul(x, qw, sc, b, args.group_size)
+
+                    total += count * graphed_seconds(call, args.calls)
+                row = {"format": f"int{bits}", "m": m, **setting, "step_projection_ms": total * 1e3,
+                       "fraction_of_limit": q_bytes / LIMIT / total, "max_rel_err": err}
+                result["rows"].append(row)
+                if best is None or total < best["step_projection_ms"] / 1e3:
+                    best = row
+            if best:
+                print(f"M={m} int{bits} best {best}", flush=True)
+                result.setdefault("best", []).append(best)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
