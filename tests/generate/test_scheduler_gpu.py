@@ -4,6 +4,8 @@ finishes and preemption, with synchronous and asynchronous scheduling."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -54,3 +56,17 @@ def test_bucketed_graphs_equal_the_reference_engine(overlap):
     assert len(core.runner._graphs) == len(core.runner.buckets) > 5
     assert _run(core, requests, overlap) == expected
     assert core.scheduler.preemptions > 0
+
+
+def test_compiled_decode_step_gives_the_uncompiled_tokens():
+    """`SchedulerConfig(compile=True)`: the buckets' graphs capture the `torch.compile`d step (one compiled
+    graph shared by the buckets once the batch is dynamic); greedy tokens equal those of the plain graphs."""
+    gpu = sambay.load_model(TINY_FIXTURE / "checkpoint", device="cuda", dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(5)
+    requests = [(torch.randint(0, 256, (5 + 3 * i,), generator=g).tolist(),
+                 SamplingParams(temperature=0, max_new_tokens=12 + i, stop_token_ids=())) for i in range(6)]
+    config = SchedulerConfig(slots=8, max_length=96, block_size=16, prefill_chunk=16)
+    plain = _run(EngineCore(Engine(gpu), config), requests, True)
+    compiled = EngineCore(Engine(gpu), dataclasses.replace(config, compile=True))
+    assert compiled.runner.compile and all(m.ops is gpu.ops for m in gpu.modules() if hasattr(m, "ops"))
+    assert _run(compiled, requests, True) == plain

@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--prefill-budget", type=int, default=2048, help="prompt tokens per step, all requests "
                        "(default: 2048; also the chunk of a prompt when nothing decodes)")
     group.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default: 64)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the decode step before capturing its CUDA graphs (GPU): about 6%% more "
+                            "tokens/s at batch 1-8 on an H200, tens of seconds more at start")
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                        help="plan step n+1 while the host processes step n's tokens (default: on)")
     group.add_argument("--prefix-cache-gb", "--prefix-cache-memory-gb", dest="prefix_cache_gb",
@@ -194,7 +197,7 @@ def _scheduler_config(args: argparse.Namespace, model=None, cuda_graph: bool = T
         config = SchedulerConfig(slots=args.slots, max_length=args.max_length, block_size=args.block_size,
                                  prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
                                  max_waiting=args.max_waiting, cuda_graph=cuda_graph,
-                                 async_scheduling=args.async_scheduling,
+                                 compile=args.compile and cuda_graph, async_scheduling=args.async_scheduling,
                                  prefix_cache_bytes=max(0, int(args.prefix_cache_gb * 1e9)))
         if model is None:
             return config

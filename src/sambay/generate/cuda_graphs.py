@@ -51,7 +51,8 @@ def compiling(model: SambaY):
             m.ops = ops
 
 
-def _raise_recompile_limit() -> None:
+def raise_recompile_limit() -> None:
+    """Let Dynamo keep a compiled graph per batch size and cache length (`RECOMPILE_LIMIT`)."""
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(config, name):
@@ -87,7 +88,7 @@ class GraphedDecoder:
         self.model, self.cache, self.sample = model, cache, sample
         self._forward = self._logits
         if compile:
-            _raise_recompile_limit()
+            raise_recompile_limit()
             self._forward = torch.compile(self._logits, dynamic=False)
             warmup_steps = max(warmup_steps, 3)  # compiling runs the step once before it is compiled
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)  # (b, 1) input of the next step

@@ -30,6 +30,7 @@ hundredth does. Inputs arrive as CPU tensors or lists; outputs (logits) stay on 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -38,6 +39,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from sambay.generate.cuda_graphs import compiling, raise_recompile_limit
 from sambay.generate.plan import PrefillChunk, StepPlan
 from sambay.generate.snapshots import SnapshotPool
 from sambay.lora.layer import LoRALinear, bind_adapter_index
@@ -74,13 +76,15 @@ class _BucketGraph:
         gc.collect()
         side = torch.cuda.Stream(runner.device)
         side.wait_stream(torch.cuda.current_stream(runner.device))
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(2):  # compiles the kernels of this batch size, outside the capture
-                runner._decode_rows(self.rows)
-        torch.cuda.current_stream(runner.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"), torch.inference_mode():
-            self.logits = runner._decode_rows(self.rows)  # (size, vocab_size) static output
+        with compiling(runner.model) if runner.compile else contextlib.nullcontext():
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(3 if runner.compile else 2):  # compiles this batch size's kernels, outside the capture
+                    runner._decode_step(self.rows)
+            torch.cuda.current_stream(runner.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with (torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"),
+                  torch.inference_mode()):
+                self.logits = runner._decode_step(self.rows)  # (size, vocab_size) static output
 
 
 class ModelRunner:
@@ -94,11 +98,20 @@ class ModelRunner:
         kv_blocks: blocks in the pool (None: every row can reach ``max_length``).
         cuda_graph: on a CUDA device, replay decode steps from graphs captured per batch bucket.
         snapshots: entries of the prefix cache's state snapshot pool (0: no prefix caching).
+        compile: compile the decode step with `torch.compile` before capturing it (`sambay.generate.cuda_graphs`:
+            inductor fuses the small ops between our kernels; about 6% faster at batch 1-8 on the H200, and
+            tens of seconds more at start). Only with ``cuda_graph`` on a CUDA device.
     """
 
     def __init__(self, model: SambaY, *, slots: int, max_length: int, block_size: int, kv_blocks: int | None,
-                 cuda_graph: bool = True, snapshots: int = 0):
+                 cuda_graph: bool = True, snapshots: int = 0, compile: bool = False):
         self.model, self.slots, self.pad = model, slots, slots
+        self.compile = compile and cuda_graph and model.device.type == "cuda"
+        self._decode_step = self._decode_rows
+        if self.compile:
+            raise_recompile_limit()
+            # the batch dimension becomes dynamic at the second bucket, so the buckets share a compiled step
+            self._decode_step = torch.compile(self._decode_rows)
         self.cache = model.new_cache(batch_size=slots + 1, max_length=max_length, block_size=block_size,
                                      kv_blocks=kv_blocks)
         self.snapshots = SnapshotPool(self.cache, snapshots)
