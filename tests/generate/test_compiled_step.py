@@ -50,5 +50,5 @@ def test_compiled_decode_step_equals_eager_and_restores_the_op_tables():
         compiled = torch.compile(lambda t, c: model(t, c, check_inputs=False)[:, -1], backend="aot_eager",
                                  dynamic=False)
         traced = run(compiled)
-    assert [m.ops for m in owners] == tables and all(a is b for a, b in zip((m.ops for m in owners), tables))
+    assert all(m.ops is table for m, table in zip(owners, tables, strict=True))
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from sambay.generate import Engine
-from sambay.lora import Adapter, merge_adapter, read_adapter
+from sambay.lora import Adapter, apply_adapter, read_adapter
 
 
 def add_lora_argument(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def read_lora(args: argparse.Namespace) -> Adapter | None:
 
 
 def apply_lora(engine: Engine, adapter: Adapter | None) -> None:
-    """Fold ``adapter`` into the engine's freshly loaded model (before any generation, or sharding)."""
+    """Fold ``adapter`` into the engine's freshly loaded model (before any generation, or sharding); on a
+    quantised model (QLoRA) it stays unmerged (`sambay.lora.apply_adapter`)."""
     if adapter is not None:
-        merge_adapter(engine.model, adapter)
+        apply_adapter(engine.model, adapter)

@@ -1,13 +1,17 @@
 """LoRA for SambaY: adapters on every projection kind (attention, Mamba, GMU, MLP), in PEFT's format.
 
-    layer.py    LoRALinear: base(x) + s · B (A x), adapters stacked per slot; lora_delta
+    layer.py    LoRALinear: base(x) + s · B (A x), adapters stacked per slot; lora_delta; QLoRALinear over
+                a frozen int8 / int4 QuantizedLinear (QLoRA)
     targets.py  named targets and groups; apply_lora (freeze + wrap), merge_lora (fold + unwrap)
     peft.py     save_adapter / read_adapter (PEFT's adapter_config.json + adapter_model.safetensors under the
-                checkpoint's module names), attach_adapter (unmerged), merge_adapter (folded)
+                checkpoint's module names), attach_adapter (unmerged), merge_adapter (folded),
+                apply_adapter (folded, or unmerged on a quantised model)
 
 Training (`sambay train --lora-rank R`) wraps the chosen layers before parallelism and saves the adapter;
 `sambay merge` folds one into a released-format checkpoint; `sambay generate/chat --lora DIR` merge it
-into the loaded weights (free at inference).
+into the loaded weights (free at inference). QLoRA: on an int8 / int4 model (`sambay quantize`, or
+``--quantize-base``) the quantised projections get `QLoRALinear`s; the adapter has the same module names,
+so it applies to the float model too (and `sambay merge` folds it into the float checkpoint only).
 
 Serving several adapters at once (`sambay serve --lora NAME=DIR`, repeatable): `attach_adapters` stacks
 them in each `LoRALinear`, ``lora_A`` (n, r, in), ``lora_B`` (n, out, r), ``scaling`` (n,), slot 0 all zeros
@@ -20,10 +24,11 @@ over ``lora_A[index]``) is the reference and, for now, the GPU path too (a gathe
 kernel would be its fast path), with `lora_delta` as the reference for one slot.
 """
 
-from sambay.lora.layer import LoRALinear, bind_adapter_index, lora_delta, lora_delta_gathered
+from sambay.lora.layer import LoRALinear, QLoRALinear, bind_adapter_index, lora_delta, lora_delta_gathered
 from sambay.lora.peft import (
     Adapter,
     AdapterError,
+    apply_adapter,
     attach_adapter,
     attach_adapters,
     hf_module_name,
@@ -34,7 +39,7 @@ from sambay.lora.peft import (
 from sambay.lora.targets import GROUPS, TARGETS, apply_lora, lora_layers, merge_lora, resolve_targets
 
 __all__ = [
-    "GROUPS", "TARGETS", "Adapter", "AdapterError", "LoRALinear", "apply_lora", "attach_adapter", "attach_adapters",
-    "bind_adapter_index", "hf_module_name", "lora_delta", "lora_delta_gathered", "lora_layers", "merge_adapter",
-    "merge_lora", "read_adapter", "resolve_targets", "save_adapter",
+    "GROUPS", "TARGETS", "Adapter", "AdapterError", "LoRALinear", "QLoRALinear", "apply_adapter", "apply_lora",
+    "attach_adapter", "attach_adapters", "bind_adapter_index", "hf_module_name", "lora_delta", "lora_delta_gathered",
+    "lora_layers", "merge_adapter", "merge_lora", "read_adapter", "resolve_targets", "save_adapter",
 ]

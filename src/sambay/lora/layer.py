@@ -14,6 +14,13 @@ each row's A and B (`lora_delta_gathered`), adapters of lower rank padded with z
 
 Dtypes: A and B are created in fp32 for training (autocast runs the matmuls in bf16) or in the model
 dtype for inference; the update is computed in their dtype and added in the base output's dtype.
+
+QLoRA (Dettmers et al., arXiv 2305.14314, §3): `QLoRALinear` is the same update over a frozen int8 / int4
+`sambay.quant.QuantizedLinear`, called as a black box ``y = base(x)``. Its int weights and fp32 scales are
+buffers: no optimiser sees them and an adapter never holds them. While autograd records, the base call is
+recomputed in backward (`torch.utils.checkpoint`), because autograd would otherwise keep every layer's
+dequantised weight from forward to backward: more memory than a bf16 base, which QLoRA exists to save.
+A quantised base cannot be merged (folding needs the float weight: merge into the float checkpoint).
 """
 
 from __future__ import annotations
@@ -23,18 +30,21 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from sambay.quant import QuantizedLinear
 
 
 class LoRALinear(nn.Module):
     """A Linear (frozen by the caller) plus ``n_adapters`` stacked low-rank updates; forward uses slot 0."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, *, n_adapters: int = 1,
+    def __init__(self, base: nn.Linear | QuantizedLinear, rank: int, alpha: float, *, n_adapters: int = 1,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base
-        device = base.weight.device
+        device = self._base_device()
         self.lora_A = nn.Parameter(torch.empty(n_adapters, rank, base.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(n_adapters, base.out_features, rank, device=device, dtype=dtype))
         # not persistent: set from the adapter's alpha / r whenever adapters are built or loaded
@@ -50,13 +60,25 @@ class LoRALinear(nn.Module):
             self.lora_A.uniform_(-bound, bound, generator=generator)
             self.lora_B.zero_()
 
+    def _base_device(self) -> torch.device:
+        return self.base.weight.device
+
     @property
     def rank(self) -> int:
         return self.lora_A.shape[1]
 
     @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
     def weight(self) -> Tensor:
-        """The base weight (code that reads a Linear's weight, such as tensor parallelism, sees the base)."""
+        """The base weight (code that reads a Linear's weight, such as tensor parallelism, sees the base; a
+        quantised base has none)."""
         return self.base.weight
 
     @property
@@ -66,7 +88,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) → (..., out_features); with an adapter index bound, x is (b, ..., in_features)
         and row i takes the adapter of slot ``adapter_index[i]``."""
-        y = self.base(x)
+        y = self.base_forward(x)
         if self.adapter_index is None:
             delta = lora_delta(x, self.lora_A[0], self.lora_B[0], self.scaling[0])
         else:
@@ -74,12 +96,40 @@ class LoRALinear(nn.Module):
             delta = lora_delta_gathered(x, self.lora_A, self.lora_B, self.scaling, index)
         return y + delta.to(y.dtype)
 
+    def base_forward(self, x: Tensor) -> Tensor:
+        """The frozen layer's output, base(x)."""
+        return self.base(x)
+
     @torch.no_grad()
     def merged_weight(self, slot: int = 0) -> Tensor:
         """W + s · B A of adapter ``slot``, computed in fp32 and rounded once to the base weight's dtype."""
         w = self.base.weight
         update = self.scaling[slot].float() * (self.lora_B[slot].float() @ self.lora_A[slot].float())
         return (w.float() + update).to(w.dtype)  # (out_features, in_features)
+
+
+class QLoRALinear(LoRALinear):
+    """`LoRALinear` over a frozen `QuantizedLinear` (QLoRA): base(x) + s · B (A x), the base never merged."""
+
+    def _base_device(self) -> torch.device:
+        return self.base.qweight.device
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        """base(x); recomputed in backward when autograd records it, so no dequantised weight is kept."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(self.base, x, use_reentrant=False)
+        return self.base(x)
+
+    def merged_weight(self, slot: int = 0) -> Tensor:
+        raise ValueError(f"cannot merge a LoRA adapter into a quantised layer ({self.base.extra_repr()}): folding "
+                         "needs the float weight; merge the adapter into the float checkpoint instead")
+
+
+def wrap(base: nn.Linear | QuantizedLinear, rank: int, alpha: float, *, n_adapters: int = 1,
+         dtype: torch.dtype = torch.float32) -> LoRALinear:
+    """The LoRA layer for ``base``: a `QLoRALinear` around a `QuantizedLinear`, else a `LoRALinear`."""
+    kind = QLoRALinear if isinstance(base, QuantizedLinear) else LoRALinear
+    return kind(base, rank, alpha, n_adapters=n_adapters, dtype=dtype)
 
 
 def lora_delta(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor) -> Tensor:

@@ -21,6 +21,9 @@ that ends with it). What PEFT can store but sambay does not apply (DoRA, trained
 embedding or LM-head adapters, fan_in_fan_out) is refused with a one-line `AdapterError`, as is any
 inconsistency: a rank that disagrees with the config, a lone A or B, a module the model does not have, or
 a shape of another model.
+
+On a quantised model (`sambay.quant`) adapters attach as they do on a float one, around the
+`QuantizedLinear`s (QLoRA), and `apply_adapter` keeps them unmerged there; `merge_adapter` refuses it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from torch import Tensor, nn
 from sambay.checkpoint import hf_name
 from sambay.lora.layer import LoRALinear
 from sambay.lora.targets import linear_layers, lora_layers, merge_lora, wrap_layer
+from sambay.quant import QuantizedLinear
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -250,7 +254,7 @@ def attach_adapters(model: nn.Module, adapters: list[Adapter], *, dtype: torch.d
     Args:
         model: a SambaY without adapters.
         adapters: read by `read_adapter`, in slot order (slot k + 1 for ``adapters[k]``).
-        dtype: of A and B (default: the model's, as inference runs).
+        dtype: of A and B (default: the base layer's weight dtype; a quantised base's is the model's).
 
     Returns:
         {module path: LoRALinear} of the layers that got adapters.
@@ -265,7 +269,7 @@ def attach_adapters(model: nn.Module, adapters: list[Adapter], *, dtype: torch.d
         path, base = paths[name]
         updates = [adapter.layers.get(name) for adapter in adapters]
         rank = max(u.A.shape[0] for u in updates if u is not None)
-        layer = wrap_layer(model, path, rank, float(rank), dtype=dtype or base.weight.dtype,
+        layer = wrap_layer(model, path, rank, float(rank), dtype=dtype or _compute_dtype(model, base),
                            n_adapters=len(adapters) + 1)
         with torch.no_grad():
             layer.lora_A.zero_()
@@ -290,15 +294,43 @@ def _check_fits(name: str, update: AdapterLayer, paths: dict[str, tuple[str, nn.
     _, layer = paths[name]
     if isinstance(layer, LoRALinear):
         raise AdapterError(f"adapter {where}: {name} already has an adapter")
-    out_features, in_features = layer.weight.shape
+    out_features, in_features = layer.out_features, layer.in_features  # a Linear or a QuantizedLinear
     found = (update.B.shape[0], update.A.shape[1])
     if found != (out_features, in_features):
         raise AdapterError(f"adapter {where}: {name} is {found[1]} -> {found[0]} in the adapter but "
                            f"{in_features} -> {out_features} in this model: the adapter is for another model")
 
 
+def _compute_dtype(model: nn.Module, base: nn.Module) -> torch.dtype:
+    """The dtype inference runs ``base`` in: its weight's, or for a quantised base (int weights) the model's."""
+    return model.dtype if isinstance(base, QuantizedLinear) else base.weight.dtype
+
+
 def merge_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
     """Apply ``adapter`` by folding it into the weights (W ← W + s · B A, in fp32, rounded once); returns
-    ``model``, with plain Linear layers: no cost at inference."""
+    ``model``, with plain Linear layers: no cost at inference.
+
+    Raises:
+        AdapterError: the adapter does not fit, or names a quantised layer (folding needs the float weight);
+            the model is left as it was.
+    """
+    paths = {hf_module_name(path, model.config): layer for path, layer in linear_layers(model)}
+    quantized = sorted(name for name in adapter.layers if isinstance(paths.get(name), QuantizedLinear))
+    if quantized:
+        raise AdapterError(f"adapter {adapter.directory} cannot be merged into a quantised model (it adapts "
+                           f"{len(quantized)} int8 / int4 layers, such as {quantized[0]}): merging needs the float "
+                           "weights; merge it into the float checkpoint the model was quantised from")
     attach_adapter(model, adapter)
     return merge_lora(model)
+
+
+def apply_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
+    """Apply ``adapter`` for inference (``--lora DIR``); returns ``model``.
+
+    Folded into the weights where the model is float (`merge_adapter`, free at inference); on a quantised
+    model (QLoRA) kept unmerged in the model's dtype (`attach_adapter`), which adds s · B (A x) per layer.
+    """
+    if any(isinstance(layer, QuantizedLinear) for _, layer in linear_layers(model)):
+        attach_adapter(model, adapter, dtype=model.dtype)
+        return model
+    return merge_adapter(model, adapter)

@@ -17,11 +17,13 @@ Named targets, by the module type that owns the projection (layer kinds are type
 Groups: ``attention``, ``mamba``, ``gmu``, ``mlp`` (their projections) and ``all`` (every one, the
 default). Every target is one of our Linear layers and exactly one checkpoint tensor (no fused or
 split layouts differ between the two: see `sambay.lora.peft`), so an adapter's A and B need no
-reshaping. The embedding and the (tied) LM head are not targets.
+reshaping. The embedding and the (tied) LM head are not targets. In a quantised model (`sambay.quant`)
+the big projections are `QuantizedLinear`s: they are targets too, wrapped in `QLoRALinear` (QLoRA), under
+the same names, so an adapter trained on the int4 / int8 base applies to the float one and back.
 
 `apply_lora` freezes every parameter of the model and wraps the chosen layers in `LoRALinear`, the
 way `sambay.train.parallel` applies its wrappers: from outside, the model's code unchanged.
-`merge_lora` folds the updates into the weights and unwraps them again.
+`merge_lora` folds the updates into the weights and unwraps them again (float bases only).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from sambay.lora.layer import LoRALinear
+from sambay.lora.layer import LoRALinear, QLoRALinear, wrap
 from sambay.model.attention import CrossAttention, FullAttention, SlidingWindowAttention
 from sambay.model.gmu import GatedMemoryUnit
 from sambay.model.mamba import Mamba
 from sambay.model.mlp import SwiGLUMLP
+from sambay.quant import QuantizedLinear
 
 _ATTENTION = (SlidingWindowAttention, FullAttention, CrossAttention)
 # target → (owner module types, the owner's attribute names of its projections)
@@ -95,7 +98,7 @@ def linear_layers(model: nn.Module, targets: Iterable[str] = GROUPS["all"]) -> I
             for attribute in attributes:
                 layer = getattr(owner, attribute, None)
                 name = f"{path}.{attribute}"
-                if isinstance(layer, nn.Linear | LoRALinear) and name not in seen:
+                if isinstance(layer, nn.Linear | QuantizedLinear | LoRALinear) and name not in seen:
                     seen.add(name)
                     yield name, layer
 
@@ -113,13 +116,14 @@ def freeze(model: nn.Module) -> None:
 
 def wrap_layer(model: nn.Module, path: str, rank: int, alpha: float, *, dtype: torch.dtype = torch.float32,
                generator: torch.Generator | None = None, n_adapters: int = 1) -> LoRALinear:
-    """Replace the Linear at ``path`` by a `LoRALinear` around it (B = 0: the outputs are unchanged)."""
+    """Replace the Linear at ``path`` by a `LoRALinear` around it (B = 0: the outputs are unchanged); a
+    `QuantizedLinear` gets a `QLoRALinear`."""
     parent, attribute = path.rsplit(".", 1)
     owner = model.get_submodule(parent)
     base = getattr(owner, attribute)
     if isinstance(base, LoRALinear):
         raise ValueError(f"{path} already has a LoRA adapter")
-    layer = LoRALinear(base, rank, alpha, n_adapters=n_adapters, dtype=dtype)
+    layer = wrap(base, rank, alpha, n_adapters=n_adapters, dtype=dtype)
     if generator is not None:
         layer.reset_parameters(generator)
     setattr(owner, attribute, layer)
@@ -148,10 +152,19 @@ def apply_lora(model: nn.Module, targets: Iterable[str] = ("all",), *, rank: int
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (W ← W + s · B A) and put the plain Linear back; returns ``model``."""
-    for path, layer in lora_layers(model).items():
+    """Fold every adapter into its base weight (W ← W + s · B A) and put the plain Linear back; returns ``model``.
+
+    Raises:
+        ValueError: a layer holds stacked adapters, or its base is quantised (checked before any is merged).
+    """
+    layers = lora_layers(model)
+    for path, layer in layers.items():
         if layer.lora_A.shape[0] != 1:
             raise ValueError(f"{path} holds {layer.lora_A.shape[0]} stacked adapters; only one can be merged")
+        if isinstance(layer, QLoRALinear):
+            raise ValueError(f"cannot merge LoRA into {path}: its base is quantised ({layer.base.extra_repr()}), "
+                             "and folding needs the float weight; merge into the float checkpoint instead")
+    for path, layer in layers.items():
         layer.base.weight.copy_(layer.merged_weight())
         parent, attribute = path.rsplit(".", 1)
         setattr(model.get_submodule(parent), attribute, layer.base)

@@ -37,6 +37,8 @@ class TrainConfig:
     lora_rank: int = 0  # LoRA rank r (0: train every weight); the output is then an adapter directory
     lora_alpha: float = 0.0  # LoRA updates are scaled by lora_alpha / lora_rank (0: lora_alpha = lora_rank)
     lora_targets: list[str] = field(default_factory=lambda: ["all"])  # attention mamba gmu mlp all, or mamba.x_proj ...
+    quantize_base: int = 0  # QLoRA: quantise the float base's big projections to 4 or 8 bits on load (0: keep them)
+    quantize_group_size: int = 128  # inputs per scale of quantize_base (as sambay quantize --group-size)
     # data
     train_files: list[str] = field(default_factory=list)  # .txt (one document each) or .jsonl ({"text"} / {"messages"})
     eval_files: list[str] = field(default_factory=list)  # held-out files; none: hold out heldout_fraction of train
@@ -102,6 +104,32 @@ class TrainConfig:
             from sambay.lora.targets import resolve_targets  # imports the model classes: only for LoRA runs
 
             resolve_targets(self.lora_targets)
+        self._check_quantized_base()
+
+    def _check_quantized_base(self) -> None:
+        """QLoRA's rules: a quantised base (``quantize_base``, or an ``init_from`` written by `sambay quantize`)
+        trains adapters only; quantize_base needs a float base and a valid spec."""
+        quantized_init = False
+        if self.init_from:
+            from sambay.quant import QUANT_FILE  # imports the model classes: only for runs that load a base
+
+            base = Path(self.init_from)
+            quantized_init = ((base if base.is_dir() else base.parent) / QUANT_FILE).is_file()
+        if self.quantize_base not in (0, 4, 8):
+            raise ValueError(f"TrainConfig.quantize_base must be 0, 4 or 8, got {self.quantize_base}")
+        if quantized_init and not self.lora_rank:
+            raise ValueError(f"init_from {self.init_from} is quantised (int8 / int4): its weights cannot be trained "
+                             "directly; train LoRA adapters on it (--lora-rank R, QLoRA) or fine-tune the float "
+                             "checkpoint it came from")
+        if self.quantize_base and not self.lora_rank:
+            raise ValueError("quantize_base trains LoRA adapters on a quantised base (QLoRA): set lora_rank too "
+                             "(full fine-tuning needs the float weights)")
+        if self.quantize_base and quantized_init:
+            raise ValueError(f"quantize_base: init_from {self.init_from} is quantised already")
+        if self.quantize_base:
+            from sambay.quant import QuantSpec  # checks the group size
+
+            QuantSpec(bits=self.quantize_base, group_size=self.quantize_group_size)
 
     @property
     def checkpoint_dir(self) -> Path:

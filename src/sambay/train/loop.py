@@ -306,12 +306,17 @@ def save_result(state: dict, model_config, config: TrainConfig, device: torch.de
     plain = SambaY(model_config, backend="auto")
     if config.lora_rank:
         from sambay.lora import apply_lora, merge_lora, save_adapter
+        from sambay.quant import apply_quantized_layers
+        from sambay.train.setup import base_quant_spec
 
+        spec = base_quant_spec(config)
+        if spec is not None:  # QLoRA: the trained model's int8 / int4 base, so that `state` fits it
+            apply_quantized_layers(plain, spec)
         apply_lora(plain, config.lora_targets, rank=config.lora_rank, alpha=config.lora_alpha or None)
         plain.load_state_dict(state)
         report.say(f"writing the LoRA adapter to {config.model_dir} (PEFT format)")
         save_adapter(plain, config.model_dir, base_model=config.init_from or config.model)
-        return merge_lora(plain).to(device).eval()
+        return (plain if spec is not None else merge_lora(plain)).to(device).eval()  # a quantised base: unmerged
     plain.load_state_dict(state)
     plain.to(device).eval()
     report.say(f"writing the model to {config.model_dir} ({config.save_dtype})")

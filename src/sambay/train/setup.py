@@ -16,9 +16,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from sambay.checkpoint import load_model
+from sambay.checkpoint import load_model, model_directory
 from sambay.config import PRESETS
 from sambay.model.sambay import SambaY
+from sambay.quant import QuantizedLinear, QuantSpec, quantize_model
+from sambay.quant.format import read_spec
 from sambay.tokenizer import Tokenizer, load_tokenizer
 from sambay.train.config import TrainConfig
 from sambay.train.data import PackedData, prepare_data
@@ -103,7 +105,8 @@ def build_data(
 
 def build_model(config: TrainConfig, runtime: Runtime) -> SambaY:
     """A fresh model of preset ``config.model`` or the weights of ``config.init_from``, fp32, on the device;
-    with ``lora_rank``, frozen and given adapters (`add_lora`).
+    with ``quantize_base``, its big projections quantised (`sambay.quant.quantize_model`, as `sambay quantize`
+    does); with ``lora_rank``, frozen and given adapters (`add_lora`): QLoRA when the base is quantised.
 
     The ops backend is "reference": the Triton kernels are inference-only (no backward).
     """
@@ -114,17 +117,37 @@ def build_model(config: TrainConfig, runtime: Runtime) -> SambaY:
     else:
         generator = torch.Generator().manual_seed(config.seed)  # same init on every rank
         model = SambaY(PRESETS[config.model], backend="reference").init_weights(generator)
+    if config.quantize_base:
+        with torch.no_grad():
+            quantize_model(model, base_quant_spec(config))
     if config.lora_rank:
         model = add_lora(model, config)
+    elif is_quantized(model):  # TrainConfig refuses this first; a model loaded some other way is caught here
+        raise ValueError(f"{config.init_from or config.model} is quantised: full fine-tuning needs the float "
+                         "weights; train LoRA adapters on it (lora_rank > 0, QLoRA)")
     return model.to(runtime.device).train()
+
+
+def base_quant_spec(config: TrainConfig) -> QuantSpec | None:
+    """The `QuantSpec` of the run's frozen base: ``quantize_base``'s, or that of a quantised ``init_from``;
+    None for a float base."""
+    if config.quantize_base:
+        return QuantSpec(bits=config.quantize_base, group_size=config.quantize_group_size)
+    return read_spec(model_directory(config.init_from)) if config.init_from else None
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has `QuantizedLinear` layers (its base is int8 / int4)."""
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
 def add_lora(model: SambaY, config: TrainConfig) -> SambaY:
     """Freeze ``model`` and wrap the ``lora_targets`` projections in fp32 adapters (`sambay.lora.apply_lora`).
 
     Under bf16 autocast the frozen base is stored in bf16 (A_log and λ stay fp32): it is only ever read
-    in bf16, and it halves the memory of the weights that LoRA exists to leave alone. A seeded generator
-    gives every rank the same A matrices.
+    in bf16, and it halves the memory of the weights that LoRA exists to leave alone. A quantised base
+    keeps its int weights and fp32 scales (buffers, which neither the cast nor the optimiser touches). A
+    seeded generator gives every rank the same A matrices.
     """
     from sambay.lora import apply_lora
 
