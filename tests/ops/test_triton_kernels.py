@@ -93,6 +93,58 @@ def test_selective_scan_matches_reference(dtype, b, t, d, n, gated):
     _compare(y, lambda *a: selective_scan_ref(*a, h0, lengths)[0], [u, delta, A, B, C, D, z, bias], dtype, "y")
 
 
+SCAN_ALGORITHMS = [tri_scan.ScanAlgorithm.SINGLE_PASS, tri_scan.ScanAlgorithm.LOOKBACK_RERUN,
+                   tri_scan.ScanAlgorithm.LOOKBACK, tri_scan.ScanAlgorithm.THREE_PASS]
+# b, t, d, n, lengths (None: all t), gated, with h0. Under the interpreter the chunk is 8 tokens and
+# the channel block 16 channels (set in the test), so these cross chunk and block boundaries.
+SCAN_ALGORITHM_CASES = [
+    (1, 5, 24, 16, None, True, True),  # shorter than one chunk
+    (2, 24, 24, 16, [24, 13], False, True),  # exactly three chunks; a short row
+    (3, 29, 20, 16, [29, 0, 17], True, False),  # odd t and d, an empty row, no initial state
+    (1, 17, 24, 32, None, False, False),  # d_state 32
+] if not ON_GPU else [
+    (1, 2048, 5120, 16, None, True, True), (2, 1000, 2048 + 16, 16, [1000, 333], False, True),
+    (3, 777, 200, 32, [777, 0, 512], True, False),
+]
+
+
+@pytest.mark.parametrize("algorithm", SCAN_ALGORITHMS, ids=lambda a: a.value)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SCAN_ALGORITHM_CASES)
+def test_selective_scan_algorithms_match_reference(monkeypatch, algorithm, dtype, case):
+    """Every prefill algorithm (single pass, look-back, three passes) against the reference."""
+    b, t, d, n, lengths, gated, with_h0 = case
+    if not ON_GPU:
+        monkeypatch.setattr(tri_scan, "BLOCK_D", 16)
+    u, delta, A, B, C, D, z, bias = _scan_inputs(b, t, d, n, dtype, seed=5)
+    z = z if gated else None
+    h0 = torch.randn(b, d, n, generator=_gen(6), device=DEVICE) if with_h0 else None
+    lengths = None if lengths is None else torch.tensor(lengths, device=DEVICE)
+    y, h = tri_scan.selective_scan(u, delta, A, B, C, D, z, bias, h0, lengths, algorithm=algorithm)
+    _, h_ref = selective_scan_ref(u.float(), delta.float(), A, B.float(), C.float(), D.float(),
+                                  None if z is None else z.float(), bias.float(), h0, lengths)
+    tol = FP32 if dtype == torch.float32 else {"atol": 1e-3, "rtol": 1e-3}
+    assert_close(h, h_ref, **{k: v * 10 for k, v in tol.items()}, what=f"{algorithm.value} final state")
+    _compare(y, lambda *a: selective_scan_ref(*a, h0, lengths)[0], [u, delta, A, B, C, D, z, bias], dtype,
+             f"{algorithm.value} y")
+
+
+def test_scan_dispatch_rule(monkeypatch):
+    """AUTO: one chunk or enough (row, channel block) programs → single pass, else CHUNKED_ALGORITHM; and the
+    measured three-pass path until the new algorithms have run on a GPU."""
+    Alg, choose = tri_scan.ScanAlgorithm, tri_scan.choose_algorithm
+    if not tri_scan.NEW_ALGORITHMS_MEASURED:
+        assert choose(Alg.AUTO, 64, 5120, 4 * tri_scan.CHUNK) is Alg.THREE_PASS
+    monkeypatch.setattr(tri_scan, "NEW_ALGORITHMS_MEASURED", True)
+    chunk, blocks = tri_scan.CHUNK, tri_scan.SINGLE_PASS_MIN_PROGRAMS
+    d = 5120
+    rows_enough = -(-blocks // -(-d // tri_scan.BLOCK_D))  # ceil(threshold / channel blocks per row)
+    assert choose(Alg.AUTO, 1, d, chunk) is Alg.SINGLE_PASS
+    assert choose(Alg.AUTO, rows_enough, d, 4 * chunk) is Alg.SINGLE_PASS
+    assert choose(Alg.AUTO, rows_enough - 1, d, 4 * chunk) is tri_scan.CHUNKED_ALGORITHM
+    assert choose(Alg.THREE_PASS, 64, d, 4 * chunk) is Alg.THREE_PASS
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,d,n", [(1, 24, 16), (3, 2048 + 16 if ON_GPU else 40, 16)])
 def test_selective_state_update_matches_reference(dtype, b, d, n):

@@ -1,23 +1,54 @@
-"""Triton Mamba-1 selective scan: chunked parallel prefill and the single-step decode update.
+"""Triton Mamba-1 selective scan: prefill (three algorithms) and the single-step decode update.
 
-Same signatures and semantics as `sambay.ops.selective_scan` (read its docstring for the math).
+Same signatures and semantics as `sambay.ops.selective_scan` (read its docstring for the math). Every
+program keeps a (BLOCK_D, d_state) state in registers in fp32 and walks time sequentially; the
+algorithms differ in how the parallelism rows × channel blocks (× chunks) is obtained.
 
-Prefill runs in three launches so that a long sequence fills the GPU even at batch 1:
-  1. `_chunk_state`: each (row, channel block, chunk) runs the recurrence from h = 0 over its chunk
-     and stores the chunk's end state and its total decay Π exp(Δ_t A);
-  2. `_chunk_combine`: per (row, channel block), a short sequential pass over chunks turns those into
-     the true state at the start of every chunk (and the final state);
-  3. `_chunk_output`: each chunk reruns the recurrence from its true start state and writes y,
-     applying the D skip and the silu(z) gate.
-A sequence of at most one chunk skips 1 and 2. Every program keeps its (BLOCK_D, d_state) state in
-registers in fp32; the time loop inside a chunk is sequential, the parallelism is rows × channel
-blocks × chunks.
+``single_pass`` (one launch): each (row, channel block) runs the whole sequence from the start state,
+writing y as it goes and the final state at the end. Every input is read once. It fills the GPU only
+when rows × channel blocks is large (batched 2K-token prefill chunks), see SINGLE_PASS_MIN_PROGRAMS.
+
+``lookback_rerun`` and ``lookback`` (one launch): the sequence is cut into CHUNK-token chunks and
+each (row, channel block, chunk) is one program. Chunk ids are taken from an atomic ticket counter, so
+they follow the order in which programs start and a program only ever waits on programs that already
+run (decoupled look-back; the interpreter runs programs one by one in that same order). A program
+  1. runs its chunk from h = 0, keeping the local end state h_loc and the chunk's summed Δ, S;
+  2. waits for chunk c-1's published end state h_start (h0 for chunk 0), publishes its own,
+     exp(A S) ⊙ h_start + h_loc, and the last chunk stores the final state;
+  3. produces y from h_start:
+     - ``lookback_rerun`` reruns its chunk from h_start (re-reads u, Δ, B; reads C, z once), as the
+       three-pass output kernel does, but without the two extra launches and state round trips;
+     - ``lookback`` wrote in step 1 the ungated local output y_loc (fp32) and now corrects it by
+       linearity, y_t = (y_loc_t + Σ_n C_t[n] exp(A[:, n] S_t) h_start[:, n]) ⊙ silu(z_t), S_t the
+       chunk's Δ summed up to t: it re-reads only Δ and C (and z), and reads y_loc back.
+     Both evaluate d_state exponentials per (token, channel) twice. Per (token, channel), with bf16
+     inputs, ``lookback_rerun`` moves 12 bytes (u, Δ twice; z once; y) and ``lookback`` 18 (u once,
+     Δ twice, z once, y_loc written and read in fp32, y), three_pass 12 plus its state round trips.
+  Published states live in a buffer filled with a NaN pattern (PENDING) that arithmetic never
+  produces; each cell is written once with a relaxed atomic and polled with volatile loads, so no
+  cross-thread fence is needed. A wait gives up after SPIN_LIMIT polls and lets NaN through, so a
+  broken protocol shows up as NaN outputs instead of a hung GPU.
+
+``three_pass`` (three launches, the first algorithm here): `_chunk_state` runs every chunk from
+h = 0 and stores its end state and total decay; `_chunk_combine` turns those into the true state at
+the start of every chunk; `_chunk_output` reruns every chunk from there and writes y. The recurrence
+and the loads of u, Δ, B happen twice, and the chunk states go through memory three times.
+
+Dispatch (`choose_algorithm`, for ``algorithm=AUTO``): a sequence of one chunk, or rows × channel
+blocks >= SINGLE_PASS_MIN_PROGRAMS, runs ``single_pass``; otherwise CHUNKED_ALGORITHM. Until the new
+algorithms have run on a GPU (NEW_ALGORITHMS_MEASURED), AUTO runs ``three_pass``.
+
+The module is over the 400-line target because the three-pass path stays beside the new ones for
+benchmarks/scan_prefill.py to compare on the H200; once its numbers settle the dispatch, the algorithms
+that never win go (issue 14).
 
 Row (batch) program ids are widened to int64 before they scale a stride: a 32K-token cache of 64 rows
 holds more than 2^31 elements, and int32 offsets would wrap.
 """
 
 from __future__ import annotations
+
+from enum import Enum
 
 import torch
 import triton
@@ -28,6 +59,35 @@ from torch import Tensor
 # fill 132 SMs at batch 1, while each program's sequential loop stays short.
 CHUNK = 256
 BLOCK_D = 64  # channels per program: 64 × d_state 16 fp32 state = 16 registers per thread at 2 warps
+# single_pass gives each (row, channel block) one program for the whole sequence. An H200 has 132 SMs,
+# and one program (2 warps) per SM leaves each step's load latency exposed; the chunked algorithms
+# multiply the programs by the chunks instead. From 4 programs per SM on (batch >= 7 at d_inner 5120)
+# the single pass is expected to win, as it does half the work; benchmarks/scan_prefill.py times batch
+# 2, 4 and 8 at 2K tokens to place this threshold.
+SINGLE_PASS_MIN_PROGRAMS = 4 * 132
+# A poll of a published state is one L2 round trip (~0.5-1 µs), and a legitimate wait spans at most the
+# chunks resident at once (well under a millisecond): 2^20 polls is a >100× margin before giving up.
+SPIN_LIMIT = tl.constexpr(1 << 20)
+PENDING = tl.constexpr(0x7FBADBAD)  # a signalling-NaN bit pattern: not yet published (GPU math yields 0x7FFFFFFF)
+
+
+class ScanAlgorithm(Enum):
+    """Prefill algorithms of `selective_scan` (module docstring); AUTO applies `choose_algorithm`."""
+
+    AUTO = "auto"
+    SINGLE_PASS = "single_pass"
+    LOOKBACK_RERUN = "lookback_rerun"
+    LOOKBACK = "lookback"
+    THREE_PASS = "three_pass"
+
+
+# The chunked algorithm AUTO uses below SINGLE_PASS_MIN_PROGRAMS: the same work as three_pass in one
+# launch and fewer bytes than lookback (module docstring); benchmarks/scan_prefill.py compares all three.
+CHUNKED_ALGORITHM = ScanAlgorithm.LOOKBACK_RERUN
+# The one-launch algorithms pass the interpreter's tests and compile for sm_90, but have not yet run on a GPU
+# (benchmarks/scan_prefill.py is the first run to make): until they have been timed and checked there, AUTO
+# keeps the three-pass path that has, and the new ones run only when asked for by name.
+NEW_ALGORITHMS_MEASURED = False
 
 
 @triton.jit
@@ -128,9 +188,189 @@ def _chunk_output(
         tl.store(hend_ptr + pid_b * D * N + cell, h, mask=mask_d[:, None])
 
 
+@triton.jit
+def _channels(A_ptr, D_ptr, bias_ptr, pid_d, D, N: tl.constexpr, BLOCK: tl.constexpr):
+    """A program's channels: (offs_d, offs_n, mask_d, A (BLOCK, N), bias, skip (BLOCK,)) in fp32."""
+    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, N)
+    mask_d = offs_d < D
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None], other=0.0)
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return offs_d, offs_n, mask_d, A, bias, skip
+
+
+@triton.jit
+def _inputs(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, bias, t, T, n_valid, offs_d, offs_n, mask_d,
+            s_ut, s_dtt, s_bt, s_ct, s_zt, LOAD_Z: tl.constexpr):
+    """Step t's (u, Δ, B_t, C_t, z) in fp32. Past the row's valid length Δ = u = 0, so the state is
+    frozen; past T nothing is read (z is u's placeholder when not LOAD_Z)."""
+    inside = t < T
+    live = inside & (t < n_valid)
+    u = tl.load(u_ptr + t * s_ut + offs_d, mask=mask_d & live, other=0.0).to(tl.float32)
+    dt = _softplus(tl.load(dt_ptr + t * s_dtt + offs_d, mask=mask_d & live, other=0.0).to(tl.float32) + bias)
+    dt = tl.where(live, dt, 0.0)
+    Bt = tl.load(b_ptr + t * s_bt + offs_n, mask=(offs_n >= 0) & live, other=0.0).to(tl.float32)
+    Ct = tl.load(c_ptr + t * s_ct + offs_n, mask=(offs_n >= 0) & inside, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + t * s_zt + offs_d, mask=mask_d & inside, other=0.0).to(tl.float32) if LOAD_Z else u
+    return u, dt, Bt, Ct, z
+
+
+@triton.jit
+def _scan_span(
+    h, A, bias, skip, t0, n_steps, T, n_valid, offs_d, offs_n, mask_d,
+    u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, y_ptr,  # pointers, already at this program's row
+    s_ut, s_dtt, s_bt, s_ct, s_zt, s_yt,  # time strides
+    WRITE_Y: tl.constexpr, GATE: tl.constexpr,
+):
+    """The recurrence over steps [t0, t0 + n_steps) from state h; writes y_t = h_t · C_t + D u_t (times
+    silu(z_t) if GATE) when WRITE_Y. Step t+1's inputs are loaded before step t's math, so their
+    latency overlaps it. Returns (h, S): the state after the span and its summed Δ per channel."""
+    S = tl.zeros_like(bias)
+    u, dt, Bt, Ct, z = _inputs(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, bias, t0, T, n_valid, offs_d, offs_n, mask_d,
+                               s_ut, s_dtt, s_bt, s_ct, s_zt, GATE)
+    for i in range(n_steps):
+        t = t0 + i
+        u1, dt1, B1, C1, z1 = _inputs(u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, bias, t + 1, T, n_valid, offs_d, offs_n,
+                                      mask_d, s_ut, s_dtt, s_bt, s_ct, s_zt, GATE)
+        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+        S += dt
+        if WRITE_Y:
+            y = tl.sum(h * Ct[None, :], axis=1) + skip * u
+            if GATE:
+                y = y * z * tl.sigmoid(z)
+            tl.store(y_ptr + t * s_yt + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d & (t < T))
+        u, dt, Bt, Ct, z = u1, dt1, B1, C1, z1
+    return h, S
+
+
+@triton.jit(do_not_specialize=["T"])  # one compilation for every length: the engine's chunks vary
+def _single_pass(
+    u_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, z_ptr, bias_ptr, len_ptr, h0_ptr, y_ptr, hend_ptr,  # pointers
+    T, D,  # dimensions
+    s_ub, s_ut, s_dtb, s_dtt, s_bb, s_bt, s_cb, s_ct, s_zb, s_zt, s_yb, s_yt,  # strides
+    N: tl.constexpr, BLOCK: tl.constexpr, HAS_Z: tl.constexpr,  # meta-parameters
+):
+    pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs_d, offs_n, mask_d, A, bias, skip = _channels(A_ptr, D_ptr, bias_ptr, pid_d, D, N, BLOCK)
+    cell = pid_b * D * N + offs_d[:, None] * N + offs_n[None, :]
+    h = tl.load(h0_ptr + cell, mask=mask_d[:, None], other=0.0)
+    h, _ = _scan_span(h, A, bias, skip, 0, T, T, tl.load(len_ptr + pid_b), offs_d, offs_n, mask_d,
+                      u_ptr + pid_b * s_ub, dt_ptr + pid_b * s_dtb, b_ptr + pid_b * s_bb, c_ptr + pid_b * s_cb,
+                      z_ptr + pid_b * s_zb, y_ptr + pid_b * s_yb, s_ut, s_dtt, s_bt, s_ct, s_zt, s_yt,
+                      WRITE_Y=True, GATE=HAS_Z)
+    tl.store(hend_ptr + cell, h, mask=mask_d[:, None])
+
+
+@triton.jit
+def _wait_published(ptr, mask):
+    """Polls a published (BLOCK, N) state until no cell is PENDING, at most SPIN_LIMIT times; a cell
+    still PENDING then reads as NaN (the pattern is a NaN), which propagates to the outputs."""
+    bits = tl.load(ptr, mask=mask, other=0, volatile=True)
+    polls = 0
+    while (tl.max((bits == PENDING).to(tl.int32)) > 0) & (polls < SPIN_LIMIT):
+        bits = tl.load(ptr, mask=mask, other=0, volatile=True)
+        polls += 1
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _correction_inputs(dt_ptr, c_ptr, z_ptr, yloc_ptr, bias, t, T, n_valid, offs_d, offs_n, mask_d,
+                       s_dtt, s_ct, s_zt, s_yt, HAS_Z: tl.constexpr):
+    """Step t's (Δ, C_t, y_loc_t, z) in fp32, Δ = 0 past the row's valid length; nothing read past T."""
+    inside = t < T
+    live = inside & (t < n_valid)
+    dt = _softplus(tl.load(dt_ptr + t * s_dtt + offs_d, mask=mask_d & live, other=0.0).to(tl.float32) + bias)
+    Ct = tl.load(c_ptr + t * s_ct + offs_n, mask=(offs_n >= 0) & inside, other=0.0).to(tl.float32)
+    y = tl.load(yloc_ptr + t * s_yt + offs_d, mask=mask_d & inside, other=0.0)
+    z = tl.load(z_ptr + t * s_zt + offs_d, mask=mask_d & inside, other=0.0).to(tl.float32) if HAS_Z else y
+    return tl.where(live, dt, 0.0), Ct, y, z
+
+
+@triton.jit
+def _correct_span(
+    h_start, A, bias, t0, n_steps, T, n_valid, offs_d, offs_n, mask_d,
+    dt_ptr, c_ptr, z_ptr, yloc_ptr, y_ptr,  # pointers, already at this program's row
+    s_dtt, s_ct, s_zt, s_yt,  # time strides (y_loc has y's)
+    HAS_Z: tl.constexpr,
+):
+    """y_t = (y_loc_t + Σ_n C_t[n] exp(A[:, n] S_t) h_start[:, n]) ⊙ silu(z_t), S_t = Σ_{t0 <= s <= t} Δ_s:
+    the contribution of the start state, added by linearity to the output of the run from h = 0. Step
+    t+1's inputs are loaded before step t's math, as in `_scan_span`."""
+    S = tl.zeros_like(bias)
+    dt, Ct, y_loc, z = _correction_inputs(dt_ptr, c_ptr, z_ptr, yloc_ptr, bias, t0, T, n_valid, offs_d, offs_n,
+                                          mask_d, s_dtt, s_ct, s_zt, s_yt, HAS_Z)
+    for i in range(n_steps):
+        t = t0 + i
+        dt1, C1, y1, z1 = _correction_inputs(dt_ptr, c_ptr, z_ptr, yloc_ptr, bias, t + 1, T, n_valid, offs_d,
+                                             offs_n, mask_d, s_dtt, s_ct, s_zt, s_yt, HAS_Z)
+        S += dt
+        y = y_loc + tl.sum(tl.exp(A * S[:, None]) * h_start * Ct[None, :], axis=1)
+        if HAS_Z:
+            y = y * z * tl.sigmoid(z)
+        tl.store(y_ptr + t * s_yt + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d & (t < T))
+        dt, Ct, y_loc, z = dt1, C1, y1, z1
+
+
+@triton.jit(do_not_specialize=["T", "n_rows", "n_chunks"])
+def _lookback(
+    u_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, z_ptr, bias_ptr, len_ptr, h0_ptr, y_ptr, yloc_ptr, hend_ptr,
+    carry_ptr, ticket_ptr,  # pointers; carry: (b, n_chunks - 1, D, N) int32 bits of published states
+    T, D, n_rows, n_chunks,  # dimensions
+    s_ub, s_ut, s_dtb, s_dtt, s_bb, s_bt, s_cb, s_ct, s_zb, s_zt, s_yb, s_yt,  # strides (y_loc has y's)
+    N: tl.constexpr, BLOCK: tl.constexpr, CHUNK_T: tl.constexpr, HAS_Z: tl.constexpr,  # meta-parameters
+    RERUN: tl.constexpr, LOCAL_Y: tl.constexpr,  # lookback_rerun / lookback (LOCAL_Y = not RERUN)
+):
+    # Chunk-major ticket order: every program of chunk c-1 has started before any of chunk c.
+    ticket = tl.atomic_add(ticket_ptr, 1)
+    n_blocks = tl.cdiv(D, BLOCK)
+    pid_c = ticket // (n_rows * n_blocks)
+    pid_b = ((ticket // n_blocks) % n_rows).to(tl.int64)
+    offs_d, offs_n, mask_d, A, bias, skip = _channels(A_ptr, D_ptr, bias_ptr, ticket % n_blocks, D, N, BLOCK)
+    n_valid = tl.load(len_ptr + pid_b)
+    u_ptr, dt_ptr, b_ptr = u_ptr + pid_b * s_ub, dt_ptr + pid_b * s_dtb, b_ptr + pid_b * s_bb
+    c_ptr, z_ptr = c_ptr + pid_b * s_cb, z_ptr + pid_b * s_zb
+    y_ptr, yloc_ptr = y_ptr + pid_b * s_yb, yloc_ptr + pid_b * s_yb
+    t0 = pid_c * CHUNK_T
+    h_loc, S = _scan_span(tl.zeros((BLOCK, N), dtype=tl.float32), A, bias, skip, t0, CHUNK_T, T, n_valid,
+                          offs_d, offs_n, mask_d, u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, yloc_ptr,
+                          s_ut, s_dtt, s_bt, s_ct, s_zt, s_yt, WRITE_Y=LOCAL_Y, GATE=False)
+    cell = offs_d[:, None] * N + offs_n[None, :]
+    mask = mask_d[:, None]
+    slot = carry_ptr + (pid_b * (n_chunks - 1) + pid_c) * D * N + cell  # this chunk's published end state
+    if pid_c == 0:
+        h_start = tl.load(h0_ptr + pid_b * D * N + cell, mask=mask, other=0.0)
+    else:
+        h_start = _wait_published(slot - D * N, mask)
+    h_end = tl.exp(A * S[:, None]) * h_start + h_loc
+    if pid_c == n_chunks - 1:
+        tl.store(hend_ptr + pid_b * D * N + cell, h_end, mask=mask)
+    else:
+        tl.atomic_xchg(slot, h_end.to(tl.int32, bitcast=True), mask=mask, sem="relaxed")
+    if RERUN:
+        _scan_span(h_start, A, bias, skip, t0, CHUNK_T, T, n_valid, offs_d, offs_n, mask_d,
+                   u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, y_ptr, s_ut, s_dtt, s_bt, s_ct, s_zt, s_yt,
+                   WRITE_Y=True, GATE=HAS_Z)
+    else:
+        tl.debug_barrier()  # y_loc was stored by other threads of this program: a CTA barrier orders it
+        _correct_span(h_start, A, bias, t0, CHUNK_T, T, n_valid, offs_d, offs_n, mask_d,
+                      dt_ptr, c_ptr, z_ptr, yloc_ptr, y_ptr, s_dtt, s_ct, s_zt, s_yt, HAS_Z=HAS_Z)
+
+
 def _check_last_dim(name: str, x: Tensor) -> None:
     if x.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension, got strides {x.stride()}")
+
+
+def choose_algorithm(algorithm: ScanAlgorithm, rows: int, d_inner: int, t: int) -> ScanAlgorithm:
+    """The prefill algorithm that runs for ``algorithm`` on (rows, t, d_inner); AUTO decides (module docstring)."""
+    if algorithm is not ScanAlgorithm.AUTO:
+        return algorithm
+    if not NEW_ALGORITHMS_MEASURED:
+        return ScanAlgorithm.THREE_PASS
+    if t <= CHUNK or rows * triton.cdiv(d_inner, BLOCK_D) >= SINGLE_PASS_MIN_PROGRAMS:
+        return ScanAlgorithm.SINGLE_PASS
+    return CHUNKED_ALGORITHM
 
 
 def selective_scan(
@@ -144,44 +384,85 @@ def selective_scan(
     delta_bias: Tensor,
     initial_state: Tensor | None = None,
     lengths: Tensor | None = None,
+    *,
+    algorithm: ScanAlgorithm = ScanAlgorithm.AUTO,
 ) -> tuple[Tensor, Tensor]:
-    """Triton selective scan; see `selective_scan_ref` for arguments, shapes and returns."""
+    """Triton selective scan; see `selective_scan_ref` for arguments, shapes and returns.
+
+    ``algorithm`` (keyword only, not part of the reference signature) forces one of the prefill
+    algorithms of the module docstring, for tests and benchmarks; AUTO applies `choose_algorithm`.
+    """
     b, t, d = u.shape
     n = A.shape[-1]
     for name, x in (("u", u), ("delta", delta), ("B", B), ("C", C)) + ((("z", z),) if z is not None else ()):
         _check_last_dim(name, x)
     if delta.shape != u.shape or B.shape != (b, t, n) or C.shape != (b, t, n) or A.shape != (d, n):
         raise ValueError("selective_scan: inconsistent shapes")
-    A = A.float().contiguous()
     dev = u.device
-    n_chunks = triton.cdiv(t, CHUNK)
     lengths = torch.full((b,), t, dtype=torch.int32, device=dev) if lengths is None else lengths.to(torch.int32)
     h0 = torch.zeros(b, d, n, device=dev) if initial_state is None else initial_state.float().contiguous()
-    y = torch.empty(b, t, d, device=dev, dtype=u.dtype)
-    h_end = torch.empty(b, d, n, device=dev)
+    y = torch.empty(b, t, d, device=dev, dtype=u.dtype)  # (b, t, d)
+    h_end = torch.empty(b, d, n, device=dev)  # (b, d, n) fp32
+    zz = z if z is not None else u  # a placeholder pointer when there is no gate (HAS_Z=False)
+    args = (u, delta, A.float().contiguous(), B, C, D, zz, delta_bias, lengths, h0, y, h_end)
+    strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+               C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), y.stride(0), y.stride(1))
+    match choose_algorithm(algorithm, b, d, t):
+        case ScanAlgorithm.SINGLE_PASS:
+            _single_pass[(b, triton.cdiv(d, BLOCK_D))](
+                *args, t, d, *strides, N=n, BLOCK=BLOCK_D, HAS_Z=z is not None, num_warps=2
+            )
+        case ScanAlgorithm.LOOKBACK_RERUN | ScanAlgorithm.LOOKBACK as chosen:
+            _launch_lookback(args, strides, chosen is ScanAlgorithm.LOOKBACK_RERUN, z is not None)
+        case ScanAlgorithm.THREE_PASS:
+            _launch_three_pass(args, strides, z is not None)
+    return y, h_end
+
+
+def _launch_lookback(args: tuple, strides: tuple, rerun: bool, has_z: bool) -> None:
+    """One launch of `_lookback` over (chunks × rows × channel blocks) programs, chunk-major."""
+    u, y = args[0], args[10]
+    (b, t, d), n = u.shape, args[2].shape[-1]
+    n_chunks = triton.cdiv(t, CHUNK)
+    dev = u.device
+    # (b, n_chunks - 1, d, n) published end states, all PENDING; one spare chunk keeps it non-empty.
+    carry = torch.full((b, max(n_chunks - 1, 1), d, n), PENDING.value, dtype=torch.int32, device=dev)
+    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
+    # The run from h = 0 keeps its ungated y in fp32, so that y is rounded once, as in the reference.
+    y_loc = y if rerun or y.dtype == torch.float32 else torch.empty(b, t, d, device=dev)  # (b, t, d) fp32
+    grid = (n_chunks * b * triton.cdiv(d, BLOCK_D),)
+    _lookback[grid](
+        *args[:11], y_loc, args[11], carry, ticket,
+        t, d, b, n_chunks, *strides,
+        N=n, BLOCK=BLOCK_D, CHUNK_T=CHUNK, HAS_Z=has_z, RERUN=rerun, LOCAL_Y=not rerun, num_warps=2,
+    )
+
+
+def _launch_three_pass(args: tuple, strides: tuple, has_z: bool) -> None:
+    """`_chunk_state`, `_chunk_combine`, `_chunk_output` (module docstring); one chunk skips the first two."""
+    u, delta, A, B, C, D, zz, delta_bias, lengths, h0, y, h_end = args
+    (b, t, d), n = u.shape, A.shape[-1]
+    n_chunks = triton.cdiv(t, CHUNK)
     grid_d = triton.cdiv(d, BLOCK_D)
     if n_chunks == 1:
         h_start = h0
     else:
-        h_loc = torch.empty(b, n_chunks, d, n, device=dev)
+        h_loc = torch.empty(b, n_chunks, d, n, device=u.device)
         decay = torch.empty_like(h_loc)
         _chunk_state[(b, grid_d, n_chunks)](
             u, delta, A, B, delta_bias, lengths, h_loc, decay,
             t, d, n_chunks,
-            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+            *strides[:6],
             N=n, BLOCK=BLOCK_D, CHUNK_T=CHUNK, num_warps=2,
         )
         h_start = torch.empty_like(h_loc)
         _chunk_combine[(b, grid_d)](h_loc, decay, h0, h_start, d, n_chunks, N=n, BLOCK=BLOCK_D, num_warps=2)
-    zz = z if z is not None else u  # a placeholder pointer when there is no gate (HAS_Z=False)
     _chunk_output[(b, grid_d, n_chunks)](
         u, delta, A, B, C, D, zz, delta_bias, lengths, h_start, y, h_end,
         t, d, n_chunks,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
-        C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), y.stride(0), y.stride(1),
-        N=n, BLOCK=BLOCK_D, CHUNK_T=CHUNK, HAS_Z=z is not None, num_warps=2,
+        *strides,
+        N=n, BLOCK=BLOCK_D, CHUNK_T=CHUNK, HAS_Z=has_z, num_warps=2,
     )
-    return y, h_end
 
 
 @triton.jit
