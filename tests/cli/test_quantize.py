@@ -1,5 +1,5 @@
 """`sambay quantize` end to end in a subprocess: quantise the tiny model, generate from the result with
-``--model``, and the one-line errors for bad arguments."""
+``--model``, the same with an AWQ calibration file, and the one-line errors for bad arguments."""
 
 from __future__ import annotations
 
@@ -38,3 +38,28 @@ def test_bad_arguments(model_dir, tmp_path):
                           2, "group size must be an even number")
     assert_one_line_error(run("quantize", str(model_dir), str(model_dir), "--bits", "8"), 2,
                           "exists and is not an empty directory")
+
+
+def test_quantize_with_calibration(model_dir, tmp_path):
+    """AWQ: the scale search runs on the text file, DST is "sambay-awq" with an input scale, and it generates."""
+    text = tmp_path / "calibration.txt"
+    text.write_text("Once upon a time there was a small model that learned to count. " * 20)
+    dst = tmp_path / "awq"
+    result = run("quantize", str(model_dir), str(dst), "--bits", "4", "--group-size", "16",
+                 "--calibration", str(text), "--calibration-tokens", "200")
+    assert result.returncode == 0, result.stderr
+    assert f"calibrated on 200 tokens of {text}" in result.stdout and "-> " in result.stdout
+    assert json.loads((dst / "quantization_config.json").read_text())["format"] == "sambay-awq"
+    result = run("generate", "--model", str(dst), "--raw", "--temperature", "0", "--max-new-tokens", "5",
+                 "Once upon a time")
+    assert result.returncode == 0, result.stderr
+    [[expected]] = Engine.load(dst, progress=False).generate(
+        ["Once upon a time"], SamplingParams(temperature=0, max_new_tokens=5))
+    assert result.stdout == expected.text + "\n"
+    assert_one_line_error(run("quantize", str(model_dir), str(tmp_path / "b"), "--bits", "4", "--group-size", "16",
+                              "--calibration", str(tmp_path / "absent.txt")), 1, "absent.txt")
+    assert_one_line_error(run("quantize", str(model_dir), str(tmp_path / "c"), "--bits", "4", "--group-size", "16",
+                              "--calibration", str(text), "--calibration-tokens", "0"), 2,
+                          "--calibration-tokens must be at least 1")
+    assert_one_line_error(run("quantize", str(model_dir), str(tmp_path / "d"), "--bits", "8", "--group-size", "16",
+                              "--calibration", str(text)), 2, "--calibration (AWQ) is offered at --bits 4 only")

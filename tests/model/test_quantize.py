@@ -5,7 +5,7 @@ Measured bounds (relative L2 error of the logits, ||q - f|| / ||f||, fp32 refere
     random tiny model (weights ~ N(0, 1/n_in), group 16): int8 0.014, int4 0.23   → asserted < 0.03 / < 0.4
     embedded trained model (default_model, group 64):      int8 0.006, int4 0.058  → asserted < 0.02 / < 0.15
 (a bf16 copy of the random model is at 0.011: int8 costs about what bf16 does; int4 round-to-nearest
-costs several times more, which is what AWQ-style scale search, not done yet, would address.)
+costs several times more, which the AWQ-style scale search addresses: tests/model/test_quantize_awq.py.)
 """
 
 from __future__ import annotations
