@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default: 64)")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step before capturing its CUDA graphs (GPU): about 6%% more "
-                            "tokens/s at batch 1-8 on an H200, tens of seconds more at start")
+                            "tokens/s at batch 1-8 on an H200, tens of seconds more at start (default: off)")
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                        help="plan step n+1 while the host processes step n's tokens (default: on)")
     group.add_argument("--prefix-cache-gb", "--prefix-cache-memory-gb", dest="prefix_cache_gb",
