@@ -115,8 +115,11 @@ def build_model(config: TrainConfig, runtime: Runtime) -> SambaY:
     elif config.model not in PRESETS:
         raise ValueError(f"unknown model preset {config.model!r}; choose from {sorted(PRESETS)}")
     else:
-        generator = torch.Generator().manual_seed(config.seed)  # same init on every rank
-        model = SambaY(PRESETS[config.model], backend="reference").init_weights(generator)
+        # built and initialised on the run's device: the full-size preset is 15 GB of fp32, minutes on a CPU;
+        # every rank seeds the same generator, so every rank starts from the same weights
+        with torch.device(runtime.device):
+            generator = torch.Generator(runtime.device).manual_seed(config.seed)
+            model = SambaY(PRESETS[config.model], backend="reference").init_weights(generator)
     if config.quantize_base:
         with torch.no_grad():
             quantize_model(model, base_quant_spec(config))
@@ -153,7 +156,7 @@ def add_lora(model: SambaY, config: TrainConfig) -> SambaY:
 
     if config.dtype == "bfloat16":
         model.to_dtype(torch.bfloat16)
-    generator = torch.Generator().manual_seed(config.seed + 1)
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(config.seed + 1)
     apply_lora(model, config.lora_targets, rank=config.lora_rank, alpha=config.lora_alpha or None,
                generator=generator)
     return model
