@@ -99,3 +99,12 @@ def test_formats_compare_weight_formats_against_their_own_limits(monkeypatch, ca
     for system in weights:
         assert f"| {system} | 1 | 16 |" in out and f"| {system} | 16 |" in out  # decode, then prefill
     assert "| weights" in out and "int4" in out
+
+
+def test_a_group_size_that_does_not_fit_is_refused_before_any_run(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(suite, "run_formats", lambda *a, **k: pytest.fail("no run with a bad group size"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--formats", "bf16", "int4", "--group-size", "96", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--group-size 96" in err and err.count("\n") == 1

@@ -107,3 +107,24 @@ def test_a_dpo_run_logs_its_metrics_and_computes_the_reference_once(corpus, pair
     said = stream.getvalue()
     assert "reusing the reference log-probabilities" in said and "resuming from" in said, said
     assert set(read_log(tmp_path / "log.jsonl")) == {1, 2, 3, 4}
+
+
+def test_the_reference_is_recomputed_for_another_base_quantisation(corpus, pairs_file, tmp_path):
+    """The stored reference log-probabilities are those of the frozen base: a QLoRA base quantised otherwise
+    (or a float one) computes them anew instead of reusing another base's."""
+    from sambay.train.dpo import stored_reference
+
+    tokenizer = load_tokenizer(corpus / "tokenizer")
+    pairs = {"train": read_pairs([str(pairs_file)], tokenizer, 64)[0]}
+    model = SambaY(PRESETS["sambay-da-tiny"], backend="reference").init_weights(torch.Generator().manual_seed(0))
+    said = []
+
+    class Say:
+        def say(self, message):
+            said.append(message)
+
+    for quantize_base in (0, 8, 8, 4):
+        config = tiny_run(corpus, tmp_path, objective="dpo", train_files=[str(pairs_file)], lora_rank=4,
+                          seq_len=64, quantize_base=quantize_base, quantize_group_size=16)
+        stored_reference(model, pairs, config, torch.device("cpu"), Say())
+    assert ["reusing" in m for m in said] == [False, False, True, False], said

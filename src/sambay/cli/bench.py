@@ -54,8 +54,26 @@ def _formats_config(args: argparse.Namespace):
 
     if args.smoke:
         return suite.FormatsConfig(formats=tuple(args.formats), group_size=16, batches=(1, 2), contexts=(16,),
-                                   prefill_tokens=(16,), decode_steps=2, smoke=True)
+                                   prefill_tokens=(16,), decode_steps=2, smoke=True, compile=args.compile)
+    _check_group_size(args.group_size, args.formats)
     return suite.FormatsConfig(formats=tuple(args.formats), group_size=args.group_size, compile=args.compile)
+
+
+def _check_group_size(group_size: int, formats) -> None:
+    """A group size that does not fit the release's projections is refused now, not after the bf16 rows."""
+    from sambay.config import PHI4_MINI_FLASH
+    from sambay.model.sambay import SambaY
+    from sambay.ops.quantized_matmul import check_quant_args
+    from sambay.quant.layer import projections
+
+    with torch.device("meta"):
+        model = SambaY(PHI4_MINI_FLASH, backend="reference")
+    try:
+        for bits in {8 if f == "int8" else 4 for f in formats if f != "bf16"}:
+            for path, linear in projections(model):
+                check_quant_args(linear.in_features, bits, group_size, path)
+    except ValueError as e:
+        raise UsageError(f"--group-size {group_size}: {e}") from None
 
 
 def main(args: argparse.Namespace) -> int:

@@ -86,6 +86,14 @@ def reference_logps(model: nn.Module, pairs: list[PreferencePair], micro: int, d
     return torch.cat(out)
 
 
+def _base_quantization(config: TrainConfig) -> list | None:
+    """The frozen base's quantisation (bits, group size), which changes the reference log-probabilities."""
+    from sambay.train.setup import base_quant_spec
+
+    spec = base_quant_spec(config)
+    return None if spec is None else [spec.bits, spec.group_size, getattr(spec, "input_scale", False)]
+
+
 def stored_reference(model: nn.Module, pairs: dict[str, list[PreferencePair]], config: TrainConfig,
                      device: torch.device, report: Reporter) -> dict[str, Tensor]:
     """{split: (n, 2) reference log-probabilities}: read from ``out_dir`` when computed for the same
@@ -95,7 +103,8 @@ def stored_reference(model: nn.Module, pairs: dict[str, list[PreferencePair]], c
              for f in [*config.train_files, *config.eval_files]]
     fingerprint = json.dumps({"files": stats, "init_from": config.init_from, "model": config.model,
                               "seed": config.seed, "seq_len": config.seq_len, "dtype": config.dtype,
-                              "lora": config.lora_rank > 0, "pairs": {k: len(v) for k, v in pairs.items()}})
+                              "lora": config.lora_rank > 0, "pairs": {k: len(v) for k, v in pairs.items()},
+                              "base": _base_quantization(config)})
     if file.is_file():
         from safetensors import safe_open
 

@@ -26,7 +26,8 @@ ranges, one program each; each writes its fp32 partial tile to a workspace and b
 and the program that arrives last sums the partials in split order (deterministic), writes the output
 and resets the counter. One launch, no memset and no reduction kernel: inside a CUDA graph every extra
 launch costs as much as a small projection. The workspace and counters are kept per (device, shape), so
-a captured graph always finds the same buffers; the counters are zero between launches.
+a captured graph always finds the same buffers; the counters are zero between launches. They assume one
+stream launches a shape at a time, as the engine does.
 
 Row program ids are widened to int64 before they scale a stride, as in the other kernels.
 """
@@ -114,6 +115,7 @@ def _quantized_matmul(
         cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         base = ws_ptr + tile.to(tl.int64) * SPLIT * BLOCK_M * BLOCK_N
         tl.store(base + pid_k * BLOCK_M * BLOCK_N + cell, acc)
+        tl.debug_barrier()  # every warp's part of the partial is stored before the counter moves
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # releases the partial stored above
         if arrived == SPLIT - 1:  # the last of the tile's programs: every partial is visible (acquire)
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -153,6 +155,9 @@ def _split(tiles: int, n_in: int, block_k: int, device: torch.device) -> int:
 
 
 def _workspace(device: torch.device, tiles: int, split: int, block_m: int, block_n: int) -> tuple[Tensor, Tensor]:
+    """Partials and counters of one launch shape. Shared by every launch of that shape, which is safe because
+    they run one after another on one stream (the engine's, and its graphs' replays on it); two streams
+    launching the same shape at once would mix their partials."""
     key = (device, tiles, split, block_m, block_n)
     if key not in _workspaces:
         _workspaces[key] = (torch.empty(tiles * split * block_m * block_n, dtype=torch.float32, device=device),
