@@ -56,8 +56,14 @@ def test_quantize_with_calibration(model_dir, tmp_path):
     [[expected]] = Engine.load(dst, progress=False).generate(
         ["Once upon a time"], SamplingParams(temperature=0, max_new_tokens=5))
     assert result.stdout == expected.text + "\n"
-    assert_one_line_error(run("quantize", str(model_dir), str(tmp_path / "b"), "--bits", "4", "--group-size", "16",
-                              "--calibration", str(tmp_path / "absent.txt")), 1, "absent.txt")
+    for bad, what in ((tmp_path / "absent.txt", "cannot read it"), (tmp_path / "latin1.txt", "as UTF-8 text"),
+                      (tmp_path / "empty.txt", "is empty")):
+        if bad.name == "latin1.txt":
+            bad.write_bytes("café".encode("latin-1"))
+        elif bad.name == "empty.txt":
+            bad.write_text("")
+        assert_one_line_error(run("quantize", str(model_dir), str(tmp_path / "b"), "--bits", "4", "--group-size",
+                                  "16", "--calibration", str(bad)), 2, what)
     assert_one_line_error(run("quantize", str(model_dir), str(tmp_path / "c"), "--bits", "4", "--group-size", "16",
                               "--calibration", str(text), "--calibration-tokens", "0"), 2,
                           "--calibration-tokens must be at least 1")

@@ -60,9 +60,10 @@ def main(args: argparse.Namespace) -> int:
     if existing is not None:
         raise ValueError(f"{src} is already quantised ({existing.bits}-bit, group size {existing.group_size}); "
                          "quantise the float checkpoint it came from")
+    ids = _calibration_ids(src, args) if spec.input_scale else None  # read before minutes of loading
     model = load_model(src, backend="reference")
     with torch.no_grad():
-        layers = _calibrated(model, spec, src, args) if spec.input_scale else quantize_model(model, spec)
+        layers = _calibrated(model, spec, ids, args) if spec.input_scale else quantize_model(model, spec)
     save_quantized(model, spec, dst)
     for name in _COPIED:
         if (src / name).is_file():
@@ -73,13 +74,25 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrated(model, spec, src: Path, args: argparse.Namespace) -> dict:
-    """AWQ: calibrate on --calibration, search the scales, quantise; prints the layer error it saved."""
-    from sambay.quant.awq import calibration_sequences, quantize_model_awq
+def _calibration_ids(src: Path, args: argparse.Namespace) -> list[int]:
+    """The --calibration text as SRC's token ids; an unreadable file is a usage error."""
+    from sambay.cli._common import UsageError
     from sambay.tokenizer import load_tokenizer
 
-    text = Path(args.calibration).read_text(encoding="utf-8")
+    try:
+        text = Path(args.calibration).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--calibration {args.calibration}: cannot read it as UTF-8 text ({e})") from None
     ids = load_tokenizer(src).encode(text)
+    if not ids:
+        raise UsageError(f"--calibration {args.calibration} is empty")
+    return ids
+
+
+def _calibrated(model, spec, ids: list[int], args: argparse.Namespace) -> dict:
+    """AWQ: calibrate on --calibration, search the scales, quantise; prints the layer error it saved."""
+    from sambay.quant.awq import calibration_sequences, quantize_model_awq
+
     sequences = calibration_sequences(ids, args.calibration_tokens, seq_len=min(512, model.config.max_seq_len))
     found = quantize_model_awq(model, spec, sequences)
     rtn = sum(r.rtn_error for r in found.values()) / len(found)
