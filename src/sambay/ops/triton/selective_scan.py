@@ -110,6 +110,18 @@ def _step(h, u_ptr, dt_ptr, b_ptr, bias, A, t, offs_d, offs_n, mask_d, s_ut, s_d
 
 
 @triton.jit
+def _channels(A_ptr, D_ptr, bias_ptr, pid_d, D, N: tl.constexpr, BLOCK: tl.constexpr):
+    """A program's channels: (offs_d, offs_n, mask_d, A (BLOCK, N), bias, skip (BLOCK,)) in fp32."""
+    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, N)
+    mask_d = offs_d < D
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None], other=0.0)
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return offs_d, offs_n, mask_d, A, bias, skip
+
+
+@triton.jit
 def _chunk_state(
     u_ptr, dt_ptr, A_ptr, b_ptr, bias_ptr, len_ptr, hloc_ptr, dec_ptr,  # pointers
     T, D, n_chunks,  # dimensions
@@ -162,12 +174,7 @@ def _chunk_output(
     N: tl.constexpr, BLOCK: tl.constexpr, CHUNK_T: tl.constexpr, HAS_Z: tl.constexpr,  # meta-parameters
 ):
     pid_b, pid_d, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, N)
-    mask_d = offs_d < D
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None], other=0.0)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_d, offs_n, mask_d, A, bias, skip = _channels(A_ptr, D_ptr, bias_ptr, pid_d, D, N, BLOCK)
     n_valid = tl.load(len_ptr + pid_b)
     cell = offs_d[:, None] * N + offs_n[None, :]
     h = tl.load(hstart_ptr + (pid_b * n_chunks + pid_c) * D * N + cell, mask=mask_d[:, None], other=0.0)
@@ -186,18 +193,6 @@ def _chunk_output(
         tl.store(y_ptr + pid_b * s_yb + t * s_yt + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d & in_range)
     if pid_c == n_chunks - 1:
         tl.store(hend_ptr + pid_b * D * N + cell, h, mask=mask_d[:, None])
-
-
-@triton.jit
-def _channels(A_ptr, D_ptr, bias_ptr, pid_d, D, N: tl.constexpr, BLOCK: tl.constexpr):
-    """A program's channels: (offs_d, offs_n, mask_d, A (BLOCK, N), bias, skip (BLOCK,)) in fp32."""
-    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, N)
-    mask_d = offs_d < D
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None], other=0.0)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    return offs_d, offs_n, mask_d, A, bias, skip
 
 
 @triton.jit
