@@ -32,6 +32,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one CPU thread for the test, the count restored after: tiny models decode fastest on one
+    thread (`sambay.cli._common`) and do not fight a parallel job for the cores. Directories of tiny-model
+    tests make it autouse in their conftest."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_restore_dtype():
     torch.manual_seed(0)

@@ -11,6 +11,16 @@ from sambay.generate import Engine, SamplingParams
 from tests.cli.conftest import assert_one_line_error, run
 
 
+def _generates_as_loaded(dst):
+    """`sambay generate --model DST` prints what the engine loaded from DST generates."""
+    result = run("generate", "--model", str(dst), "--raw", "--temperature", "0", "--max-new-tokens", "5",
+                 "Once upon a time")
+    assert result.returncode == 0, result.stderr
+    [[expected]] = Engine.load(dst, progress=False).generate(
+        ["Once upon a time"], SamplingParams(temperature=0, max_new_tokens=5))
+    assert result.stdout == expected.text + "\n"
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantize_then_generate(model_dir, tmp_path, bits):
     dst = tmp_path / f"int{bits}"
@@ -19,12 +29,7 @@ def test_quantize_then_generate(model_dir, tmp_path, bits):
     assert f"to {bits} bits (group size 16): wrote {dst}" in result.stdout
     assert json.loads((dst / "quantization_config.json").read_text())["bits"] == bits
     assert (dst / "tokenizer_config.json").is_file()
-    result = run("generate", "--model", str(dst), "--raw", "--temperature", "0", "--max-new-tokens", "5",
-                 "Once upon a time")
-    assert result.returncode == 0, result.stderr
-    [[expected]] = Engine.load(dst, progress=False).generate(
-        ["Once upon a time"], SamplingParams(temperature=0, max_new_tokens=5))
-    assert result.stdout == expected.text + "\n"
+    _generates_as_loaded(dst)
     assert_one_line_error(run("quantize", str(dst), str(tmp_path / "again"), "--bits", "4", "--group-size", "16"),
                           1, "is already quantised (")
 
@@ -50,12 +55,7 @@ def test_quantize_with_calibration(model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"calibrated on 200 tokens of {text}" in result.stdout and "-> " in result.stdout
     assert json.loads((dst / "quantization_config.json").read_text())["format"] == "sambay-awq"
-    result = run("generate", "--model", str(dst), "--raw", "--temperature", "0", "--max-new-tokens", "5",
-                 "Once upon a time")
-    assert result.returncode == 0, result.stderr
-    [[expected]] = Engine.load(dst, progress=False).generate(
-        ["Once upon a time"], SamplingParams(temperature=0, max_new_tokens=5))
-    assert result.stdout == expected.text + "\n"
+    _generates_as_loaded(dst)
     for bad, what in ((tmp_path / "absent.txt", "cannot read it"), (tmp_path / "latin1.txt", "as UTF-8 text"),
                       (tmp_path / "empty.txt", "is empty")):
         if bad.name == "latin1.txt":

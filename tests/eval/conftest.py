@@ -26,12 +26,9 @@ def engine() -> Engine:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The 3.7M-parameter model decodes fastest on one thread (sambay.cli._common); restore the count after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every test here on one thread (`tests.conftest.one_thread`)."""
     yield
-    torch.set_num_threads(threads)
 
 
 def held_out_math(tokenizer: Tokenizer, count: int, max_reply_tokens: int = 60) -> list[dict]:

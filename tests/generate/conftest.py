@@ -11,12 +11,9 @@ from tests.conftest import random_model, small_config
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not fight a parallel job for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every test here on one thread (`tests.conftest.one_thread`)."""
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=10)
 
 @pytest.fixture(scope="module")
 def engine():
-    torch.set_num_threads(1)
     return Engine(random_model(small_config()))
 
 
