@@ -9,6 +9,11 @@ asynchronous scheduling), timing the decode phase (steps with no prefill) per st
 fixed-context CUDA-graph step at batch C and the mean context (`sambay.bench.runs`). Before that, a lone
 request on the warm core twice (TTFT: the second shows what the first paid), with every Triton
 compilation after warm-up printed (a warm-up that missed a specialisation).
+
+With ``--json-schema FILE`` every request carries that schema (`GuidedDecoding.from_schema`; the
+grammar applies from the first token, as in ``serve_sweep.py --json-schema``), so each step also
+computes the grammar's masks: the in-process half of issue 17's cost. ``--cprofile`` then shows where
+the host's time goes in the constrained decode phase.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 import triton
@@ -25,7 +31,14 @@ from sambay.bench.runs import decode_step_seconds
 from sambay.config import PRESETS
 from sambay.generate import Engine, SamplingParams
 from sambay.generate.core import EngineCore
+from sambay.generate.guided import GuidedDecoding
 from sambay.generate.requests import SchedulerConfig
+
+
+def phases(core: EngineCore) -> tuple:
+    """(name, owner) of each timed method: planning, the launch, and inside it the masks and sampling."""
+    return (("schedule", core.scheduler), ("_launch", core), ("_masks", core), ("_sample", core),
+            ("_finish", core), ("update", core.scheduler))
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -37,7 +50,7 @@ class HostClock:
 
     def __init__(self, core: EngineCore):
         self.totals: dict[str, float] = {}
-        for name, owner in (("schedule", core.scheduler), ("_launch", core), ("update", core.scheduler)):
+        for name, owner in phases(core):
             setattr(owner, name, self._timed(name, getattr(owner, name)))
 
     def _timed(self, name, fn):
@@ -50,9 +63,9 @@ class HostClock:
         return wrapper
 
 
-def run(core: EngineCore, batch: int, prompt: int, max_tokens: int, overlap: bool) -> dict:
+def run(core: EngineCore, batch: int, prompt: int, max_tokens: int, overlap: bool, guided=None) -> dict:
     """C requests at once; returns TTFT of the last, and the decode-phase seconds per step."""
-    params = SamplingParams(temperature=0, max_new_tokens=max_tokens, stop_token_ids=())
+    params = SamplingParams(temperature=0, max_new_tokens=max_tokens, stop_token_ids=(), guided=guided)
     done, first = [], {}
 
     def sink(i):
@@ -79,9 +92,8 @@ def run(core: EngineCore, batch: int, prompt: int, max_tokens: int, overlap: boo
     end = time.perf_counter()
     n = steps - decode_steps
     host = {k: round(v / max(n, 1) * 1e3, 3) for k, v in clock.totals.items()} if clock else {}
-    for name in ("schedule", "_launch", "update"):  # unwrap
-        for owner in (core, core.scheduler):
-            owner.__dict__.pop(name, None)
+    for name, owner in phases(core):  # unwrap
+        owner.__dict__.pop(name, None)
     return {"batch": batch, "overlap": overlap, "ttft_s": round(max(first.values()) - start, 4) if first else None,
             "decode_step_ms": round((end - decode_start) / max(n, 1) * 1e3, 3), "decode_steps": n,
             "host_ms_per_step": host}
@@ -94,7 +106,9 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--cprofile", action="store_true", help="profile the host side of the largest batch, then stop")
+    p.add_argument("--json-schema", type=Path, help="every request's answer follows this JSON Schema")
     args = p.parse_args()
+    guided = GuidedDecoding.from_schema(json.loads(args.json_schema.read_text())) if args.json_schema else None
     with torch.device("cuda"):
         model = sambay.SambaY(PRESETS["phi4-mini-flash"]).init_weights(torch.Generator("cuda").manual_seed(0))
     model = model.to_dtype(torch.bfloat16).eval()
@@ -115,14 +129,14 @@ def main() -> int:
 
         profiler = cProfile.Profile()
         profiler.enable()
-        run(core, max(args.batch), args.prompt_tokens, args.max_tokens, False)
+        run(core, max(args.batch), args.prompt_tokens, args.max_tokens, False, guided)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return 0
     rows = []
     for c in args.batch:
         for overlap in (False, True):
-            r = run(core, c, args.prompt_tokens, args.max_tokens, overlap)
+            r = run(core, c, args.prompt_tokens, args.max_tokens, overlap, guided)
             context = args.prompt_tokens + args.max_tokens // 2
             r["offline_step_ms"] = round(decode_step_seconds(model, c, context, 30, graphs=True) * 1e3, 3)
             print(json.dumps(r), flush=True)
