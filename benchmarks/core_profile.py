@@ -123,15 +123,21 @@ def main() -> int:
         lone = run(core, 1, args.prompt_tokens, 4, overlap=True)
         print(json.dumps({"lone_request": attempt, **lone, "compiled_after_warm_up": compiled}), flush=True)
         compiled.clear()
-    if args.cprofile:  # where the host's time goes in a synchronous decode phase of the largest batch
+    if args.cprofile:  # where the host's time goes in the decode phase of the largest batch
         import cProfile
         import pstats
 
+        c = max(args.batch)
+        if guided is not None:  # the same batch unconstrained first: the cost of the grammar, in one process
+            print(json.dumps({"guided": False, **run(core, c, args.prompt_tokens, args.max_tokens, True)}), flush=True)
+        print(json.dumps({"guided": guided is not None,
+                          **run(core, c, args.prompt_tokens, args.max_tokens, True, guided)}), flush=True)
         profiler = cProfile.Profile()
         profiler.enable()
-        run(core, max(args.batch), args.prompt_tokens, args.max_tokens, False, guided)
+        run(core, c, args.prompt_tokens, args.max_tokens, True, guided)
         profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
         return 0
     rows = []
     for c in args.batch:
