@@ -33,6 +33,9 @@ from sambay.generate import Engine, SamplingParams
 from sambay.generate.core import EngineCore
 from sambay.generate.guided import GuidedDecoding
 from sambay.generate.requests import SchedulerConfig
+from sambay.tokenizer import load_tokenizer
+
+RELEASED = Path(__file__).resolve().parent.parent / "tests" / "data" / "phi-4-mini-flash-reasoning"
 
 
 def phases(core: EngineCore) -> tuple:
@@ -115,7 +118,8 @@ def main() -> int:
     config = SchedulerConfig(slots=args.slots, max_length=args.prompt_tokens + args.max_tokens + 64,
                              max_waiting=1024)
     t0 = time.perf_counter()
-    core = EngineCore(Engine(model), config)
+    tokenizer = load_tokenizer(RELEASED) if guided is not None else None  # a grammar reads the tokens' text
+    core = EngineCore(Engine(model, tokenizer), config)
     print(f"core ready in {time.perf_counter() - t0:.1f} s", flush=True)
     compiled = []
     triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiled.append(str(k.get("fn", a[:1])))
