@@ -7,7 +7,8 @@ For each projection shape of the release (`sambay.quant.layer.projections` of th
 with how many of each a decode step runs) and rows M in ``--rows``: the time of one call, measured as a
 CUDA graph of ``--calls`` back-to-back calls replayed (as the decode graph runs them: no launch latency),
 for cuBLAS on the bf16 weight and for `sambay.ops.triton.quantized_matmul` on the int8 and int4 weight.
-Each kernel configuration of a small grid (the module's decode constants: BLOCK_N_DECODE, BLOCK_K_DECODE,
+Each kernel configuration of a small grid (the module's constants of the path M takes: the CUDA-core GEMV
+path's GEMV_* up to GEMV_ROWS rows, else the tl.dot decode kernel's BLOCK_N_DECODE, BLOCK_K_DECODE,
 DECODE_STAGES, MIN_PROGRAMS_PER_SM) is timed, and the one with the least summed time over a step's
 projections is reported per (format, M), with its bandwidth as a fraction of 4.3 TB/s. A time cap
 (``--max-seconds``, shared equally by the (format, M) pairs) stops a sweep early and keeps what was
@@ -33,8 +34,13 @@ from sambay.ops.triton import quantized_matmul as tri
 from sambay.quant.layer import projections
 
 LIMIT = 4.3e12
-GRID = {"BLOCK_N_DECODE": (32, 64, 128), "BLOCK_K_DECODE": (128, 256), "DECODE_STAGES": (2, 3),
+# The tl.dot decode kernel (5-16 rows). BLOCK_K_DECODE 256 spilled (10x slower on the H200, 2026-12-01),
+# and 2 stages never won: both left out.
+GRID = {"BLOCK_N_DECODE": (32, 64, 128), "BLOCK_K_DECODE": (128,), "DECODE_STAGES": (3,),
         "MIN_PROGRAMS_PER_SM": (2, 4, 8)}
+# The CUDA-core GEMV path (1-GEMV_ROWS rows)
+GEMV_GRID = {"GEMV_BLOCK_N": (16, 32, 64), "GEMV_BLOCK_K": (64, 128), "GEMV_WARPS": (4, 8),
+             "GEMV_MIN_PROGRAMS_PER_SM": (4, 16)}
 
 
 def shapes() -> dict[tuple[int, int], int]:
@@ -108,13 +114,14 @@ def main() -> int:
         for bits in (8, 4):
             q_bytes = sum((n * k * bits // 8 + n * (k // args.group_size) * 4) * c for (n, k), c in step_shapes.items())
             best, started = None, time.monotonic()
-            settings = list(itertools.product(*GRID.values()))
+            grid = GEMV_GRID if m <= tri.GEMV_ROWS else GRID
+            settings = list(itertools.product(*grid.values()))
             random.Random(0).shuffle(settings)  # a cut-short sweep still samples the whole grid
             for values in settings:  # each (M, format) gets its share of the time cap
                 if time.monotonic() - started > args.max_seconds / (2 * len(args.rows)):
                     result["stopped"] = "time cap"
                     break
-                setting = dict(zip(GRID, values, strict=True))
+                setting = dict(zip(grid, values, strict=True))
                 for name, value in setting.items():
                     setattr(tri, name, value)
                 tri._workspaces.clear()

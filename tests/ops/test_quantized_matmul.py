@@ -80,10 +80,11 @@ def test_bad_arguments(bits, group_size, message):
 def _shrink_blocks(monkeypatch, tri):
     """Under the interpreter, small blocks so that tiny shapes cross several N tiles and K steps (32 inputs a
     step: an int4 step's two dots need 16 each), decode splits its inputs (split-K with the last program's
-    fix-up) as the release's projections do on the H200, and 40 rows already take the dequantise path."""
+    fix-up) as the release's projections do on the H200, and 40 rows already take the dequantise path. The
+    CUDA-core GEMV path takes 1-4 rows whose group is a multiple of its 16-input step."""
     if ON_GPU:
         return
-    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_N_DECODE"):
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_N_DECODE", "GEMV_BLOCK_N", "GEMV_BLOCK_K"):
         monkeypatch.setattr(tri, name, 16)
     for name in ("BLOCK_K", "BLOCK_K_DECODE"):
         monkeypatch.setattr(tri, name, 32)
@@ -105,14 +106,21 @@ def test_decode_splits_the_inputs_when_the_tiles_are_too_few(monkeypatch):
         assert tri._split(64, 64, 32, dev) == 1
 
 
+@pytest.mark.parametrize("path", ["auto", "no_gemv"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m,n_out,n_in,group_size", SHAPES)
-def test_triton_matches_reference(monkeypatch, dtype, bits, m, n_out, n_in, group_size):
+def test_triton_matches_reference(monkeypatch, dtype, bits, m, n_out, n_in, group_size, path):
+    """Every path against the reference: "auto" takes the GEMV path for 1-4 rows where the group allows it,
+    "no_gemv" sends those rows through the tl.dot decode kernel."""
     pytest.importorskip("triton")
     from sambay.ops.triton import quantized_matmul as tri
 
     _shrink_blocks(monkeypatch, tri)
+    if path == "no_gemv":
+        if m > tri.GEMV_ROWS:
+            pytest.skip("these rows never take the GEMV path")
+        monkeypatch.setattr(tri, "GEMV_ROWS", 0)
     q, s = quantize_rtn(_weight(n_out, n_in), bits, group_size)
     q, s = q.to(DEVICE), s.to(DEVICE)
     x = torch.randn(m, n_in, generator=torch.Generator().manual_seed(2)).to(DEVICE)
@@ -140,3 +148,28 @@ def test_triton_keeps_leading_dims_and_rejects_a_wrong_layout():
         tri.quantized_matmul(x, q, s, 8, 16)  # packed int4 read as int8
     with pytest.raises(ValueError, match="scales"):
         tri.quantized_matmul(x, q, s.half(), 4, 16)
+
+
+@pytest.mark.parametrize("m,group_steps,gemv", [(1, 2, True), (4, 2, True), (5, 2, False), (1, 0.5, False)])
+def test_which_rows_take_the_gemv_path(monkeypatch, m, group_steps, gemv):
+    """1-GEMV_ROWS rows with a group that is a multiple of the GEMV step take the CUDA-core path; others not."""
+    pytest.importorskip("triton")
+    from sambay.ops.triton import quantized_matmul as tri
+
+    _shrink_blocks(monkeypatch, tri)
+    launched = []
+    kernel = tri._quantized_gemv
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(tri, "_quantized_gemv", Spy())
+    group_size = int(group_steps * tri.GEMV_BLOCK_K)  # a group of two GEMV steps, or of half a step
+    n_in = 5 * group_size
+    q, s = quantize_rtn(_weight(24, n_in), 8, group_size)
+    x = torch.randn(m, n_in, generator=torch.Generator().manual_seed(3))
+    out = tri.quantized_matmul(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), 8, group_size)
+    assert bool(launched) is gemv
+    assert_close(out, quantized_matmul_ref(x, q, s, 8, group_size).to(DEVICE), atol=1e-4, rtol=1e-4, what="out")

@@ -51,11 +51,11 @@ def _gen(seed):
     return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
-def _compare(kernel_out, ref_fn, inputs, dtype, what):
-    """Kernel output vs the reference in fp32 (fp32 table) or by the low-precision rule."""
+def _compare(kernel_out, ref_fn, inputs, dtype, what, fp32_tol=1e-4):
+    """Kernel output vs the reference in fp32 (atol = rtol = ``fp32_tol``) or by the low-precision rule."""
     ref32 = ref_fn(*[x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs])
     if dtype == torch.float32:
-        assert_close(kernel_out, ref32, atol=1e-4, rtol=1e-4, what=what)
+        assert_close(kernel_out, ref32, atol=fp32_tol, rtol=fp32_tol, what=what)
     else:
         assert kernel_out.dtype == dtype, what
         assert_low_precision(kernel_out, ref32.to(dtype), ref32, what=what)
@@ -125,17 +125,20 @@ def test_selective_scan_algorithms_match_reference(monkeypatch, algorithm, dtype
                                   None if z is None else z.float(), bias.float(), h0, lengths)
     tol = FP32 if dtype == torch.float32 else {"atol": 1e-3, "rtol": 1e-3}
     assert_close(h, h_ref, **{k: v * 10 for k, v in tol.items()}, what=f"{algorithm.value} final state")
+    # fp32 over 2,048 steps: the GPU's exp differs from torch's by an ulp or two per step, and the state
+    # carries it; every algorithm (three_pass included) lands 3.8e-4 off at one of 10M outputs on the H200
+    # (mean 4.6e-7), so long fp32 sequences get 1e-3
     _compare(y, lambda *a: selective_scan_ref(*a, h0, lengths)[0], [u, delta, A, B, C, D, z, bias], dtype,
-             f"{algorithm.value} y")
+             f"{algorithm.value} y", fp32_tol=1e-3 if t > 1024 else 1e-4)
 
 
-def test_scan_dispatch_rule(monkeypatch):
-    """AUTO: one chunk or enough (row, channel block) programs → single pass, else CHUNKED_ALGORITHM; and the
-    measured three-pass path until the new algorithms have run on a GPU."""
+def test_scan_dispatch_rule():
+    """AUTO: one chunk or enough (row, channel block) programs → single pass, else CHUNKED_ALGORITHM (the
+    H200's measured choice: batch 1-4 look-back with a rerun, batch >= 7 single pass at d_inner 5120)."""
     Alg, choose = tri_scan.ScanAlgorithm, tri_scan.choose_algorithm
-    if not tri_scan.NEW_ALGORITHMS_MEASURED:
-        assert choose(Alg.AUTO, 64, 5120, 4 * tri_scan.CHUNK) is Alg.THREE_PASS
-    monkeypatch.setattr(tri_scan, "NEW_ALGORITHMS_MEASURED", True)
+    assert tri_scan.CHUNKED_ALGORITHM is Alg.LOOKBACK_RERUN
+    assert choose(Alg.AUTO, 1, 5120, 128 * tri_scan.CHUNK) is Alg.LOOKBACK_RERUN  # one 32K-token prefill
+    assert choose(Alg.AUTO, 16, 5120, 8 * tri_scan.CHUNK) is Alg.SINGLE_PASS  # 16 rows of 2K tokens
     chunk, blocks = tri_scan.CHUNK, tri_scan.SINGLE_PASS_MIN_PROGRAMS
     d = 5120
     rows_enough = -(-blocks // -(-d // tri_scan.BLOCK_D))  # ceil(threshold / channel blocks per row)

@@ -51,8 +51,79 @@ DEQUANTIZE_ROWS = 512  # from this many rows on, dequantise to a bf16 copy and l
 DECODE_WARPS, DECODE_STAGES = 4, 3  # launch options of the decode kernel (benchmarks/quant_gemv.py sweeps them)
 MIN_PROGRAMS_PER_SM = 4  # decode splits K until about this many programs per SM stream the weights
 MIN_SPLIT_STEPS = 4  # ... but each split walks at least this many BLOCK_K steps
+GEMV_ROWS = 4  # up to this many rows, and with a scale group a multiple of GEMV_BLOCK_K: the CUDA-core path
+GEMV_BLOCK_N = 32  # output features a GEMV program
+GEMV_BLOCK_K = 128  # inputs a GEMV step
+GEMV_WARPS = 4
+GEMV_MIN_PROGRAMS_PER_SM = 8  # the GEMV path's split-K target (see MIN_PROGRAMS_PER_SM)
 
 _workspaces: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+@triton.jit
+def _store_tile(acc, o_ptr, rm, rn, m_mask, n_mask, s_om, ws_ptr, count_ptr, tile, pid_k,
+                SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes a program's fp32 (BLOCK_M, BLOCK_N) tile; under split-K, the last of the tile's programs sums the
+    partials in split order and writes them (module docstring)."""
+    out = o_ptr + rm[:, None] * s_om + rn[None, :]
+    if SPLIT == 1:
+        tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        base = ws_ptr + tile.to(tl.int64) * SPLIT * BLOCK_M * BLOCK_N
+        tl.store(base + pid_k * BLOCK_M * BLOCK_N + cell, acc)
+        tl.debug_barrier()  # every warp's part of the partial is stored before the counter moves
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # releases the partial stored above
+        if arrived == SPLIT - 1:  # the last of the tile's programs: every partial is visible (acquire)
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in range(SPLIT):  # in split order, whatever order the programs finished in
+                total += tl.load(base + j * BLOCK_M * BLOCK_N + cell, cache_modifier=".cg")
+            tl.store(out, total.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch
+
+
+@triton.jit
+def _quantized_gemv(
+    x_ptr, q_ptr, s_ptr, o_ptr, ws_ptr, count_ptr,
+    M, N, K, k_per_split,
+    s_xm, s_qn, s_sn, s_om,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The decode path of 1-GEMV_ROWS rows on CUDA cores (module docstring): no tl.dot, each weight converted
+    to fp32 by the exponent trick and multiplied into every row; a K step lies inside one scale group."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = rm < M, rn < N
+    w_rows = q_ptr + rn[:, None].to(tl.int64) * s_qn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_first = pid_k * k_per_split
+    k_last = tl.minimum(k_first + k_per_split, K)
+    for k0 in range(k_first, k_last, BLOCK_K):
+        s = tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=n_mask, other=0.0)  # (BLOCK_N,)
+        if BITS == 8:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < k_last
+            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0).to(tl.int32)
+            # 2^23 + (w + 128) as fp32 bits, minus 2^23 + 128: w exactly, with integer and add units only
+            wf = ((w + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # (BLOCK_N, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)
+            part = tl.sum(x[:, None, :] * wf[None, :, :], axis=2)
+        else:  # byte j: input 2j in the low nibble, 2j + 1 in the high one, each stored as q + 8
+            rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            b_mask = rb < k_last // 2
+            byte = tl.load(w_rows + rb[None, :], mask=n_mask[:, None] & b_mask[None, :], other=0x88).to(tl.int32)
+            lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8 off: q exactly
+            hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            xm = x_ptr + rm[:, None] * s_xm + 2 * rb[None, :]
+            x_mask = m_mask[:, None] & b_mask[None, :]
+            x_even = tl.load(xm, mask=x_mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K / 2)
+            x_odd = tl.load(xm + 1, mask=x_mask, other=0.0).to(tl.float32)
+            part = tl.sum(x_even[:, None, :] * lo[None, :, :] + x_odd[:, None, :] * hi[None, :, :], axis=2)
+        acc += part * s[None, :]
+    _store_tile(acc, o_ptr, rm, rn, m_mask, n_mask, s_om, ws_ptr, count_ptr, pid_n, pid_k, SPLIT, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -107,22 +178,8 @@ def _quantized_matmul(
                             mask=n_mask[:, None] & b_mask[None, :], other=0.0)
                 acc = tl.dot(x_even, tl.trans((lo.to(tl.float32) * s).to(x_even.dtype)), acc, input_precision=PREC)
                 acc = tl.dot(x_odd, tl.trans((hi.to(tl.float32) * s).to(x_odd.dtype)), acc, input_precision=PREC)
-    out = o_ptr + rm[:, None] * s_om + rn[None, :]
-    if SPLIT == 1:
-        tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-    else:
-        tile = pid_m * tl.num_programs(1) + pid_n
-        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        base = ws_ptr + tile.to(tl.int64) * SPLIT * BLOCK_M * BLOCK_N
-        tl.store(base + pid_k * BLOCK_M * BLOCK_N + cell, acc)
-        tl.debug_barrier()  # every warp's part of the partial is stored before the counter moves
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # releases the partial stored above
-        if arrived == SPLIT - 1:  # the last of the tile's programs: every partial is visible (acquire)
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for j in range(SPLIT):  # in split order, whatever order the programs finished in
-                total += tl.load(base + j * BLOCK_M * BLOCK_N + cell, cache_modifier=".cg")
-            tl.store(out, total.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-            tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch
+    _store_tile(acc, o_ptr, rm, rn, m_mask, n_mask, s_om, ws_ptr, count_ptr, pid_m * tl.num_programs(1) + pid_n, pid_k,
+                SPLIT, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -145,10 +202,11 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _split(tiles: int, n_in: int, block_k: int, device: torch.device) -> int:
-    """Input ranges per output tile: enough programs for every SM, never a range under MIN_SPLIT_STEPS steps."""
+def _split(tiles: int, n_in: int, block_k: int, device: torch.device, per_sm: int | None = None) -> int:
+    """Input ranges per output tile: about ``per_sm`` (default MIN_PROGRAMS_PER_SM) programs for every SM,
+    never a range under MIN_SPLIT_STEPS steps."""
     split = 1
-    while (tiles * split < MIN_PROGRAMS_PER_SM * _sm_count(device)
+    while (tiles * split < (per_sm or MIN_PROGRAMS_PER_SM) * _sm_count(device)
            and n_in // (2 * split) >= MIN_SPLIT_STEPS * block_k):
         split *= 2
     return split
@@ -190,6 +248,19 @@ def quantized_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, grou
         _dequantize[grid](qweight, scales, w, n_out, n_in, qweight.stride(0), scales.stride(0), w.stride(0),
                           BITS=bits, GROUP=group_size, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
         return torch.matmul(x2, w.t(), out=out).view(*x.shape[:-1], n_out)
+    if m <= GEMV_ROWS and group_size % GEMV_BLOCK_K == 0:
+        block_m = triton.next_power_of_2(m)
+        tiles = triton.cdiv(n_out, GEMV_BLOCK_N)
+        split = _split(tiles, n_in, GEMV_BLOCK_K, x.device, GEMV_MIN_PROGRAMS_PER_SM)
+        k_per_split = triton.cdiv(triton.cdiv(n_in, split), GEMV_BLOCK_K) * GEMV_BLOCK_K
+        split = triton.cdiv(n_in, k_per_split)
+        workspace, counts = _workspace(x.device, tiles, split, block_m, GEMV_BLOCK_N) if split > 1 else (out, out)
+        _quantized_gemv[(tiles, split)](
+            x2, qweight, scales, out, workspace, counts, m, n_out, n_in, k_per_split,
+            x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+            BITS=bits, GROUP=group_size, SPLIT=split, BLOCK_M=block_m, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
+            num_warps=GEMV_WARPS)
+        return out.view(*x.shape[:-1], n_out)
     if m <= BLOCK_M_DECODE:
         block_m, block_n, block_k = BLOCK_M_DECODE, BLOCK_N_DECODE, BLOCK_K_DECODE
     else:

@@ -35,8 +35,20 @@ the start of every chunk; `_chunk_output` reruns every chunk from there and writ
 and the loads of u, Δ, B happen twice, and the chunk states go through memory three times.
 
 Dispatch (`choose_algorithm`, for ``algorithm=AUTO``): a sequence of one chunk, or rows × channel
-blocks >= SINGLE_PASS_MIN_PROGRAMS, runs ``single_pass``; otherwise CHUNKED_ALGORITHM. Until the new
-algorithms have run on a GPU (NEW_ALGORITHMS_MEASURED), AUTO runs ``three_pass``.
+blocks >= SINGLE_PASS_MIN_PROGRAMS, runs ``single_pass``; otherwise CHUNKED_ALGORITHM. Measured on the
+H200 (benchmarks/scan_prefill.py, d_inner 5120, bf16; docs/results/scan-prefill-h200.json), speed-up
+over three_pass:
+
+    | batch × tokens | single_pass | lookback_rerun | lookback |
+    |----------------|-------------|----------------|----------|
+    | 1 × 2K         | 0.35        | **1.61**       | 1.51     |
+    | 1 × 32K        | 0.17        | **1.34**       | 1.25     |
+    | 4 × 2K         | 0.73        | **1.27**       | 1.23     |
+    | 8 × 2K         | **1.34**    | 1.34           | 1.34     |
+    | 16 × 2K        | **2.17**    | 1.33           | 1.23     |
+    | 64 × 2K        | **2.19**    | 1.31           | 1.21     |
+
+(at 2 × 2K all four are within 13% of each other: 0.39 / 0.89 / 1.01).
 
 The module is over the 400-line target because the three-pass path stays beside the new ones for
 benchmarks/scan_prefill.py to compare on the H200; once its numbers settle the dispatch, the algorithms
@@ -62,8 +74,8 @@ BLOCK_D = 64  # channels per program: 64 × d_state 16 fp32 state = 16 registers
 # single_pass gives each (row, channel block) one program for the whole sequence. An H200 has 132 SMs,
 # and one program (2 warps) per SM leaves each step's load latency exposed; the chunked algorithms
 # multiply the programs by the chunks instead. From 4 programs per SM on (batch >= 7 at d_inner 5120)
-# the single pass is expected to win, as it does half the work; benchmarks/scan_prefill.py times batch
-# 2, 4 and 8 at 2K tokens to place this threshold.
+# the single pass wins, as it does half the work: measured on the H200, it ties lookback_rerun at batch 8
+# and is 1.6x faster at 16 (module docstring).
 SINGLE_PASS_MIN_PROGRAMS = 4 * 132
 # A poll of a published state is one L2 round trip (~0.5-1 µs), and a legitimate wait spans at most the
 # chunks resident at once (well under a millisecond): 2^20 polls is a >100× margin before giving up.
@@ -84,10 +96,6 @@ class ScanAlgorithm(Enum):
 # The chunked algorithm AUTO uses below SINGLE_PASS_MIN_PROGRAMS: the same work as three_pass in one
 # launch and fewer bytes than lookback (module docstring); benchmarks/scan_prefill.py compares all three.
 CHUNKED_ALGORITHM = ScanAlgorithm.LOOKBACK_RERUN
-# The one-launch algorithms pass the interpreter's tests and compile for sm_90, but have not yet run on a GPU
-# (benchmarks/scan_prefill.py is the first run to make): until they have been timed and checked there, AUTO
-# keeps the three-pass path that has, and the new ones run only when asked for by name.
-NEW_ALGORITHMS_MEASURED = False
 
 
 @triton.jit
@@ -361,8 +369,6 @@ def choose_algorithm(algorithm: ScanAlgorithm, rows: int, d_inner: int, t: int) 
     """The prefill algorithm that runs for ``algorithm`` on (rows, t, d_inner); AUTO decides (module docstring)."""
     if algorithm is not ScanAlgorithm.AUTO:
         return algorithm
-    if not NEW_ALGORITHMS_MEASURED:
-        return ScanAlgorithm.THREE_PASS
     if t <= CHUNK or rows * triton.cdiv(d_inner, BLOCK_D) >= SINGLE_PASS_MIN_PROGRAMS:
         return ScanAlgorithm.SINGLE_PASS
     return CHUNKED_ALGORITHM
