@@ -34,6 +34,7 @@ from sambay.ops.triton import quantized_matmul as tri
 from sambay.quant.layer import projections
 
 LIMIT = 4.3e12
+FORMAT = {8: "int8", 4: "int4", 16: "bf16-gemv"}
 # The tl.dot decode kernel (5-16 rows). BLOCK_K_DECODE 256 spilled (10x slower on the H200, 2026-12-01),
 # and 2 stages never won: both left out.
 GRID = {"BLOCK_N_DECODE": (32, 64, 128), "BLOCK_K_DECODE": (128,), "DECODE_STAGES": (3,),
@@ -72,13 +73,21 @@ def measure(step_shapes, weights, xs, bits: int, args) -> tuple[float, float]:
     """(summed seconds of a step's projections, largest relative error against the reference)."""
     total, err = 0.0, 0.0
     for (n, k), count in step_shapes.items():
-        (qw, sc), x = weights[n, k][bits], xs[n, k]
-        got = tri.quantized_matmul(x, qw, sc, bits, args.group_size).float()
-        want = quantized_matmul_ref(x.float(), qw, sc, bits, args.group_size)
-        err = max(err, float((got - want).abs().max() / want.abs().max()))
+        x = xs[n, k]
+        if bits == 16:
+            w = weights[n, k]["bf16"]
+            got, want = tri.gemv(x, w).float(), x.float() @ w.float().t()
 
-        def call(qw=qw, sc=sc, x=x):
-            return tri.quantized_matmul(x, qw, sc, bits, args.group_size)
+            def call(w=w, x=x):
+                return tri.gemv(x, w)
+        else:
+            qw, sc = weights[n, k][bits]
+            got = tri.quantized_matmul(x, qw, sc, bits, args.group_size).float()
+            want = quantized_matmul_ref(x.float(), qw, sc, bits, args.group_size)
+
+            def call(qw=qw, sc=sc, x=x):
+                return tri.quantized_matmul(x, qw, sc, bits, args.group_size)
+        err = max(err, float((got - want).abs().max() / want.abs().max()))
 
         total += count * graphed_seconds(call, args.calls)
     return total, err
@@ -111,14 +120,15 @@ def main() -> int:
                                "fraction_of_limit": bf16_bytes / LIMIT / total})
         print(f"M={m} cuBLAS bf16: {total * 1e3:.3f} ms of projections a step, "
               f"{bf16_bytes / LIMIT / total:.1%} of 4.3 TB/s", flush=True)
-        for bits in (8, 4):
-            q_bytes = sum((n * k * bits // 8 + n * (k // args.group_size) * 4) * c for (n, k), c in step_shapes.items())
+        for bits in (8, 4, 16) if m <= tri.GEMV_ROWS else (8, 4):  # 16: our GEMV on the bf16 weight
+            q_bytes = bf16_bytes if bits == 16 else sum(
+                (n * k * bits // 8 + n * (k // args.group_size) * 4) * c for (n, k), c in step_shapes.items())
             best, started = None, time.monotonic()
             grid = GEMV_GRID if m <= tri.GEMV_ROWS else GRID
             settings = list(itertools.product(*grid.values()))
             random.Random(0).shuffle(settings)  # a cut-short sweep still samples the whole grid
             for values in settings:  # each (M, format) gets its share of the time cap
-                if time.monotonic() - started > args.max_seconds / (2 * len(args.rows)):
+                if time.monotonic() - started > args.max_seconds / (3 * len(args.rows)):
                     result["stopped"] = "time cap"
                     break
                 setting = dict(zip(grid, values, strict=True))
@@ -128,10 +138,10 @@ def main() -> int:
                 try:
                     total, err = measure(step_shapes, weights, xs, bits, args)
                 except Exception as e:  # a tile too large for shared memory, say: the setting is skipped
-                    result["rows"].append({"format": f"int{bits}", "m": m, **setting, "error": str(e)[:200]})
+                    result["rows"].append({"format": FORMAT[bits], "m": m, **setting, "error": str(e)[:200]})
                     print(f"M={m} int{bits} {setting}: {str(e)[:120]}", flush=True)
                     continue
-                row = {"format": f"int{bits}", "m": m, **setting, "step_projection_ms": total * 1e3,
+                row = {"format": FORMAT[bits], "m": m, **setting, "step_projection_ms": total * 1e3,
                        "fraction_of_limit": q_bytes / LIMIT / total, "max_rel_err": err}
                 result["rows"].append(row)
                 if best is None or total < best["step_projection_ms"] / 1e3:

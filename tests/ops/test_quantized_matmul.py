@@ -173,3 +173,24 @@ def test_which_rows_take_the_gemv_path(monkeypatch, m, group_steps, gemv):
     out = tri.quantized_matmul(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), 8, group_size)
     assert bool(launched) is gemv
     assert_close(out, quantized_matmul_ref(x, q, s, 8, group_size).to(DEVICE), atol=1e-4, rtol=1e-4, what="out")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n_out,n_in", [(1, 37, 96), (3, 33, 80), (4, 20, 40)] if not ON_GPU else
+                         [(1, 3072 + 16, 2560), (3, 2560, 10240), (4, 5, 130)])
+def test_plain_gemv_matches_matmul(monkeypatch, dtype, m, n_out, n_in):
+    """The GEMV path on a plain weight (no scales) against x @ W^T, split-K included."""
+    pytest.importorskip("triton")
+    from sambay.ops.triton import quantized_matmul as tri
+
+    _shrink_blocks(monkeypatch, tri)
+    w = _weight(n_out, n_in).to(DEVICE)
+    x = torch.randn(m, n_in, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    out = tri.gemv(x.to(dtype), w.to(dtype))
+    ref32 = x @ w.t()
+    if dtype == torch.float32:
+        assert_close(out, ref32, atol=1e-4, rtol=1e-4, what="gemv")
+    else:
+        assert_low_precision(out, (x.to(dtype) @ w.to(dtype).t()), ref32, what=f"gemv {dtype}")
+    with pytest.raises(ValueError, match="rows"):
+        tri.gemv(torch.randn(tri.GEMV_ROWS + 1, n_in, device=DEVICE, dtype=dtype), w.to(dtype))

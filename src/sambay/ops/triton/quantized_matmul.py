@@ -101,8 +101,15 @@ def _quantized_gemv(
     k_first = pid_k * k_per_split
     k_last = tl.minimum(k_first + k_per_split, K)
     for k0 in range(k_first, k_last, BLOCK_K):
-        s = tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=n_mask, other=0.0)  # (BLOCK_N,)
-        if BITS == 8:
+        if BITS == 16:  # a plain bf16 / fp32 weight (`gemv`): no scales
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < k_last
+            wf = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * wf[None, :, :], axis=2)
+        elif BITS == 8:
+            s = tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=n_mask, other=0.0)  # (BLOCK_N,)
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < k_last
             w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0).to(tl.int32)
@@ -110,8 +117,9 @@ def _quantized_gemv(
             wf = ((w + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # (BLOCK_N, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :],
                         other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)
-            part = tl.sum(x[:, None, :] * wf[None, :, :], axis=2)
+            acc += tl.sum(x[:, None, :] * wf[None, :, :], axis=2) * s[None, :]
         else:  # byte j: input 2j in the low nibble, 2j + 1 in the high one, each stored as q + 8
+            s = tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=n_mask, other=0.0)
             rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             b_mask = rb < k_last // 2
             byte = tl.load(w_rows + rb[None, :], mask=n_mask[:, None] & b_mask[None, :], other=0x88).to(tl.int32)
@@ -122,7 +130,7 @@ def _quantized_gemv(
             x_even = tl.load(xm, mask=x_mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K / 2)
             x_odd = tl.load(xm + 1, mask=x_mask, other=0.0).to(tl.float32)
             part = tl.sum(x_even[:, None, :] * lo[None, :, :] + x_odd[:, None, :] * hi[None, :, :], axis=2)
-        acc += part * s[None, :]
+            acc += part * s[None, :]
     _store_tile(acc, o_ptr, rm, rn, m_mask, n_mask, s_om, ws_ptr, count_ptr, pid_n, pid_k, SPLIT, BLOCK_M, BLOCK_N)
 
 
@@ -223,6 +231,36 @@ def _workspace(device: torch.device, tiles: int, split: int, block_m: int, block
     return _workspaces[key]
 
 
+def gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """y = x W^T for 1-GEMV_ROWS rows and a plain (n_out, n_in) weight, on the GEMV path (split-K with the
+    fix-up, no cuBLAS reduction kernel); the comparison point for cuBLAS in benchmarks/quant_gemv.py."""
+    n_out, n_in = weight.shape
+    x2 = x.reshape(-1, n_in).contiguous()
+    m = x2.shape[0]
+    if not 1 <= m <= GEMV_ROWS or x.shape[-1] != n_in:
+        raise ValueError(f"gemv: x {tuple(x.shape)} must have 1-{GEMV_ROWS} rows of {n_in} inputs")
+    weight = weight.contiguous()
+    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    _launch_gemv(x2, weight, weight, out, 16, 1)
+    return out.view(*x.shape[:-1], n_out)
+
+
+def _launch_gemv(x2: Tensor, weight: Tensor, scales: Tensor, out: Tensor, bits: int, group_size: int) -> None:
+    m, n_in = x2.shape
+    n_out = out.shape[1]
+    block_m = triton.next_power_of_2(m)
+    tiles = triton.cdiv(n_out, GEMV_BLOCK_N)
+    split = _split(tiles, n_in, GEMV_BLOCK_K, x2.device, GEMV_MIN_PROGRAMS_PER_SM)
+    k_per_split = triton.cdiv(triton.cdiv(n_in, split), GEMV_BLOCK_K) * GEMV_BLOCK_K
+    split = triton.cdiv(n_in, k_per_split)  # no empty range at the end
+    workspace, counts = _workspace(x2.device, tiles, split, block_m, GEMV_BLOCK_N) if split > 1 else (out, out)
+    _quantized_gemv[(tiles, split)](
+        x2, weight, scales, out, workspace, counts, m, n_out, n_in, k_per_split,
+        x2.stride(0), weight.stride(0), scales.stride(0), out.stride(0),
+        BITS=bits, GROUP=group_size, SPLIT=split, BLOCK_M=block_m, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
+        num_warps=GEMV_WARPS)
+
+
 def quantized_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
     """y = x W^T, W dequantised on the fly from (qweight, scales); see `quantized_matmul_ref`."""
     n_out, n_in = scales.shape[0], x.shape[-1]
@@ -249,17 +287,7 @@ def quantized_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, grou
                           BITS=bits, GROUP=group_size, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
         return torch.matmul(x2, w.t(), out=out).view(*x.shape[:-1], n_out)
     if m <= GEMV_ROWS and group_size % GEMV_BLOCK_K == 0:
-        block_m = triton.next_power_of_2(m)
-        tiles = triton.cdiv(n_out, GEMV_BLOCK_N)
-        split = _split(tiles, n_in, GEMV_BLOCK_K, x.device, GEMV_MIN_PROGRAMS_PER_SM)
-        k_per_split = triton.cdiv(triton.cdiv(n_in, split), GEMV_BLOCK_K) * GEMV_BLOCK_K
-        split = triton.cdiv(n_in, k_per_split)
-        workspace, counts = _workspace(x.device, tiles, split, block_m, GEMV_BLOCK_N) if split > 1 else (out, out)
-        _quantized_gemv[(tiles, split)](
-            x2, qweight, scales, out, workspace, counts, m, n_out, n_in, k_per_split,
-            x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-            BITS=bits, GROUP=group_size, SPLIT=split, BLOCK_M=block_m, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
-            num_warps=GEMV_WARPS)
+        _launch_gemv(x2, qweight, scales, out, bits, group_size)
         return out.view(*x.shape[:-1], n_out)
     if m <= BLOCK_M_DECODE:
         block_m, block_n, block_k = BLOCK_M_DECODE, BLOCK_N_DECODE, BLOCK_K_DECODE
