@@ -74,3 +74,19 @@ def test_activation_checkpointing_changes_nothing_but_memory(corpus, tmp_path):
     for step in (1, 2, 3):
         assert ac[step]["loss"] == pytest.approx(plain[step]["loss"], rel=1e-6)
     assert load_model(tmp_path / "ac" / "model", progress=False).config == PRESETS["sambay-da-tiny"]
+
+
+def test_triton_training_scan_follows_the_reference(corpus, tmp_path, monkeypatch):
+    """scan_kernel="triton" (the trainable Triton scan; here under the interpreter) trains as the reference does."""
+    pytest.importorskip("triton")
+    from sambay.ops.triton import selective_scan_train
+
+    if not torch.cuda.is_available():  # one program per row: the interpreter's cost is per program and step
+        monkeypatch.setattr(selective_scan_train, "BLOCK", 256)
+    train(tiny_run(corpus, tmp_path / "ref", max_steps=2))
+    train(tiny_run(corpus, tmp_path / "tri", max_steps=2, scan_kernel="triton"))
+    ref, tri = read_log(tmp_path / "ref" / "log.jsonl"), read_log(tmp_path / "tri" / "log.jsonl")
+    for step in (1, 2):
+        assert tri[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="scan_kernel"):
+        load_train_config(None, {"scan_kernel": "cuda"})

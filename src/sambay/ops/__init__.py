@@ -33,6 +33,7 @@ __all__ = [
     "causal_conv1d_update_ref",
     "diff_attention_ref",
     "for_compile",
+    "for_training",
     "quantized_matmul_ref",
     "resolve_backend",
     "selective_scan_ref",
@@ -179,3 +180,22 @@ def for_compile(ops: Ops) -> Ops:
                         else torch.compiler.disable(getattr(ops, f.name), recursive=True))
                for f in dataclasses.fields(Ops) if f.name != "name"}
     return Ops(name=f"{ops.name}+compile", **wrapped)
+
+
+def for_training(scan: str = "reference") -> Ops:
+    """The op table a training run uses: every op's reference (they have autograd), and with ``scan="triton"``
+    the selective scan of CUDA tensors from the trainable Triton scan
+    (`sambay.ops.triton.selective_scan_train`: a backward that stores no (b, t, d, n) intermediate).
+    The other Triton kernels are inference-only, so they never run in training."""
+    if scan == "reference":
+        return REFERENCE
+    if scan != "triton":
+        raise ValueError(f"unknown training scan {scan!r}; choose 'reference' or 'triton'")
+    try:
+        _triton_ops()  # the same checks: Triton installed, and a GPU or the interpreter
+    except RuntimeError as e:
+        raise RuntimeError(f"the Triton training scan: {e}") from None
+    from sambay.ops.triton.selective_scan_train import selective_scan_trainable
+
+    fast = selective_scan_trainable if _interpreting() else _by_device(selective_scan_trainable, selective_scan_ref)
+    return dataclasses.replace(REFERENCE, name="train-triton-scan", selective_scan=fast)

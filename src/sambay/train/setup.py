@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from sambay.checkpoint import load_model, model_directory
 from sambay.config import PRESETS
 from sambay.model.sambay import SambaY
+from sambay.ops import Ops, for_training
 from sambay.quant import QuantizedLinear, QuantSpec, quantize_model
 from sambay.quant.format import read_spec
 from sambay.tokenizer import Tokenizer, load_tokenizer
@@ -108,7 +109,8 @@ def build_model(config: TrainConfig, runtime: Runtime) -> SambaY:
     with ``quantize_base``, its big projections quantised (`sambay.quant.quantize_model`, as `sambay quantize`
     does); with ``lora_rank``, frozen and given adapters (`add_lora`): QLoRA when the base is quantised.
 
-    The ops backend is "reference": the Triton kernels are inference-only (no backward).
+    The ops backend is "reference": the Triton kernels are inference-only (no backward), except the trainable
+    selective scan that ``scan_kernel="triton"`` installs (`sambay.ops.for_training`).
     """
     if config.init_from:
         model = load_model(config.init_from, dtype=torch.float32, backend="reference", progress=False)
@@ -128,7 +130,16 @@ def build_model(config: TrainConfig, runtime: Runtime) -> SambaY:
     elif is_quantized(model):  # TrainConfig refuses this first; a model loaded some other way is caught here
         raise ValueError(f"{config.init_from or config.model} is quantised: full fine-tuning needs the float "
                          "weights; train LoRA adapters on it (lora_rank > 0, QLoRA)")
+    if config.scan_kernel != "reference":
+        use_ops(model, for_training(config.scan_kernel))
     return model.to(runtime.device).train()
+
+
+def use_ops(model: torch.nn.Module, ops: Ops) -> None:
+    """Every module of ``model`` that holds an op table (`sambay.ops`) uses ``ops`` from now on."""
+    for module in model.modules():
+        if hasattr(module, "ops"):
+            module.ops = ops
 
 
 def base_quant_spec(config: TrainConfig) -> QuantSpec | None:
