@@ -11,6 +11,12 @@ contiguous, and fed to tl.dot transposed. An int4 tile is loaded as its bytes, (
 split into the low nibbles (even inputs) and the high nibbles (odd inputs), and multiplied by the even and
 the odd columns of x in two dots: no per-nibble address arithmetic, which would defeat coalescing.
 
+One row (batch-1 decode, GEMV_ROWS) whose scale group is a multiple of GEMV_BLOCK_K takes `_quantized_gemv`
+instead: no tl.dot (whose smallest tile would pad the row to 16), the weights converted to fp32 with the
+exponent trick (OR the integer into the mantissa of 2^23, subtract: integer and add units, no conversion
+instructions) and multiplied into a (BLOCK_N, step) accumulator summed once at the end. `gemv` runs the same
+kernel on a plain bf16 weight, to compare with cuBLAS (benchmarks/quant_gemv.py).
+
 Long prefills (at least DEQUANTIZE_ROWS rows) are compute-bound: there the weight is dequantised into a
 temporary copy in the activations' dtype (one elementwise kernel, `_dequantize`) and multiplied by cuBLAS,
 whose GEMM this untuned kernel does not match; the copy's traffic is small beside the matmul's work.
@@ -51,7 +57,7 @@ DEQUANTIZE_ROWS = 512  # from this many rows on, dequantise to a bf16 copy and l
 DECODE_WARPS, DECODE_STAGES = 4, 3  # launch options of the decode kernel (benchmarks/quant_gemv.py sweeps them)
 MIN_PROGRAMS_PER_SM = 4  # decode splits K until about this many programs per SM stream the weights
 MIN_SPLIT_STEPS = 4  # ... but each split walks at least this many BLOCK_K steps
-GEMV_ROWS = 4  # up to this many rows, and with a scale group a multiple of GEMV_BLOCK_K: the CUDA-core path
+GEMV_ROWS = 1  # a single row whose group is a multiple of GEMV_BLOCK_K takes the CUDA-core path (0: never)
 GEMV_BLOCK_N = 32  # output features a GEMV program
 GEMV_BLOCK_K = 128  # inputs a GEMV step
 GEMV_WARPS = 4
@@ -85,53 +91,47 @@ def _store_tile(acc, o_ptr, rm, rn, m_mask, n_mask, s_om, ws_ptr, count_ptr, til
 @triton.jit
 def _quantized_gemv(
     x_ptr, q_ptr, s_ptr, o_ptr, ws_ptr, count_ptr,
-    M, N, K, k_per_split,
-    s_xm, s_qn, s_sn, s_om,
-    BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    N, K, k_per_split,
+    s_qn, s_sn,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The decode path of 1-GEMV_ROWS rows on CUDA cores (module docstring): no tl.dot, each weight converted
-    to fp32 by the exponent trick and multiplied into every row; a K step lies inside one scale group."""
+    """One row on CUDA cores (module docstring): no tl.dot and no padding to 16 rows; each weight is converted
+    to fp32 by the exponent trick, multiplied by its input and scale into a (BLOCK_N, step) fp32 accumulator
+    that is summed across once at the end. A K step lies inside one scale group. BITS 16: a plain weight."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = rm < M, rn < N
+    n_mask = rn < N
     w_rows = q_ptr + rn[:, None].to(tl.int64) * s_qn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    WIDTH: tl.constexpr = BLOCK_K // 2 if BITS == 4 else BLOCK_K  # weight columns a step loads
+    acc = tl.zeros((BLOCK_N, WIDTH), dtype=tl.float32)
     k_first = pid_k * k_per_split
     k_last = tl.minimum(k_first + k_per_split, K)
     for k0 in range(k_first, k_last, BLOCK_K):
-        if BITS == 16:  # a plain bf16 / fp32 weight (`gemv`): no scales
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = rk < k_last
-            wf = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(x[:, None, :] * wf[None, :, :], axis=2)
-        elif BITS == 8:
-            s = tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=n_mask, other=0.0)  # (BLOCK_N,)
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = rk < k_last
-            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0).to(tl.int32)
-            # 2^23 + (w + 128) as fp32 bits, minus 2^23 + 128: w exactly, with integer and add units only
-            wf = ((w + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # (BLOCK_N, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)
-            acc += tl.sum(x[:, None, :] * wf[None, :, :], axis=2) * s[None, :]
-        else:  # byte j: input 2j in the low nibble, 2j + 1 in the high one, each stored as q + 8
-            s = tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=n_mask, other=0.0)
-            rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        if BITS == 4:  # byte j: input 2j in the low nibble, 2j + 1 in the high one, each stored as q + 8
+            rb = k0 // 2 + tl.arange(0, WIDTH)
             b_mask = rb < k_last // 2
             byte = tl.load(w_rows + rb[None, :], mask=n_mask[:, None] & b_mask[None, :], other=0x88).to(tl.int32)
             lo = ((byte & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8 off: q exactly
             hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-            xm = x_ptr + rm[:, None] * s_xm + 2 * rb[None, :]
-            x_mask = m_mask[:, None] & b_mask[None, :]
-            x_even = tl.load(xm, mask=x_mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K / 2)
-            x_odd = tl.load(xm + 1, mask=x_mask, other=0.0).to(tl.float32)
-            part = tl.sum(x_even[:, None, :] * lo[None, :, :] + x_odd[:, None, :] * hi[None, :, :], axis=2)
-            acc += part * s[None, :]
-    _store_tile(acc, o_ptr, rm, rn, m_mask, n_mask, s_om, ws_ptr, count_ptr, pid_n, pid_k, SPLIT, BLOCK_M, BLOCK_N)
+            x_even = tl.load(x_ptr + 2 * rb, mask=b_mask, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + 2 * rb + 1, mask=b_mask, other=0.0).to(tl.float32)
+            prod = lo * x_even[None, :] + hi * x_odd[None, :]
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < k_last
+            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+            if BITS == 8:  # 2^23 + (w + 128) as fp32 bits, minus 2^23 + 128: w exactly, integer and add units only
+                wf = ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+            else:
+                wf = w.to(tl.float32)
+            prod = wf * tl.load(x_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        if BITS == 16:
+            acc += prod
+        else:
+            acc += prod * tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+    rm = tl.arange(0, 1)
+    _store_tile(tl.sum(acc, axis=1)[None, :], o_ptr, rm, rn, rm < 1, n_mask, 0, ws_ptr, count_ptr, pid_n, pid_k,
+                SPLIT, 1, BLOCK_N)
 
 
 @triton.jit
@@ -232,13 +232,13 @@ def _workspace(device: torch.device, tiles: int, split: int, block_m: int, block
 
 
 def gemv(x: Tensor, weight: Tensor) -> Tensor:
-    """y = x W^T for 1-GEMV_ROWS rows and a plain (n_out, n_in) weight, on the GEMV path (split-K with the
-    fix-up, no cuBLAS reduction kernel); the comparison point for cuBLAS in benchmarks/quant_gemv.py."""
+    """y = x W^T for one row and a plain (n_out, n_in) weight, on the GEMV path (split-K with the fix-up,
+    no cuBLAS reduction kernel); the comparison point for cuBLAS in benchmarks/quant_gemv.py."""
     n_out, n_in = weight.shape
     x2 = x.reshape(-1, n_in).contiguous()
     m = x2.shape[0]
-    if not 1 <= m <= GEMV_ROWS or x.shape[-1] != n_in:
-        raise ValueError(f"gemv: x {tuple(x.shape)} must have 1-{GEMV_ROWS} rows of {n_in} inputs")
+    if m != 1 or x.shape[-1] != n_in:
+        raise ValueError(f"gemv: x {tuple(x.shape)} must be one row of {n_in} inputs")
     weight = weight.contiguous()
     out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     _launch_gemv(x2, weight, weight, out, 16, 1)
@@ -246,19 +246,15 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def _launch_gemv(x2: Tensor, weight: Tensor, scales: Tensor, out: Tensor, bits: int, group_size: int) -> None:
-    m, n_in = x2.shape
-    n_out = out.shape[1]
-    block_m = triton.next_power_of_2(m)
+    n_in, n_out = x2.shape[1], out.shape[1]
     tiles = triton.cdiv(n_out, GEMV_BLOCK_N)
     split = _split(tiles, n_in, GEMV_BLOCK_K, x2.device, GEMV_MIN_PROGRAMS_PER_SM)
     k_per_split = triton.cdiv(triton.cdiv(n_in, split), GEMV_BLOCK_K) * GEMV_BLOCK_K
     split = triton.cdiv(n_in, k_per_split)  # no empty range at the end
-    workspace, counts = _workspace(x2.device, tiles, split, block_m, GEMV_BLOCK_N) if split > 1 else (out, out)
+    workspace, counts = _workspace(x2.device, tiles, split, 1, GEMV_BLOCK_N) if split > 1 else (out, out)
     _quantized_gemv[(tiles, split)](
-        x2, weight, scales, out, workspace, counts, m, n_out, n_in, k_per_split,
-        x2.stride(0), weight.stride(0), scales.stride(0), out.stride(0),
-        BITS=bits, GROUP=group_size, SPLIT=split, BLOCK_M=block_m, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
-        num_warps=GEMV_WARPS)
+        x2, weight, scales, out, workspace, counts, n_out, n_in, k_per_split, weight.stride(0), scales.stride(0),
+        BITS=bits, GROUP=group_size, SPLIT=split, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, num_warps=GEMV_WARPS)
 
 
 def quantized_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
