@@ -42,7 +42,7 @@ GRID = {"BLOCK_N_DECODE": (32, 64, 128), "BLOCK_K_DECODE": (128,), "DECODE_STAGE
 # The CUDA-core GEMV path (one row). The first version (1-4 rows through a 3-D broadcast) ran 5 ms a step for
 # int8 and bf16 on the H200, 2.5x cuBLAS: rewritten as one row with a 2-D accumulator.
 GEMV_GRID = {"GEMV_BLOCK_N": (16, 32, 64), "GEMV_BLOCK_K": (64, 128), "GEMV_WARPS": (4, 8),
-             "GEMV_MIN_PROGRAMS_PER_SM": (4, 16)}
+             "GEMV_MIN_PROGRAMS_PER_SM": (4, 16)}  # the first is GEMV_BLOCK_K, the others GEMV_TILES[bits]
 
 
 def shapes() -> dict[tuple[int, int], int]:
@@ -133,8 +133,13 @@ def main() -> int:
                     result["stopped"] = "time cap"
                     break
                 setting = dict(zip(grid, values, strict=True))
-                for name, value in setting.items():
-                    setattr(tri, name, value)
+                if grid is GEMV_GRID:  # every format takes the GEMV path, with these tiles
+                    tri.GEMV_FORMATS, tri.GEMV_BLOCK_K = (4, 8), setting["GEMV_BLOCK_K"]
+                    tri.GEMV_TILES = {**tri.GEMV_TILES, bits: (setting["GEMV_BLOCK_N"], setting["GEMV_WARPS"],
+                                                               setting["GEMV_MIN_PROGRAMS_PER_SM"])}
+                else:
+                    for name, value in setting.items():
+                        setattr(tri, name, value)
                 tri._workspaces.clear()
                 try:
                     total, err = measure(step_shapes, weights, xs, bits, args)

@@ -84,8 +84,9 @@ def _shrink_blocks(monkeypatch, tri):
     CUDA-core GEMV path takes one row whose group is a multiple of its 16-input step."""
     if ON_GPU:
         return
-    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_N_DECODE", "GEMV_BLOCK_N", "GEMV_BLOCK_K"):
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_N_DECODE", "GEMV_BLOCK_K"):
         monkeypatch.setattr(tri, name, 16)
+    monkeypatch.setattr(tri, "GEMV_TILES", {bits: (16, 4, 4) for bits in (4, 8, 16)})
     for name in ("BLOCK_K", "BLOCK_K_DECODE"):
         monkeypatch.setattr(tri, name, 32)
     monkeypatch.setattr(tri, "MIN_SPLIT_STEPS", 1)
@@ -106,21 +107,21 @@ def test_decode_splits_the_inputs_when_the_tiles_are_too_few(monkeypatch):
         assert tri._split(64, 64, 32, dev) == 1
 
 
-@pytest.mark.parametrize("path", ["auto", "no_gemv"])
+@pytest.mark.parametrize("path", ["auto", "gemv", "dot"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m,n_out,n_in,group_size", SHAPES)
 def test_triton_matches_reference(monkeypatch, dtype, bits, m, n_out, n_in, group_size, path):
-    """Every path against the reference: "auto" takes the GEMV path for one row where the group allows it,
-    "no_gemv" sends those rows through the tl.dot decode kernel."""
+    """Every path against the reference: "auto" as dispatched, "gemv" forces the GEMV path in both formats,
+    "dot" sends a GEMV-eligible row through the tl.dot decode kernel."""
     pytest.importorskip("triton")
     from sambay.ops.triton import quantized_matmul as tri
 
     _shrink_blocks(monkeypatch, tri)
-    if path == "no_gemv":
-        if m > tri.GEMV_ROWS:
+    if path != "auto":
+        if m > tri.GEMV_ROWS or group_size % tri.GEMV_BLOCK_K:
             pytest.skip("these rows never take the GEMV path")
-        monkeypatch.setattr(tri, "GEMV_ROWS", 0)
+        monkeypatch.setattr(tri, "GEMV_FORMATS", (4, 8) if path == "gemv" else ())
     q, s = quantize_rtn(_weight(n_out, n_in), bits, group_size)
     q, s = q.to(DEVICE), s.to(DEVICE)
     x = torch.randn(m, n_in, generator=torch.Generator().manual_seed(2)).to(DEVICE)
@@ -150,9 +151,11 @@ def test_triton_keeps_leading_dims_and_rejects_a_wrong_layout():
         tri.quantized_matmul(x, q, s.half(), 4, 16)
 
 
-@pytest.mark.parametrize("m,group_steps,gemv", [(1, 2, True), (2, 2, False), (1, 0.5, False)])
-def test_which_rows_take_the_gemv_path(monkeypatch, m, group_steps, gemv):
-    """One row with a group that is a multiple of the GEMV step takes the CUDA-core path; others not."""
+@pytest.mark.parametrize("m,group_steps,bits,gemv", [(1, 2, 4, True), (2, 2, 4, False), (1, 0.5, 4, False),
+                                                     (1, 2, 8, False)])
+def test_which_rows_take_the_gemv_path(monkeypatch, m, group_steps, bits, gemv):
+    """One int4 row with a group that is a multiple of the GEMV step takes the CUDA-core path; others not (int8
+    rows measured faster on tl.dot)."""
     pytest.importorskip("triton")
     from sambay.ops.triton import quantized_matmul as tri
 
@@ -168,11 +171,11 @@ def test_which_rows_take_the_gemv_path(monkeypatch, m, group_steps, gemv):
     monkeypatch.setattr(tri, "_quantized_gemv", Spy())
     group_size = int(group_steps * tri.GEMV_BLOCK_K)  # a group of two GEMV steps, or of half a step
     n_in = 5 * group_size
-    q, s = quantize_rtn(_weight(24, n_in), 8, group_size)
+    q, s = quantize_rtn(_weight(24, n_in), bits, group_size)
     x = torch.randn(m, n_in, generator=torch.Generator().manual_seed(3))
-    out = tri.quantized_matmul(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), 8, group_size)
+    out = tri.quantized_matmul(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), bits, group_size)
     assert bool(launched) is gemv
-    assert_close(out, quantized_matmul_ref(x, q, s, 8, group_size).to(DEVICE), atol=1e-4, rtol=1e-4, what="out")
+    assert_close(out, quantized_matmul_ref(x, q, s, bits, group_size).to(DEVICE), atol=1e-4, rtol=1e-4, what="out")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

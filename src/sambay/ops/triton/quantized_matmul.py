@@ -11,11 +11,12 @@ contiguous, and fed to tl.dot transposed. An int4 tile is loaded as its bytes, (
 split into the low nibbles (even inputs) and the high nibbles (odd inputs), and multiplied by the even and
 the odd columns of x in two dots: no per-nibble address arithmetic, which would defeat coalescing.
 
-One row (batch-1 decode, GEMV_ROWS) whose scale group is a multiple of GEMV_BLOCK_K takes `_quantized_gemv`
-instead: no tl.dot (whose smallest tile would pad the row to 16), the weights converted to fp32 with the
-exponent trick (OR the integer into the mantissa of 2^23, subtract: integer and add units, no conversion
-instructions) and multiplied into a (BLOCK_N, step) accumulator summed once at the end. `gemv` runs the same
-kernel on a plain bf16 weight, to compare with cuBLAS (benchmarks/quant_gemv.py).
+One int4 row (batch-1 decode: GEMV_ROWS, GEMV_FORMATS) whose scale group is a multiple of GEMV_BLOCK_K
+takes `_quantized_gemv` instead: no tl.dot (whose smallest tile would pad the row to 16), the weights converted
+to fp32 with the exponent trick (OR the integer into the mantissa of 2^23, subtract: integer and add units, no
+conversion instructions) and multiplied into a (BLOCK_N, step) accumulator summed once at the end. `gemv` runs the same
+kernel on a plain bf16 weight: on the H200 a step's projections take 1.80 ms with it against cuBLAS's
+1.99 (86% and 78% of the bandwidth limit; benchmarks/quant_gemv.py).
 
 Long prefills (at least DEQUANTIZE_ROWS rows) are compute-bound: there the weight is dequantised into a
 temporary copy in the activations' dtype (one elementwise kernel, `_dequantize`) and multiplied by cuBLAS,
@@ -55,13 +56,14 @@ BLOCK_N = 64  # output features a prefill program
 BLOCK_K = 64  # inputs a prefill step
 DEQUANTIZE_ROWS = 512  # from this many rows on, dequantise to a bf16 copy and let cuBLAS multiply (see above)
 DECODE_WARPS, DECODE_STAGES = 4, 3  # launch options of the decode kernel (benchmarks/quant_gemv.py sweeps them)
-MIN_PROGRAMS_PER_SM = 4  # decode splits K until about this many programs per SM stream the weights
+MIN_PROGRAMS_PER_SM = 8  # decode splits K until about this many programs per SM stream the weights
 MIN_SPLIT_STEPS = 4  # ... but each split walks at least this many BLOCK_K steps
-GEMV_ROWS = 1  # a single row whose group is a multiple of GEMV_BLOCK_K takes the CUDA-core path (0: never)
-GEMV_BLOCK_N = 32  # output features a GEMV program
+GEMV_ROWS = 1  # a single row whose group is a multiple of GEMV_BLOCK_K takes the CUDA-core path (0: never) ...
+GEMV_FORMATS = (4,)  # ... in these formats: on the H200, int4 1.61 ms a step against tl.dot's 3.09; int8 1.67 vs 1.60
 GEMV_BLOCK_K = 128  # inputs a GEMV step
-GEMV_WARPS = 4
-GEMV_MIN_PROGRAMS_PER_SM = 8  # the GEMV path's split-K target (see MIN_PROGRAMS_PER_SM)
+# bits → (output features a program, warps, programs per SM that split-K aims for); 16: `gemv`'s plain weight.
+# The best of benchmarks/quant_gemv.py's sweep on the H200 (docs/results/quant-gemv-h200.json).
+GEMV_TILES = {4: (64, 4, 16), 8: (32, 4, 4), 16: (32, 8, 4)}
 
 _workspaces: dict[tuple, tuple[Tensor, Tensor]] = {}
 
@@ -247,14 +249,15 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
 
 def _launch_gemv(x2: Tensor, weight: Tensor, scales: Tensor, out: Tensor, bits: int, group_size: int) -> None:
     n_in, n_out = x2.shape[1], out.shape[1]
-    tiles = triton.cdiv(n_out, GEMV_BLOCK_N)
-    split = _split(tiles, n_in, GEMV_BLOCK_K, x2.device, GEMV_MIN_PROGRAMS_PER_SM)
+    block_n, warps, per_sm = GEMV_TILES[bits]
+    tiles = triton.cdiv(n_out, block_n)
+    split = _split(tiles, n_in, GEMV_BLOCK_K, x2.device, per_sm)
     k_per_split = triton.cdiv(triton.cdiv(n_in, split), GEMV_BLOCK_K) * GEMV_BLOCK_K
     split = triton.cdiv(n_in, k_per_split)  # no empty range at the end
-    workspace, counts = _workspace(x2.device, tiles, split, 1, GEMV_BLOCK_N) if split > 1 else (out, out)
+    workspace, counts = _workspace(x2.device, tiles, split, 1, block_n) if split > 1 else (out, out)
     _quantized_gemv[(tiles, split)](
         x2, weight, scales, out, workspace, counts, n_out, n_in, k_per_split, weight.stride(0), scales.stride(0),
-        BITS=bits, GROUP=group_size, SPLIT=split, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K, num_warps=GEMV_WARPS)
+        BITS=bits, GROUP=group_size, SPLIT=split, BLOCK_N=block_n, BLOCK_K=GEMV_BLOCK_K, num_warps=warps)
 
 
 def quantized_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
@@ -282,7 +285,7 @@ def quantized_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, grou
         _dequantize[grid](qweight, scales, w, n_out, n_in, qweight.stride(0), scales.stride(0), w.stride(0),
                           BITS=bits, GROUP=group_size, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
         return torch.matmul(x2, w.t(), out=out).view(*x.shape[:-1], n_out)
-    if m <= GEMV_ROWS and group_size % GEMV_BLOCK_K == 0:
+    if m <= GEMV_ROWS and bits in GEMV_FORMATS and group_size % GEMV_BLOCK_K == 0:
         _launch_gemv(x2, qweight, scales, out, bits, group_size)
         return out.view(*x.shape[:-1], n_out)
     if m <= BLOCK_M_DECODE:
