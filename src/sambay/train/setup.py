@@ -130,9 +130,10 @@ def build_model(config: TrainConfig, runtime: Runtime) -> SambaY:
     elif is_quantized(model):  # TrainConfig refuses this first; a model loaded some other way is caught here
         raise ValueError(f"{config.init_from or config.model} is quantised: full fine-tuning needs the float "
                          "weights; train LoRA adapters on it (lora_rank > 0, QLoRA)")
-    if config.scan_kernel != "reference":
+    model = model.to(runtime.device).train()
+    if runtime.device.type == "cuda" or config.scan_kernel == "triton":  # "auto" on a CPU: the reference
         use_ops(model, for_training(config.scan_kernel))
-    return model.to(runtime.device).train()
+    return model
 
 
 def use_ops(model: torch.nn.Module, ops: Ops) -> None:
