@@ -402,7 +402,8 @@ def dpo_worker(args) -> int:
     rec.update(pairs=len(pairs), example_pair=pairs[0] if pairs else None)
     command = [sys.executable, "-m", "sambay.cli", "train", "--init-from", str(base), "--objective", "dpo",
                "--train-files", str(work / "pairs.jsonl"), "--lora-rank", "16", "--lr", str(args.dpo_lr),
-               "--dpo-beta", str(args.dpo_beta), "--max-steps", str(args.dpo_steps),
+               "--dpo-beta", str(args.dpo_beta), "--dpo-sft-weight", str(args.dpo_sft_weight),
+               "--max-steps", str(args.dpo_steps),
                "--max-minutes", f"{_dpo_minutes(rec, generate_s, len(held_out), len(train)):.2f}", "--micro-batch-size",
                str(args.dpo_pairs_per_step), "--seq-len", "512", "--warmup-steps", str(min(10, args.dpo_steps)),
                "--eval-every", "0", "--eval-batches", "2", "--checkpoint-every", "0", "--log-every", "5",
@@ -466,6 +467,7 @@ def parse_args():
     p.add_argument("--dpo-pairs-per-step", type=int, default=16)
     p.add_argument("--dpo-lr", type=float, default=5e-4)
     p.add_argument("--dpo-beta", type=float, default=0.1)
+    p.add_argument("--dpo-sft-weight", type=float, default=0.0, help="RPO: the chosen reply's NLL in the loss")
     p.add_argument("--max-new-tokens", type=int, default=400)
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--cap", type=float, default=600.0, help=argparse.SUPPRESS)

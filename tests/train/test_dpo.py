@@ -16,7 +16,15 @@ from sambay.config import PRESETS
 from sambay.model.sambay import SambaY
 from sambay.tokenizer import load_tokenizer
 from sambay.train.arithmetic import make_split
-from sambay.train.dpo import METRICS, REFERENCE_FILE, dpo_loss, dpo_step, evaluate_pairs, reference_logps
+from sambay.train.dpo import (
+    METRICS,
+    REFERENCE_FILE,
+    dpo_loss,
+    dpo_step,
+    evaluate_pairs,
+    pair_loss,
+    reference_logps,
+)
 from sambay.train.loop import train
 from sambay.train.metrics import read_log
 from sambay.train.optim import build_optimizer
@@ -48,6 +56,19 @@ def test_loss_at_the_reference_is_log_2():
     loss, chosen, rejected = dpo_loss(policy + torch.tensor([1.0, -1.0]), policy, beta=0.5)
     torch.testing.assert_close(chosen - rejected, torch.ones(2))
     torch.testing.assert_close(loss, -torch.nn.functional.logsigmoid(torch.ones(2)))
+
+
+def test_the_sft_term_adds_the_chosen_replys_mean_token_nll():
+    policy, reference = torch.tensor([[-6.0, -5.0], [-2.0, -0.5]]), torch.tensor([[-7.0, -5.0], [-2.0, -1.0]])
+    tokens = torch.tensor([[3, 4], [4, 1]])
+    plain = tiny_run(Path("unused"), Path("unused"), dpo_beta=0.5)
+    rpo = tiny_run(Path("unused"), Path("unused"), dpo_beta=0.5, dpo_sft_weight=2.0)
+    loss, _, _, nll = pair_loss(policy, tokens, reference, plain)
+    torch.testing.assert_close(loss, dpo_loss(policy, reference, 0.5)[0])
+    torch.testing.assert_close(nll, torch.tensor([2.0, 0.5]))
+    torch.testing.assert_close(pair_loss(policy, tokens, reference, rpo)[0], loss + 2.0 * nll)
+    with pytest.raises(ValueError, match="dpo_sft_weight"):
+        tiny_run(Path("unused"), Path("unused"), dpo_sft_weight=-1.0)
 
 
 def test_pairs_mask_the_replies_only(corpus, pairs_file):

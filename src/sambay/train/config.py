@@ -34,6 +34,7 @@ class TrainConfig:
     # objective and LoRA (sambay.lora: adapters saved in PEFT's format, the base frozen)
     objective: str = "lm"  # "lm" (next-token loss: pretraining, SFT) or "dpo" (prompt/chosen/rejected JSONL pairs)
     dpo_beta: float = 0.1  # DPO: β, the strength of the tie to the reference model (the initial weights)
+    dpo_sft_weight: float = 0.0  # DPO: weight of the chosen reply's per-token NLL added to the loss (RPO; 0: off)
     lora_rank: int = 0  # LoRA rank r (0: train every weight); the output is then an adapter directory
     lora_alpha: float = 0.0  # LoRA updates are scaled by lora_alpha / lora_rank (0: lora_alpha = lora_rank)
     lora_targets: list[str] = field(default_factory=lambda: ["all"])  # attention mamba gmu mlp all, or mamba.x_proj ...
@@ -101,8 +102,8 @@ class TrainConfig:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.objective not in ("lm", "dpo"):
             raise ValueError(f"TrainConfig.objective must be 'lm' or 'dpo', got {self.objective!r}")
-        if self.lora_rank < 0 or self.lora_alpha < 0 or self.dpo_beta <= 0:
-            raise ValueError("lora_rank and lora_alpha must be >= 0 and dpo_beta > 0")
+        if self.lora_rank < 0 or self.lora_alpha < 0 or self.dpo_beta <= 0 or self.dpo_sft_weight < 0:
+            raise ValueError("lora_rank, lora_alpha and dpo_sft_weight must be >= 0 and dpo_beta > 0")
         if self.lora_rank:
             from sambay.lora.targets import resolve_targets  # imports the model classes: only for LoRA runs
 

@@ -2,15 +2,21 @@
 
     r_c = β (log π(y_c | x) − log π_ref(y_c | x))        implicit reward of the chosen reply
     r_r = β (log π(y_r | x) − log π_ref(y_r | x))        … and of the rejected one
-    loss = −log σ(r_c − r_r)                             averaged over the pairs of a step
+    loss = −log σ(r_c − r_r) + α · nll_c                 averaged over the pairs of a step
+
+nll_c is the chosen reply's mean per-token negative log-likelihood and α ``dpo_sft_weight`` (0 by default:
+plain DPO). With α > 0 this is DPO with an SFT term on the chosen replies (RPO, Pang et al., arXiv
+2404.19733): the term keeps the chosen reply likely in absolute terms, where plain DPO may lower both
+replies' likelihood as long as their difference grows, the failure behind a model that drifts past the
+behaviour it was shown (docs/benchmarks.md, fine-tuning, DPO).
 
 log π(y | x) sums the log-probabilities of the reply's tokens (`sambay.train.preference` masks). The
 reference π_ref is the model as training starts (with LoRA: the base, since every B starts at zero), so
 its log-probabilities are computed once, before the first step, for every pair, and stored in
 ``out_dir/dpo_reference.safetensors`` (reused while the data, the starting point and the dtype are the
 same): no second model is held in memory and none is run during training. Logged per step and at the
-end: the loss, the mean rewards of the chosen and rejected replies, their margin r_c − r_r and the
-accuracy (the share of pairs with r_c > r_r). The final evaluation runs over the held-out pairs of
+end: the loss, the mean rewards of the chosen and rejected replies, their margin r_c − r_r, the
+accuracy (the share of pairs with r_c > r_r) and nll_c. The final evaluation runs over the held-out pairs of
 ``eval_files`` or, without them, up to ``eval_batches`` micro-batches of training pairs.
 
 The loop is `sambay.train.loop`'s with pairs for windows: a global batch of ``micro_batch_size ·
@@ -44,7 +50,7 @@ from sambay.train.setup import build_model, build_tokenizer, parallelize, resolv
 from sambay.train.state import save_checkpoint
 
 REFERENCE_FILE = "dpo_reference.safetensors"
-METRICS = ("loss", "reward_chosen", "reward_rejected", "margin", "accuracy")
+METRICS = ("loss", "reward_chosen", "reward_rejected", "margin", "accuracy", "chosen_nll")
 
 
 def sequence_logps(model: nn.Module, inputs: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -66,10 +72,20 @@ def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, Te
     return -F.logsigmoid(rewards[:, 0] - rewards[:, 1]), rewards[:, 0], rewards[:, 1]
 
 
-def _pair_logps(model: nn.Module, pairs: list[PreferencePair], device: torch.device) -> Tensor:
-    """(m, 2) log-probabilities of the chosen and rejected replies of ``pairs``, in one forward."""
+def _pair_logps(model: nn.Module, pairs: list[PreferencePair], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(m, 2) log-probabilities of the chosen and rejected replies of ``pairs``, in one forward, and (m, 2)
+    their token counts."""
     batch = collate(pairs).to(device)
-    return sequence_logps(model, batch.inputs, batch.targets, batch.mask).view(2, -1).T
+    logps = sequence_logps(model, batch.inputs, batch.targets, batch.mask).view(2, -1).T
+    return logps, batch.mask.sum(-1).view(2, -1).T
+
+
+def pair_loss(policy: Tensor, tokens: Tensor, reference: Tensor, config: TrainConfig) -> tuple[Tensor, ...]:
+    """Per-pair (loss, chosen reward, rejected reward, chosen nll): DPO's loss plus ``dpo_sft_weight`` times
+    the chosen reply's mean per-token NLL (module docstring)."""
+    loss, chosen, rejected = dpo_loss(policy, reference, config.dpo_beta)
+    nll = -policy[:, 0] / tokens[:, 0].clamp_min(1)
+    return loss + config.dpo_sft_weight * nll, chosen, rejected, nll
 
 
 @torch.no_grad()
@@ -81,7 +97,7 @@ def reference_logps(model: nn.Module, pairs: list[PreferencePair], micro: int, d
     out = []
     for first in range(0, len(pairs), micro):
         with autocast:
-            out.append(_pair_logps(model, pairs[first : first + micro], device).float().cpu())
+            out.append(_pair_logps(model, pairs[first : first + micro], device)[0].float().cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -140,20 +156,20 @@ def dpo_step(model: nn.Module, optimizer: torch.optim.Optimizer, pairs: list[Pre
     for first in range(0, len(pairs), config.micro_batch_size):
         chunk = pairs[first : first + config.micro_batch_size]
         with _autocast(config, device):
-            policy = _pair_logps(model, chunk, device)
-        loss, chosen, rejected = dpo_loss(policy.float(), reference[first : first + len(chunk)].to(device),
-                                          config.dpo_beta)
-        (loss.sum() / len(pairs)).backward()
-        totals += _sums(loss, chosen, rejected)
+            policy, tokens = _pair_logps(model, chunk, device)
+        parts = pair_loss(policy.float(), tokens, reference[first : first + len(chunk)].to(device), config)
+        (parts[0].sum() / len(pairs)).backward()
+        totals += _sums(*parts)
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return _means(totals, len(pairs))
 
 
-def _sums(loss: Tensor, chosen: Tensor, rejected: Tensor) -> Tensor:
+def _sums(loss: Tensor, chosen: Tensor, rejected: Tensor, nll: Tensor) -> Tensor:
     margin = (chosen - rejected).detach()
-    parts = (loss.detach().sum(), chosen.detach().sum(), rejected.detach().sum(), margin.sum(), (margin > 0).sum())
+    parts = (loss.detach().sum(), chosen.detach().sum(), rejected.detach().sum(), margin.sum(), (margin > 0).sum(),
+             nll.detach().sum())
     return torch.stack([p.double().cpu() for p in parts])
 
 
@@ -170,8 +186,8 @@ def evaluate_pairs(model: nn.Module, pairs: list[PreferencePair], reference: Ten
     for first in range(0, len(pairs), config.micro_batch_size):
         chunk = pairs[first : first + config.micro_batch_size]
         with _autocast(config, device):
-            policy = _pair_logps(model, chunk, device)
-        totals += _sums(*dpo_loss(policy.float(), reference[first : first + len(chunk)].to(device), config.dpo_beta))
+            policy, tokens = _pair_logps(model, chunk, device)
+        totals += _sums(*pair_loss(policy.float(), tokens, reference[first : first + len(chunk)].to(device), config))
     model.train()
     return _means(totals, len(pairs))
 
