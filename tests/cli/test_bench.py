@@ -90,12 +90,12 @@ def test_formats_compare_weight_formats_against_their_own_limits(monkeypatch, ca
     """`--formats`: the same tiny model in each weight format, its weights' bytes counted as stored, a decode
     and a prefill row for each."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.main(["bench", "--smoke", "--formats", "bf16", "int8", "int4", "--out", str(tmp_path)]) == 0
+    assert cli.main(["bench", "--smoke", "--formats", "bf16", "bf16-gemv", "int8", "int4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = __import__("json").loads((tmp_path / "bench.json").read_text())["rows"]
     weights = {r["system"]: r["bytes"] for r in rows if r["kind"] == "weights"}
-    assert list(weights) == ["sambay-bf16", "sambay-int8", "sambay-int4"]
-    assert weights["sambay-bf16"] > weights["sambay-int8"] > weights["sambay-int4"]
+    assert list(weights) == ["sambay-bf16", "sambay-bf16-gemv", "sambay-int8", "sambay-int4"]
+    assert weights["sambay-bf16"] == weights["sambay-bf16-gemv"] > weights["sambay-int8"] > weights["sambay-int4"]
     for system in weights:
         assert f"| {system} | 1 | 16 |" in out and f"| {system} | 16 |" in out  # decode, then prefill
     assert "| weights" in out and "int4" in out

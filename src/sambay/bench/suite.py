@@ -60,7 +60,7 @@ class FormatsConfig:
     smoke: bool = False
 
 
-FORMAT_BITS = {"bf16": None, "int8": 8, "int4": 4}
+FORMAT_BITS = {"bf16": None, "bf16-gemv": None, "int8": 8, "int4": 4}  # bf16-gemv: `sambay.model.gemv`
 
 
 def transformer_pp(config: SambaYConfig) -> SambaYConfig:
@@ -233,6 +233,10 @@ def run_formats(bench: FormatsConfig, checkpoint=None) -> dict:
         model = _build(config, "auto")
         if FORMAT_BITS[fmt]:
             quantize_model(model, QuantSpec(FORMAT_BITS[fmt], bench.group_size))
+        if fmt == "bf16-gemv":
+            from sambay.model.gemv import use_gemv
+
+            use_gemv(model)
         system = f"sambay-{fmt}"
         weights = _weight_bytes(model)
         rows.append({"system": system, "kind": "weights", "bytes": weights})

@@ -32,8 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baselines")
     p.add_argument("--long-new-tokens", type=int, default=32768,
                    help="tokens of the real long generation (default: 32768)")
-    p.add_argument("--formats", nargs="+", choices=("bf16", "int8", "int4"), metavar="FORMAT",
-                   help="compare these weight formats (bf16 int8 int4) instead of running the full suite")
+    p.add_argument("--formats", nargs="+", choices=("bf16", "bf16-gemv", "int8", "int4"), metavar="FORMAT",
+                   help="compare these weight formats (bf16 bf16-gemv int8 int4) instead of running the full suite; "
+                        "bf16-gemv: bf16 with batch-1 projections on our GEMV kernel instead of cuBLAS")
     p.add_argument("--group-size", type=int, default=128, help="inputs per scale of int8/int4 (default: 128)")
     p.add_argument("--compile", action="store_true",
                    help="with --formats: also time the torch.compile'd decode step under the CUDA graph")
@@ -69,7 +70,7 @@ def _check_group_size(group_size: int, formats) -> None:
     with torch.device("meta"):
         model = SambaY(PHI4_MINI_FLASH, backend="reference")
     try:
-        for bits in {8 if f == "int8" else 4 for f in formats if f != "bf16"}:
+        for bits in {8 if f == "int8" else 4 for f in formats if f.startswith("int")}:
             for path, linear in projections(model):
                 check_quant_args(linear.in_features, bits, group_size, path)
     except ValueError as e:

@@ -69,12 +69,14 @@ _workspaces: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
 @triton.jit
-def _store_tile(acc, o_ptr, rm, rn, m_mask, n_mask, s_om, ws_ptr, count_ptr, tile, pid_k,
-                SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Writes a program's fp32 (BLOCK_M, BLOCK_N) tile; under split-K, the last of the tile's programs sums the
-    partials in split order and writes them (module docstring)."""
+def _store_tile(acc, o_ptr, rm, rn, m_mask, n_mask, s_om, ws_ptr, count_ptr, tile, pid_k, bias_ptr,
+                SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Writes a program's fp32 (BLOCK_M, BLOCK_N) tile (+ the bias of its outputs); under split-K, the last of
+    the tile's programs sums the partials in split order and writes them (module docstring)."""
     out = o_ptr + rm[:, None] * s_om + rn[None, :]
     if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
     else:
         cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -86,16 +88,19 @@ def _store_tile(acc, o_ptr, rm, rn, m_mask, n_mask, s_om, ws_ptr, count_ptr, til
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in range(SPLIT):  # in split order, whatever order the programs finished in
                 total += tl.load(base + j * BLOCK_M * BLOCK_N + cell, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(out, total.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
             tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch
 
 
 @triton.jit
 def _quantized_gemv(
-    x_ptr, q_ptr, s_ptr, o_ptr, ws_ptr, count_ptr,
+    x_ptr, q_ptr, s_ptr, o_ptr, ws_ptr, count_ptr, bias_ptr,
     N, K, k_per_split,
     s_qn, s_sn,
     BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """One row on CUDA cores (module docstring): no tl.dot and no padding to 16 rows; each weight is converted
     to fp32 by the exponent trick, multiplied by its input and scale into a (BLOCK_N, step) fp32 accumulator
@@ -133,7 +138,7 @@ def _quantized_gemv(
             acc += prod * tl.load(s_ptr + rn.to(tl.int64) * s_sn + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
     rm = tl.arange(0, 1)
     _store_tile(tl.sum(acc, axis=1)[None, :], o_ptr, rm, rn, rm < 1, n_mask, 0, ws_ptr, count_ptr, pid_n, pid_k,
-                SPLIT, 1, BLOCK_N)
+                bias_ptr, SPLIT, 1, BLOCK_N, HAS_BIAS)
 
 
 @triton.jit
@@ -189,7 +194,7 @@ def _quantized_matmul(
                 acc = tl.dot(x_even, tl.trans((lo.to(tl.float32) * s).to(x_even.dtype)), acc, input_precision=PREC)
                 acc = tl.dot(x_odd, tl.trans((hi.to(tl.float32) * s).to(x_odd.dtype)), acc, input_precision=PREC)
     _store_tile(acc, o_ptr, rm, rn, m_mask, n_mask, s_om, ws_ptr, count_ptr, pid_m * tl.num_programs(1) + pid_n, pid_k,
-                SPLIT, BLOCK_M, BLOCK_N)
+                o_ptr, SPLIT, BLOCK_M, BLOCK_N, False)
 
 
 @triton.jit
@@ -233,21 +238,25 @@ def _workspace(device: torch.device, tiles: int, split: int, block_m: int, block
     return _workspaces[key]
 
 
-def gemv(x: Tensor, weight: Tensor) -> Tensor:
-    """y = x W^T for one row and a plain (n_out, n_in) weight, on the GEMV path (split-K with the fix-up,
-    no cuBLAS reduction kernel); the comparison point for cuBLAS in benchmarks/quant_gemv.py."""
+def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x W^T (+ bias) for one row and a plain (n_out, n_in) weight, on the GEMV path (split-K with the
+    fix-up, no cuBLAS reduction kernel, the bias added in the store); `sambay.model.gemv` uses it for decode
+    and benchmarks/quant_gemv.py compares it with cuBLAS."""
     n_out, n_in = weight.shape
     x2 = x.reshape(-1, n_in).contiguous()
     m = x2.shape[0]
     if m != 1 or x.shape[-1] != n_in:
         raise ValueError(f"gemv: x {tuple(x.shape)} must be one row of {n_in} inputs")
     weight = weight.contiguous()
+    if bias is not None and tuple(bias.shape) != (n_out,):
+        raise ValueError(f"gemv: bias {tuple(bias.shape)} does not fit {n_out} outputs")
     out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    _launch_gemv(x2, weight, weight, out, 16, 1)
+    _launch_gemv(x2, weight, weight, out, 16, 1, bias)
     return out.view(*x.shape[:-1], n_out)
 
 
-def _launch_gemv(x2: Tensor, weight: Tensor, scales: Tensor, out: Tensor, bits: int, group_size: int) -> None:
+def _launch_gemv(x2: Tensor, weight: Tensor, scales: Tensor, out: Tensor, bits: int, group_size: int,
+                 bias: Tensor | None = None) -> None:
     n_in, n_out = x2.shape[1], out.shape[1]
     block_n, warps, per_sm = GEMV_TILES[bits]
     tiles = triton.cdiv(n_out, block_n)
@@ -256,8 +265,9 @@ def _launch_gemv(x2: Tensor, weight: Tensor, scales: Tensor, out: Tensor, bits: 
     split = triton.cdiv(n_in, k_per_split)  # no empty range at the end
     workspace, counts = _workspace(x2.device, tiles, split, 1, block_n) if split > 1 else (out, out)
     _quantized_gemv[(tiles, split)](
-        x2, weight, scales, out, workspace, counts, n_out, n_in, k_per_split, weight.stride(0), scales.stride(0),
-        BITS=bits, GROUP=group_size, SPLIT=split, BLOCK_N=block_n, BLOCK_K=GEMV_BLOCK_K, num_warps=warps)
+        x2, weight, scales, out, workspace, counts, out if bias is None else bias.contiguous(), n_out, n_in,
+        k_per_split, weight.stride(0), scales.stride(0), BITS=bits, GROUP=group_size, SPLIT=split, BLOCK_N=block_n,
+        BLOCK_K=GEMV_BLOCK_K, HAS_BIAS=bias is not None, num_warps=warps)
 
 
 def quantized_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:

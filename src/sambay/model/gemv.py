@@ -1,0 +1,47 @@
+"""Batch-1 decode projections on our Triton GEMV kernel instead of cuBLAS (`use_gemv`).
+
+At one row, cuBLAS runs a step's projections of the release at 78% of the H200's bandwidth limit (1.99 ms),
+partly in split-K GEMMs with a separate reduction kernel each; `sambay.ops.triton.quantized_matmul.gemv`
+does the same work at 86% (1.80 ms), its split-K reduction and the bias inside the kernel
+(benchmarks/quant_gemv.py, docs/benchmarks.md). `use_gemv` switches every float `nn.Linear` of a model to
+`GemvLinear`, which takes that kernel for exactly one row of half-precision CUDA activations without
+autograd, and is `nn.Linear` otherwise: prefill, batches, training and the CPU are unchanged, and so are the
+parameters and the state dict. `sambay bench --formats bf16-gemv` measures it end to end.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _kernel_device(x: Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class GemvLinear(nn.Linear):
+    """`nn.Linear` whose one-row, no-grad, half-precision forward runs `gemv` (module docstring)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.numel() == self.in_features and x.dtype in (torch.bfloat16, torch.float16)
+                and x.dtype == self.weight.dtype and _kernel_device(x) and not torch.is_grad_enabled()):
+            from sambay.ops.triton.quantized_matmul import gemv
+
+            return gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_gemv(model: nn.Module) -> int:
+    """Every plain `nn.Linear` of ``model`` becomes a `GemvLinear` (in place); returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = GemvLinear
+            count += 1
+    return count
+
+
+__all__ = ["GemvLinear", "use_gemv"]
