@@ -200,5 +200,7 @@ def for_training(scan: str = "auto") -> Ops:
         raise RuntimeError(f"the Triton training scan: {e}") from None
     from sambay.ops.triton.selective_scan_train import selective_scan_trainable
 
-    fast = selective_scan_trainable if _interpreting() else _by_device(selective_scan_trainable, selective_scan_ref)
+    # hidden from Dynamo (`--compile` compiles each block): the graph breaks at the scan, as for_compile's kernels
+    trainable = torch.compiler.disable(selective_scan_trainable, recursive=True)
+    fast = trainable if _interpreting() else _by_device(trainable, selective_scan_ref)
     return dataclasses.replace(REFERENCE, name="train-triton-scan", selective_scan=fast)
