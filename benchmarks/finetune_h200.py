@@ -334,13 +334,15 @@ def train_worker(name: str):
 # ---- part c: LoRA + DPO on the embedded model, reasoning length before and after ------------------------
 
 
-def terse(reply: str) -> str | None:
-    """The reply without its restating first line and its closing "so ..." line (None: nothing to drop)."""
+def terse(reply: str, edit: str = "both") -> str | None:
+    """The reply without its restating first line (``edit`` "both") and its closing "so ..." line (None:
+    nothing to drop)."""
     from sambay.text.reasoning import split_reasoning
 
     split = split_reasoning(reply)
     lines = split.reasoning.strip("\n").split("\n")
-    kept = [line for i, line in enumerate(lines) if not (i == 0 and line.endswith("from the right:"))
+    kept = [line for i, line in enumerate(lines)
+            if not (edit == "both" and i == 0 and line.endswith("from the right:"))
             and not (i == len(lines) - 1 and line.startswith("so "))]
     if len(kept) == len(lines) or not kept:
         return None
@@ -365,7 +367,7 @@ def _stats(tok, splits, right: list[bool] | None) -> dict:
     n = max(len(splits), 1)
     is_terse = [("from the right:" not in s.reasoning) and ("\nso " not in s.reasoning) for s in splits]
     out = {"n": len(splits), "reasoning_tokens": round(sum(len(tok.encode(s.reasoning)) for s in splits) / n, 2),
-           "terse": sum(is_terse) / n}
+           "terse": sum(is_terse) / n, "no_summary": sum("\nso " not in s.reasoning for s in splits) / n}
     if right is not None:
         out["accuracy"] = sum(right) / n
     return out
@@ -395,7 +397,7 @@ def dpo_worker(args) -> int:
     rec.update(stage="pairs", before=before, generate_s=round(generate_s, 1))
     pairs = []
     for example, reply in zip(train, own, strict=True):
-        chosen = terse(reply)
+        chosen = terse(reply, args.dpo_edit)
         if chosen is not None and split_reasoning(reply).content.strip() == example["answer"]:
             pairs.append({"prompt": example["messages"][0]["content"], "chosen": chosen, "rejected": reply})
     (work / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -421,7 +423,7 @@ def dpo_worker(args) -> int:
     merge_adapter(model, read_adapter(work / "run" / "adapter"))
     tuned = Engine(model, engine.tokenizer, stop_token_ids=engine.stop_token_ids)
     after, replies = behaviour(tuned, held_out, args.max_new_tokens)
-    targets = [split_reasoning(terse(r) or r) for r in before_replies]
+    targets = [split_reasoning(terse(r, args.dpo_edit) or r) for r in before_replies]
     rec.update(stage="done", after=after, target=_stats(engine.tokenizer, targets, None),
                examples=[{"before": b, "after": a} for b, a in zip(before_replies[:3], replies[:3], strict=True)])
     return 0
@@ -468,6 +470,8 @@ def parse_args():
     p.add_argument("--dpo-lr", type=float, default=5e-4)
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--dpo-sft-weight", type=float, default=0.0, help="RPO: the chosen reply's NLL in the loss")
+    p.add_argument("--dpo-edit", choices=("both", "summary"), default="both",
+                   help="the chosen reply drops the restating first line and the closing summary, or the summary only")
     p.add_argument("--max-new-tokens", type=int, default=400)
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--cap", type=float, default=600.0, help=argparse.SUPPRESS)
