@@ -20,7 +20,7 @@ comes, the whole list rewritten to ``--out`` after each result, so a run cut sho
 ``--device cpu --sizes 1x40,3x24 --d-inner 40 --chunk 8`` runs the same code on a CPU under Triton's
 interpreter (set TRITON_INTERPRET=1), as a check of the script itself.
 
-Defences: algorithms run in the order three_pass, single_pass, lookback_rerun, lookback, so the
+Defences: algorithms run in the order three_pass, single_pass, lookback_rerun, so the
 riskiest come last; before the look-back rows, a smoke test at a small size (batch 2, 4 chunks)
 compares them with three_pass and they are skipped if it fails; a watchdog ends the process after
 ``--time-limit`` seconds.
@@ -43,9 +43,8 @@ from sambay.ops.triton import selective_scan as scan
 PEAK_BYTES_PER_S = 4.3e12  # H200 HBM3e
 D_INNER, D_STATE, DT_RANK = 5120, 16, 160  # phi4-mini-flash: expand 2 × d_model 2560, dt_rank ⌈2560 / 16⌉
 SIZES = [(1, 2048), (1, 8192), (1, 32768), (16, 2048), (64, 2048), (2, 2048), (4, 2048), (8, 2048)]
-ORDER = [scan.ScanAlgorithm.THREE_PASS, scan.ScanAlgorithm.SINGLE_PASS, scan.ScanAlgorithm.LOOKBACK_RERUN,
-         scan.ScanAlgorithm.LOOKBACK]
-LOOKBACKS = {scan.ScanAlgorithm.LOOKBACK_RERUN, scan.ScanAlgorithm.LOOKBACK}
+ORDER = [scan.ScanAlgorithm.THREE_PASS, scan.ScanAlgorithm.SINGLE_PASS, scan.ScanAlgorithm.LOOKBACK_RERUN]
+LOOKBACKS = {scan.ScanAlgorithm.LOOKBACK_RERUN}
 
 
 def make_inputs(b: int, t: int, d_inner: int, device: str, seed: int = 0) -> tuple:

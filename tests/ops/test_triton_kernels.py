@@ -94,7 +94,7 @@ def test_selective_scan_matches_reference(dtype, b, t, d, n, gated):
 
 
 SCAN_ALGORITHMS = [tri_scan.ScanAlgorithm.SINGLE_PASS, tri_scan.ScanAlgorithm.LOOKBACK_RERUN,
-                   tri_scan.ScanAlgorithm.LOOKBACK, tri_scan.ScanAlgorithm.THREE_PASS]
+                   tri_scan.ScanAlgorithm.THREE_PASS]
 # b, t, d, n, lengths (None: all t), gated, with h0. Under the interpreter the chunk is 8 tokens and
 # the channel block 16 channels (set in the test), so these cross chunk and block boundaries.
 SCAN_ALGORITHM_CASES = [

@@ -8,22 +8,18 @@ algorithms differ in how the parallelism rows × channel blocks (× chunks) is o
 writing y as it goes and the final state at the end. Every input is read once. It fills the GPU only
 when rows × channel blocks is large (batched 2K-token prefill chunks), see SINGLE_PASS_MIN_PROGRAMS.
 
-``lookback_rerun`` and ``lookback`` (one launch): the sequence is cut into CHUNK-token chunks and
-each (row, channel block, chunk) is one program. Chunk ids are taken from an atomic ticket counter, so
-they follow the order in which programs start and a program only ever waits on programs that already
-run (decoupled look-back; the interpreter runs programs one by one in that same order). A program
+``lookback_rerun`` (one launch): the sequence is cut into CHUNK-token chunks and each (row, channel block,
+chunk) is one program. Chunk ids are taken from an atomic ticket counter, so they follow the order in
+which programs start and a program only ever waits on programs that already run (decoupled look-back; the
+interpreter runs programs one by one in that same order). A program
   1. runs its chunk from h = 0, keeping the local end state h_loc and the chunk's summed Δ, S;
   2. waits for chunk c-1's published end state h_start (h0 for chunk 0), publishes its own,
      exp(A S) ⊙ h_start + h_loc, and the last chunk stores the final state;
-  3. produces y from h_start:
-     - ``lookback_rerun`` reruns its chunk from h_start (re-reads u, Δ, B; reads C, z once), as the
-       three-pass output kernel does, but without the two extra launches and state round trips;
-     - ``lookback`` wrote in step 1 the ungated local output y_loc (fp32) and now corrects it by
-       linearity, y_t = (y_loc_t + Σ_n C_t[n] exp(A[:, n] S_t) h_start[:, n]) ⊙ silu(z_t), S_t the
-       chunk's Δ summed up to t: it re-reads only Δ and C (and z), and reads y_loc back.
-     Both evaluate d_state exponentials per (token, channel) twice. Per (token, channel), with bf16
-     inputs, ``lookback_rerun`` moves 12 bytes (u, Δ twice; z once; y) and ``lookback`` 18 (u once,
-     Δ twice, z once, y_loc written and read in fp32, y), three_pass 12 plus its state round trips.
+  3. reruns its chunk from h_start (re-reads u, Δ, B; reads C, z once) and writes y, as the three-pass
+     output kernel does, but without the two extra launches and state round trips. Per (token, channel),
+     with bf16 inputs, it moves 12 bytes (u, Δ twice; z once; y), three_pass 12 plus its state round trips.
+  A variant that corrected a stored fp32 local output by linearity instead of rerunning (18 bytes) never
+  won on the H200 (below) and was removed.
   Published states live in a buffer filled with a NaN pattern (PENDING) that arithmetic never
   produces; each cell is written once with a relaxed atomic and polled with volatile loads, so no
   cross-thread fence is needed. A wait gives up after SPIN_LIMIT polls and lets NaN through, so a
@@ -39,20 +35,20 @@ blocks >= SINGLE_PASS_MIN_PROGRAMS, runs ``single_pass``; otherwise CHUNKED_ALGO
 H200 (benchmarks/scan_prefill.py, d_inner 5120, bf16; docs/results/scan-prefill-h200.json), speed-up
 over three_pass:
 
-    | batch × tokens | single_pass | lookback_rerun | lookback |
-    |----------------|-------------|----------------|----------|
-    | 1 × 2K         | 0.35        | **1.61**       | 1.51     |
-    | 1 × 32K        | 0.17        | **1.34**       | 1.25     |
-    | 4 × 2K         | 0.73        | **1.27**       | 1.23     |
-    | 8 × 2K         | **1.34**    | 1.34           | 1.34     |
-    | 16 × 2K        | **2.17**    | 1.33           | 1.23     |
-    | 64 × 2K        | **2.19**    | 1.31           | 1.21     |
+    | batch × tokens | single_pass | lookback_rerun | lookback (removed) |
+    |----------------|-------------|----------------|--------------------|
+    | 1 × 2K         | 0.35        | **1.61**       | 1.51               |
+    | 1 × 32K        | 0.17        | **1.34**       | 1.25               |
+    | 4 × 2K         | 0.73        | **1.27**       | 1.23               |
+    | 8 × 2K         | **1.34**    | 1.34           | 1.34               |
+    | 16 × 2K        | **2.17**    | 1.33           | 1.23               |
+    | 64 × 2K        | **2.19**    | 1.31           | 1.21               |
 
-(at 2 × 2K all four are within 13% of each other: 0.39 / 0.89 / 1.01).
+(at 2 × 2K: 0.39 / 0.89 / 1.01, the one size where three_pass is ahead of lookback_rerun, by 12%).
 
-The module is over the 400-line target because the three-pass path stays beside the new ones for
-benchmarks/scan_prefill.py to compare on the H200; once its numbers settle the dispatch, the algorithms
-that never win go (issue 14).
+The module is over the 400-line target because the three-pass path stays beside the one-launch ones: it is
+the baseline benchmarks/scan_prefill.py measures them against, and forcing it (``algorithm=THREE_PASS``)
+is the fallback should a GPU's scheduling ever starve the look-back's waits.
 
 Row (batch) program ids are widened to int64 before they scale a stride: a 32K-token cache of 64 rows
 holds more than 2^31 elements, and int32 offsets would wrap.
@@ -89,12 +85,11 @@ class ScanAlgorithm(Enum):
     AUTO = "auto"
     SINGLE_PASS = "single_pass"
     LOOKBACK_RERUN = "lookback_rerun"
-    LOOKBACK = "lookback"
     THREE_PASS = "three_pass"
 
 
 # The chunked algorithm AUTO uses below SINGLE_PASS_MIN_PROGRAMS: the same work as three_pass in one
-# launch and fewer bytes than lookback (module docstring); benchmarks/scan_prefill.py compares all three.
+# launch (module docstring); benchmarks/scan_prefill.py compares the algorithms.
 CHUNKED_ALGORITHM = ScanAlgorithm.LOOKBACK_RERUN
 
 
@@ -277,52 +272,13 @@ def _wait_published(ptr, mask):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _correction_inputs(dt_ptr, c_ptr, z_ptr, yloc_ptr, bias, t, T, n_valid, offs_d, offs_n, mask_d,
-                       s_dtt, s_ct, s_zt, s_yt, HAS_Z: tl.constexpr):
-    """Step t's (Δ, C_t, y_loc_t, z) in fp32, Δ = 0 past the row's valid length; nothing read past T."""
-    inside = t < T
-    live = inside & (t < n_valid)
-    dt = _softplus(tl.load(dt_ptr + t * s_dtt + offs_d, mask=mask_d & live, other=0.0).to(tl.float32) + bias)
-    Ct = tl.load(c_ptr + t * s_ct + offs_n, mask=(offs_n >= 0) & inside, other=0.0).to(tl.float32)
-    y = tl.load(yloc_ptr + t * s_yt + offs_d, mask=mask_d & inside, other=0.0)
-    z = tl.load(z_ptr + t * s_zt + offs_d, mask=mask_d & inside, other=0.0).to(tl.float32) if HAS_Z else y
-    return tl.where(live, dt, 0.0), Ct, y, z
-
-
-@triton.jit
-def _correct_span(
-    h_start, A, bias, t0, n_steps, T, n_valid, offs_d, offs_n, mask_d,
-    dt_ptr, c_ptr, z_ptr, yloc_ptr, y_ptr,  # pointers, already at this program's row
-    s_dtt, s_ct, s_zt, s_yt,  # time strides (y_loc has y's)
-    HAS_Z: tl.constexpr,
-):
-    """y_t = (y_loc_t + Σ_n C_t[n] exp(A[:, n] S_t) h_start[:, n]) ⊙ silu(z_t), S_t = Σ_{t0 <= s <= t} Δ_s:
-    the contribution of the start state, added by linearity to the output of the run from h = 0. Step
-    t+1's inputs are loaded before step t's math, as in `_scan_span`."""
-    S = tl.zeros_like(bias)
-    dt, Ct, y_loc, z = _correction_inputs(dt_ptr, c_ptr, z_ptr, yloc_ptr, bias, t0, T, n_valid, offs_d, offs_n,
-                                          mask_d, s_dtt, s_ct, s_zt, s_yt, HAS_Z)
-    for i in range(n_steps):
-        t = t0 + i
-        dt1, C1, y1, z1 = _correction_inputs(dt_ptr, c_ptr, z_ptr, yloc_ptr, bias, t + 1, T, n_valid, offs_d,
-                                             offs_n, mask_d, s_dtt, s_ct, s_zt, s_yt, HAS_Z)
-        S += dt
-        y = y_loc + tl.sum(tl.exp(A * S[:, None]) * h_start * Ct[None, :], axis=1)
-        if HAS_Z:
-            y = y * z * tl.sigmoid(z)
-        tl.store(y_ptr + t * s_yt + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d & (t < T))
-        dt, Ct, y_loc, z = dt1, C1, y1, z1
-
-
 @triton.jit(do_not_specialize=["T", "n_rows", "n_chunks"])
 def _lookback(
-    u_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, z_ptr, bias_ptr, len_ptr, h0_ptr, y_ptr, yloc_ptr, hend_ptr,
+    u_ptr, dt_ptr, A_ptr, b_ptr, c_ptr, D_ptr, z_ptr, bias_ptr, len_ptr, h0_ptr, y_ptr, hend_ptr,
     carry_ptr, ticket_ptr,  # pointers; carry: (b, n_chunks - 1, D, N) int32 bits of published states
     T, D, n_rows, n_chunks,  # dimensions
-    s_ub, s_ut, s_dtb, s_dtt, s_bb, s_bt, s_cb, s_ct, s_zb, s_zt, s_yb, s_yt,  # strides (y_loc has y's)
+    s_ub, s_ut, s_dtb, s_dtt, s_bb, s_bt, s_cb, s_ct, s_zb, s_zt, s_yb, s_yt,  # strides
     N: tl.constexpr, BLOCK: tl.constexpr, CHUNK_T: tl.constexpr, HAS_Z: tl.constexpr,  # meta-parameters
-    RERUN: tl.constexpr, LOCAL_Y: tl.constexpr,  # lookback_rerun / lookback (LOCAL_Y = not RERUN)
 ):
     # Chunk-major ticket order: every program of chunk c-1 has started before any of chunk c.
     ticket = tl.atomic_add(ticket_ptr, 1)
@@ -333,11 +289,11 @@ def _lookback(
     n_valid = tl.load(len_ptr + pid_b)
     u_ptr, dt_ptr, b_ptr = u_ptr + pid_b * s_ub, dt_ptr + pid_b * s_dtb, b_ptr + pid_b * s_bb
     c_ptr, z_ptr = c_ptr + pid_b * s_cb, z_ptr + pid_b * s_zb
-    y_ptr, yloc_ptr = y_ptr + pid_b * s_yb, yloc_ptr + pid_b * s_yb
+    y_ptr = y_ptr + pid_b * s_yb
     t0 = pid_c * CHUNK_T
     h_loc, S = _scan_span(tl.zeros((BLOCK, N), dtype=tl.float32), A, bias, skip, t0, CHUNK_T, T, n_valid,
-                          offs_d, offs_n, mask_d, u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, yloc_ptr,
-                          s_ut, s_dtt, s_bt, s_ct, s_zt, s_yt, WRITE_Y=LOCAL_Y, GATE=False)
+                          offs_d, offs_n, mask_d, u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, y_ptr,
+                          s_ut, s_dtt, s_bt, s_ct, s_zt, s_yt, WRITE_Y=False, GATE=False)
     cell = offs_d[:, None] * N + offs_n[None, :]
     mask = mask_d[:, None]
     slot = carry_ptr + (pid_b * (n_chunks - 1) + pid_c) * D * N + cell  # this chunk's published end state
@@ -350,14 +306,9 @@ def _lookback(
         tl.store(hend_ptr + pid_b * D * N + cell, h_end, mask=mask)
     else:
         tl.atomic_xchg(slot, h_end.to(tl.int32, bitcast=True), mask=mask, sem="relaxed")
-    if RERUN:
-        _scan_span(h_start, A, bias, skip, t0, CHUNK_T, T, n_valid, offs_d, offs_n, mask_d,
-                   u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, y_ptr, s_ut, s_dtt, s_bt, s_ct, s_zt, s_yt,
-                   WRITE_Y=True, GATE=HAS_Z)
-    else:
-        tl.debug_barrier()  # y_loc was stored by other threads of this program: a CTA barrier orders it
-        _correct_span(h_start, A, bias, t0, CHUNK_T, T, n_valid, offs_d, offs_n, mask_d,
-                      dt_ptr, c_ptr, z_ptr, yloc_ptr, y_ptr, s_dtt, s_ct, s_zt, s_yt, HAS_Z=HAS_Z)
+    _scan_span(h_start, A, bias, skip, t0, CHUNK_T, T, n_valid, offs_d, offs_n, mask_d,
+               u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, y_ptr, s_ut, s_dtt, s_bt, s_ct, s_zt, s_yt,
+               WRITE_Y=True, GATE=HAS_Z)
 
 
 def _check_last_dim(name: str, x: Tensor) -> None:
@@ -413,29 +364,27 @@ def selective_scan(
             _single_pass[(b, triton.cdiv(d, BLOCK_D))](
                 *args, t, d, *strides, N=n, BLOCK=BLOCK_D, HAS_Z=z is not None, num_warps=2
             )
-        case ScanAlgorithm.LOOKBACK_RERUN | ScanAlgorithm.LOOKBACK as chosen:
-            _launch_lookback(args, strides, chosen is ScanAlgorithm.LOOKBACK_RERUN, z is not None)
+        case ScanAlgorithm.LOOKBACK_RERUN:
+            _launch_lookback(args, strides, z is not None)
         case ScanAlgorithm.THREE_PASS:
             _launch_three_pass(args, strides, z is not None)
     return y, h_end
 
 
-def _launch_lookback(args: tuple, strides: tuple, rerun: bool, has_z: bool) -> None:
+def _launch_lookback(args: tuple, strides: tuple, has_z: bool) -> None:
     """One launch of `_lookback` over (chunks × rows × channel blocks) programs, chunk-major."""
-    u, y = args[0], args[10]
+    u = args[0]
     (b, t, d), n = u.shape, args[2].shape[-1]
     n_chunks = triton.cdiv(t, CHUNK)
     dev = u.device
     # (b, n_chunks - 1, d, n) published end states, all PENDING; one spare chunk keeps it non-empty.
     carry = torch.full((b, max(n_chunks - 1, 1), d, n), PENDING.value, dtype=torch.int32, device=dev)
     ticket = torch.zeros(1, dtype=torch.int32, device=dev)
-    # The run from h = 0 keeps its ungated y in fp32, so that y is rounded once, as in the reference.
-    y_loc = y if rerun or y.dtype == torch.float32 else torch.empty(b, t, d, device=dev)  # (b, t, d) fp32
     grid = (n_chunks * b * triton.cdiv(d, BLOCK_D),)
     _lookback[grid](
-        *args[:11], y_loc, args[11], carry, ticket,
+        *args, carry, ticket,
         t, d, b, n_chunks, *strides,
-        N=n, BLOCK=BLOCK_D, CHUNK_T=CHUNK, HAS_Z=has_z, RERUN=rerun, LOCAL_Y=not rerun, num_warps=2,
+        N=n, BLOCK=BLOCK_D, CHUNK_T=CHUNK, HAS_Z=has_z, num_warps=2,
     )
 
 
