@@ -349,6 +349,20 @@ def terse(reply: str, edit: str = "both") -> str | None:
     return "<think>\n" + "\n".join(kept) + "\n</think>\n" + split.content.strip()
 
 
+def skip_a_step(reply: str) -> str | None:
+    """The reply with its last digit-step line removed (None when it has fewer than two): a shorter reply
+    that skips work the answer needs, the rejected side of the "summary+steps" pairs."""
+    from sambay.text.reasoning import split_reasoning
+
+    split = split_reasoning(reply)
+    lines = split.reasoning.strip("\n").split("\n")
+    steps = [i for i, line in enumerate(lines) if "→" in line]
+    if len(steps) < 2:
+        return None
+    kept = [line for i, line in enumerate(lines) if i != steps[-1]]
+    return "<think>\n" + "\n".join(kept) + "\n</think>\n" + split.content.strip()
+
+
 def behaviour(engine, examples: list[dict], max_new_tokens: int) -> tuple[dict, list[str]]:
     """Greedy replies to ``examples``: mean reasoning tokens, share of terse replies, exact-match accuracy."""
     from sambay.generate import SamplingParams
@@ -397,9 +411,13 @@ def dpo_worker(args) -> int:
     rec.update(stage="pairs", before=before, generate_s=round(generate_s, 1))
     pairs = []
     for example, reply in zip(train, own, strict=True):
-        chosen = terse(reply, args.dpo_edit)
+        chosen = terse(reply, "summary" if args.dpo_edit == "summary+steps" else args.dpo_edit)
         if chosen is not None and split_reasoning(reply).content.strip() == example["answer"]:
-            pairs.append({"prompt": example["messages"][0]["content"], "chosen": chosen, "rejected": reply})
+            prompt = example["messages"][0]["content"]
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": reply})
+            skipped = skip_a_step(chosen) if args.dpo_edit == "summary+steps" else None
+            if skipped is not None:  # ... and against the same reply with a digit step missing: keep the steps
+                pairs.append({"prompt": prompt, "chosen": chosen, "rejected": skipped})
     (work / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     rec.update(pairs=len(pairs), example_pair=pairs[0] if pairs else None)
     command = [sys.executable, "-m", "sambay.cli", "train", "--init-from", str(base), "--objective", "dpo",
@@ -423,7 +441,8 @@ def dpo_worker(args) -> int:
     merge_adapter(model, read_adapter(work / "run" / "adapter"))
     tuned = Engine(model, engine.tokenizer, stop_token_ids=engine.stop_token_ids)
     after, replies = behaviour(tuned, held_out, args.max_new_tokens)
-    targets = [split_reasoning(terse(r, args.dpo_edit) or r) for r in before_replies]
+    edit = "summary" if args.dpo_edit == "summary+steps" else args.dpo_edit
+    targets = [split_reasoning(terse(r, edit) or r) for r in before_replies]
     rec.update(stage="done", after=after, target=_stats(engine.tokenizer, targets, None),
                examples=[{"before": b, "after": a} for b, a in zip(before_replies[:3], replies[:3], strict=True)])
     return 0
@@ -470,8 +489,9 @@ def parse_args():
     p.add_argument("--dpo-lr", type=float, default=5e-4)
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--dpo-sft-weight", type=float, default=0.0, help="RPO: the chosen reply's NLL in the loss")
-    p.add_argument("--dpo-edit", choices=("both", "summary"), default="both",
-                   help="the chosen reply drops the restating first line and the closing summary, or the summary only")
+    p.add_argument("--dpo-edit", choices=("both", "summary", "summary+steps"), default="both",
+                   help="the chosen reply drops the restating first line and the closing summary, or the summary "
+                        "only; summary+steps adds pairs that reject the same reply with a digit step skipped")
     p.add_argument("--max-new-tokens", type=int, default=400)
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--cap", type=float, default=600.0, help=argparse.SUPPRESS)
