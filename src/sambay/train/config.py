@@ -66,9 +66,7 @@ class TrainConfig:
     dtype: str = "auto"  # autocast: "bfloat16", "float32" (none) or "auto" (bfloat16 on CUDA, float32 on the CPU)
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in backward
-    # the selective scan of training: "triton" (the trainable Triton scan on CUDA: 24-34x faster on the H200, no
-    # (b, t, d, n) intermediate kept), "reference" (autograd through the reference scan), "auto" (triton on a GPU)
-    scan_kernel: str = "auto"
+    scan_kernel: str = "auto"  # training scan: "triton" (Triton, with a backward), "reference", "auto" (triton on GPUs)
     parallel: str = "ddp"  # with several processes: "ddp" or "fsdp"
     # evaluation, logging, checkpoints
     out_dir: str = "runs/default"  # run directory: log.jsonl, checkpoints/, data/, model/
