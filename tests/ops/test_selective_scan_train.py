@@ -58,7 +58,8 @@ def _run(fn, inputs, dtype, lengths, gy, gh):
     leaves = {k: None if v is None else v.to(dtype if k not in ("A", "initial_state") else torch.float32)
               .detach().requires_grad_() for k, v in inputs.items()}
     y, h = fn(*(leaves[k] for k in NAMES), lengths)
-    (y.float() * gy).sum().add_((h * gh).sum()).backward()
+    loss = (y.float() * gy).sum()
+    (loss if gh is None else loss + (h * gh).sum()).backward()  # None: the final state unused (training)
     return y, h, {k: v.grad for k, v in leaves.items() if v is not None}
 
 
@@ -94,3 +95,27 @@ def test_padding_gets_no_gradient_and_the_scan_is_deterministic():
     _, _, second = _run(tri.selective_scan_trainable, inputs, torch.float32, lengths, gy, gh)
     assert float(first["u"][1, 5:].abs().max()) == 0.0 and float(first["delta"][1, 5:].abs().max()) == 0.0
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_bad_shapes_are_refused_and_an_odd_d_state_runs_the_reference():
+    inputs = _inputs(1, 5, 6, 4, torch.float32, False, False)
+    args = [inputs[k] for k in NAMES]
+    with pytest.raises(ValueError, match="D has shape"):
+        tri.selective_scan_trainable(*args[:5], torch.ones(7, device=DEVICE), *args[6:])
+    with pytest.raises(ValueError, match="lengths has shape"):
+        tri.selective_scan_trainable(*args, torch.tensor([5, 5], device=DEVICE))
+    odd = _inputs(1, 5, 6, 3, torch.float32, True, False)  # d_state 3: not a Triton block shape
+    gy, gh = torch.randn(1, 5, 6, device=DEVICE), torch.randn(1, 6, 3, device=DEVICE)
+    y, _, grads = _run(tri.selective_scan_trainable, odd, torch.float32, None, gy, gh)
+    y_ref, _, grads_ref = _run(selective_scan_ref, odd, torch.float32, None, gy, gh)
+    assert torch.equal(y, y_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads)
+
+
+def test_only_y_used_leaves_the_final_state_without_gradient():
+    """Training uses y alone: the final state's gradient arrives as None (no zeros read) and changes nothing."""
+    inputs = _inputs(2, 9, 6, 4, torch.float32, True, True, seed=4)
+    gy = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    _, _, grads = _run(tri.selective_scan_trainable, inputs, torch.float32, None, gy, None)
+    _, _, want = _run(selective_scan_ref, inputs, torch.float32, None, gy, None)
+    for name in want:
+        assert_close(grads[name], want[name], atol=1e-3, rtol=1e-3, what=f"d{name}")

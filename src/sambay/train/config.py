@@ -100,7 +100,7 @@ class TrainConfig:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.objective not in ("lm", "dpo"):
             raise ValueError(f"TrainConfig.objective must be 'lm' or 'dpo', got {self.objective!r}")
-        if self.lora_rank < 0 or self.lora_alpha < 0 or self.dpo_beta <= 0 or self.dpo_sft_weight < 0:
+        if self.lora_rank < 0 or self.lora_alpha < 0 or not self.dpo_beta > 0 or not self.dpo_sft_weight >= 0:
             raise ValueError("lora_rank, lora_alpha and dpo_sft_weight must be >= 0 and dpo_beta > 0")
         if self.lora_rank:
             from sambay.lora.targets import resolve_targets  # imports the model classes: only for LoRA runs

@@ -1,7 +1,8 @@
 """Triton dequantising matmul: y = x W^T with W read as int8 / packed int4 and fp32 group scales.
 
 Same signature and layout as `sambay.ops.quantized_matmul.quantized_matmul_ref`. One kernel serves decode
-(GEMV: the rows are padded up to the smallest tl.dot tile) and short prefill chunks (GEMM): each program
+(the rows padded up to the smallest tl.dot tile; one int4 row takes the GEMV kernel below instead) and short
+prefill chunks (GEMM): each program
 owns a (BLOCK_M, BLOCK_N) tile of the output, walks its inputs BLOCK_K at a time, converts the weight tile
 to the activations' dtype in registers and accumulates in fp32 with tl.dot. The weight is read from memory once,
 as 1 or 1/2 byte an element: the point of weight-only quantisation at batch 1.

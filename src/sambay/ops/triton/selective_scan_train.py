@@ -18,11 +18,12 @@ state is recomputed forward from its checkpoint, each step's h_{t-1} written to 
     λ_t = gy_t C_t + exp(Δ_{t+1} A) λ_{t+1}               (λ after the last step: ∂L/∂final_state)
     ∂u_t = gy_t D + Σ_n λ_t Δ_t B_t          ∂Δ_t = Σ_n λ_t (A exp(Δ_t A) h_{t-1} + u_t B_t)
     ∂A += λ_t Δ_t exp(Δ_t A) h_{t-1}        ∂B_t = Σ_d λ_t Δ_t u_t      ∂C_t = Σ_d gy_t h_t
-    ∂D += gy_t u_t                           ∂z_t = g_t y_t σ(z_t)(1 + z_t (1 - σ(z_t)))
+    ∂D += gy_t u_t                           ∂z_t = g_t ŷ_t σ(z_t)(1 + z_t (1 - σ(z_t)))
     ∂delta_t = ∂Δ_t softplus'(delta_t + bias) = ∂Δ_t σ(delta_t + bias) (1 above softplus's threshold 20)
     ∂initial_state = exp(Δ_0 A) λ_0
 
-Past a row's valid length Δ = 0 and u = 0 (as in the reference), so their gradients there are 0.
+(ŷ_t = C_t·h_t + D u_t is the output before the gate.) Past a row's valid length Δ = 0 and u = 0 (as in the
+reference), so their gradients there are 0.
 
 Sums over channels (∂B, ∂C) and over rows and time (∂A, ∂D, ∂bias) are written as per-program partials and
 summed by torch afterwards, in a fixed order: the backward is deterministic, with no atomics.
@@ -38,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from sambay.ops.selective_scan import selective_scan_ref
 
 CKPT = 64  # tokens between saved states: the backward's recompute window (its scratch holds CKPT states)
 BLOCK = 16  # channels per program: (16, d_state 16) fp32 state and adjoint in registers
@@ -185,9 +188,11 @@ def _lengths(lengths: Tensor | None, b: int, t: int, device: torch.device) -> Te
 class _TrainableScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, lengths):
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zeros to read
         b, t, d = u.shape
         n = A.shape[-1]
         u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+        D, delta_bias = D.contiguous(), delta_bias.contiguous()
         z = None if z is None else z.contiguous()
         A32 = A.float().contiguous()
         h0 = None if initial_state is None else initial_state.float().contiguous()
@@ -245,7 +250,18 @@ def selective_scan_trainable(
     initial_state: Tensor | None = None,
     lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The selective scan with a backward; see `selective_scan_ref` for arguments, shapes and returns."""
+    """The selective scan with a backward; see `selective_scan_ref` for arguments, shapes and returns. A d_state
+    that is not a power of two (Triton's block shapes must be) runs the reference, which has autograd."""
+    b, t, d = u.shape
+    n = A.shape[-1]
+    shapes = {"delta": (delta, (b, t, d)), "A": (A, (d, n)), "B": (B, (b, t, n)), "C": (C, (b, t, n)),
+              "D": (D, (d,)), "delta_bias": (delta_bias, (d,)), "z": (z, (b, t, d)),
+              "initial_state": (initial_state, (b, d, n)), "lengths": (lengths, (b,))}
+    for name, (x, want) in shapes.items():
+        if x is not None and tuple(x.shape) != want:
+            raise ValueError(f"selective_scan_trainable: {name} has shape {tuple(x.shape)}, want {want}")
+    if n & (n - 1):
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths)
     return _TrainableScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths)
 
 
