@@ -41,14 +41,10 @@ import triton.language as tl
 from torch import Tensor
 
 from sambay.ops.selective_scan import selective_scan_ref
+from sambay.ops.triton.selective_scan import _channels, _softplus
 
 CKPT = 64  # tokens between saved states: the backward's recompute window (its scratch holds CKPT states)
 BLOCK = 16  # channels per program: (16, d_state 16) fp32 state and adjoint in registers
-
-
-@triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
 
 
 @triton.jit
@@ -72,13 +68,8 @@ def _scan_forward(
 ):
     """y, the final state and the chunk-start states of one (row, channel block); every tensor contiguous."""
     pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, N)
-    mask_d = offs_d < D
+    offs_d, offs_n, mask_d, A, bias, skip = _channels(A_ptr, D_ptr, bias_ptr, pid_d, D, N, BLOCK)
     cell = offs_d[:, None] * N + offs_n[None, :]
-    A = tl.load(A_ptr + cell, mask=mask_d[:, None], other=0.0)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     n_valid = tl.load(len_ptr + pid_b)
     if HAS_H0:
         h = tl.load(h0_ptr + pid_b * D * N + cell, mask=mask_d[:, None], other=0.0)
@@ -109,14 +100,9 @@ def _scan_backward(
 ):
     """The adjoint walk of one (row, channel block), last chunk first (module docstring)."""
     pid_b, pid_d = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, N)
-    mask_d = offs_d < D
+    offs_d, offs_n, mask_d, A, bias, skip = _channels(A_ptr, D_ptr, bias_ptr, pid_d, D, N, BLOCK)
     cell = offs_d[:, None] * N + offs_n[None, :]
     local = tl.arange(0, BLOCK)[:, None] * N + offs_n[None, :]  # a state's place in the scratch
-    A = tl.load(A_ptr + cell, mask=mask_d[:, None], other=0.0)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     n_valid = tl.load(len_ptr + pid_b)
     scratch = scratch_ptr + (pid_b * n_blocks + pid_d) * CKPT * BLOCK * N
     partial = (pid_b * n_blocks + pid_d) * T  # this program's rows of the (b, blocks, t, n) partials of ∂B, ∂C
