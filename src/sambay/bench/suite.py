@@ -251,7 +251,7 @@ def run_formats(bench: FormatsConfig, checkpoint=None) -> dict:
 
             for compiled in (False, True) if bench.compile else (False,):
                 rows.append({"system": system, "kind": "profile",
-                             **decode_profile(model, 1, bench.contexts[0], compile=compiled)})
+                             **decode_profile(model, 1, bench.contexts[0], top=80, compile=compiled)})
         rows.extend(_prefill_rows(system, model, bench.prefill_tokens, rate))
         save()
         del model
