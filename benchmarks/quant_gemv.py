@@ -70,28 +70,46 @@ def graphed_seconds(fn, calls: int) -> float:
     return start.elapsed_time(end) / 1e3 / (5 * calls)
 
 
+def _call(x, weight, bits: int, group_size: int):
+    if bits == 16:
+        return lambda: tri.gemv(x, weight["bf16"])
+    qw, sc = weight[bits]
+    return lambda: tri.quantized_matmul(x, qw, sc, bits, group_size)
+
+
 def measure(step_shapes, weights, xs, bits: int, args) -> tuple[float, float]:
-    """(summed seconds of a step's projections, largest relative error against the reference)."""
-    total, err = 0.0, 0.0
+    """(summed seconds of a step's projections, largest relative error against the reference).
+
+    Warm (the default): each shape's first weight, ``--calls`` calls in a graph, times its count. Cold
+    (``--cold``): every projection of a step with its own weight (6.6 GB in bf16, far more than the 50 MB
+    L2), all in one graph, as the decode step streams them."""
+    total, err, step = 0.0, 0.0, []
     for (n, k), count in step_shapes.items():
         x = xs[n, k]
         if bits == 16:
-            w = weights[n, k]["bf16"]
+            w = weights[n, k][0]["bf16"]
             got, want = tri.gemv(x, w).float(), x.float() @ w.float().t()
-
-            def call(w=w, x=x):
-                return tri.gemv(x, w)
         else:
-            qw, sc = weights[n, k][bits]
+            qw, sc = weights[n, k][0][bits]
             got = tri.quantized_matmul(x, qw, sc, bits, args.group_size).float()
             want = quantized_matmul_ref(x.float(), qw, sc, bits, args.group_size)
-
-            def call(qw=qw, sc=sc, x=x):
-                return tri.quantized_matmul(x, qw, sc, bits, args.group_size)
         err = max(err, float((got - want).abs().max() / want.abs().max()))
-
-        total += count * graphed_seconds(call, args.calls)
+        if args.cold:
+            step += [_call(x, weights[n, k][i], bits, args.group_size) for i in range(count)]
+        else:
+            total += count * graphed_seconds(_call(x, weights[n, k][0], bits, args.group_size), args.calls)
+    if args.cold:
+        total = graphed_seconds(lambda: [c() for c in step], 1)
     return total, err
+
+
+def baseline(step_shapes, weights, xs, args) -> float:
+    """cuBLAS bf16 seconds of a step's projections, warm or cold as in `measure`."""
+    if args.cold:
+        step = [(xs[n, k], weights[n, k][i]["bf16"]) for (n, k), count in step_shapes.items() for i in range(count)]
+        return graphed_seconds(lambda: [x @ w.t() for x, w in step], 1)
+    return sum(count * graphed_seconds(lambda w=weights[n, k][0]["bf16"], x=xs[n, k]: x @ w.t(), args.calls)
+               for (n, k), count in step_shapes.items())
 
 
 def main() -> int:
@@ -100,28 +118,32 @@ def main() -> int:
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--max-seconds", type=float, default=150.0)
+    p.add_argument("--cold", action="store_true", help="time a whole step's projections, each its own weight, "
+                   "in one graph (weights streamed from HBM, as in the model) instead of each shape warm in L2")
+    p.add_argument("--formats", type=int, nargs="+", default=[8, 4, 16], choices=(8, 4, 16),
+                   help="bits of the formats swept (16: our GEMV on the bf16 weight, one row only)")
     p.add_argument("--out")
     args = p.parse_args()
     dev = torch.device("cuda")
     step_shapes = shapes()
-    weights, result = {}, {"shapes": {f"{n}x{k}": c for (n, k), c in step_shapes.items()}, "rows": []}
+    weights, result = {}, {"shapes": {f"{n}x{k}": c for (n, k), c in step_shapes.items()}, "rows": [],
+                           "cold": args.cold}
     g = torch.Generator(device=dev).manual_seed(0)
-    for n, k in step_shapes:
-        w = torch.randn(n, k, device=dev, generator=g, dtype=torch.float32) / k**0.5
-        weights[n, k] = {"bf16": w.bfloat16(), **{bits: quantize_rtn(w, bits, args.group_size) for bits in (8, 4)}}
+    for (n, k), count in step_shapes.items():
+        weights[n, k] = []
+        for _ in range(count if args.cold else 1):
+            w = torch.randn(n, k, device=dev, generator=g, dtype=torch.float32) / k**0.5
+            weights[n, k].append({"bf16": w.bfloat16(),
+                                  **{bits: quantize_rtn(w, bits, args.group_size) for bits in (8, 4)}})
     for m in args.rows:
         xs = {(n, k): torch.randn(m, k, device=dev, generator=g).bfloat16() for n, k in step_shapes}
-        base = {}
-        for n, k in step_shapes:
-            w, x = weights[n, k]["bf16"], xs[n, k]
-            base[n, k] = graphed_seconds(lambda w=w, x=x: x @ w.t(), args.calls)
-        total = sum(base[s] * c for s, c in step_shapes.items())
+        total = baseline(step_shapes, weights, xs, args)
         bf16_bytes = sum(2 * n * k * c for (n, k), c in step_shapes.items())
         result["rows"].append({"format": "bf16-cublas", "m": m, "step_projection_ms": total * 1e3,
                                "fraction_of_limit": bf16_bytes / LIMIT / total})
         print(f"M={m} cuBLAS bf16: {total * 1e3:.3f} ms of projections a step, "
               f"{bf16_bytes / LIMIT / total:.1%} of 4.3 TB/s", flush=True)
-        for bits in (8, 4, 16) if m <= tri.GEMV_ROWS else (8, 4):  # 16: our GEMV on the bf16 weight
+        for bits in [b for b in args.formats if b != 16 or m <= tri.GEMV_ROWS]:  # 16: our GEMV, bf16 weight
             q_bytes = bf16_bytes if bits == 16 else sum(
                 (n * k * bits // 8 + n * (k // args.group_size) * 4) * c for (n, k), c in step_shapes.items())
             best, started = None, time.monotonic()
@@ -129,7 +151,7 @@ def main() -> int:
             settings = list(itertools.product(*grid.values()))
             random.Random(0).shuffle(settings)  # a cut-short sweep still samples the whole grid
             for values in settings:  # each (M, format) gets its share of the time cap
-                if time.monotonic() - started > args.max_seconds / (3 * len(args.rows)):
+                if time.monotonic() - started > args.max_seconds / (len(args.formats) * len(args.rows)):
                     result["stopped"] = "time cap"
                     break
                 setting = dict(zip(grid, values, strict=True))

@@ -101,7 +101,9 @@ def test_decode_splits_the_inputs_when_the_tiles_are_too_few(monkeypatch):
     dev = torch.device(DEVICE)
     if ON_GPU:  # the release's out_proj of the MLP: 40 tiles of 64 outputs over 10,240 inputs
         assert tri._split(40, 10240, tri.BLOCK_K_DECODE, dev) >= 8
-        assert tri._split(40 * 16, 2560, tri.BLOCK_K_DECODE, dev) == 1  # enough tiles: no split
+        enough = tri.MIN_PROGRAMS_PER_SM * tri._sm_count(dev)  # tiles enough to fill the GPU: no split
+        assert tri._split(enough, 2560, tri.BLOCK_K_DECODE, dev) == 1
+        assert tri._split(enough // 2, 2560, tri.BLOCK_K_DECODE, dev) == 2
     else:  # 4 "SMs" here: 3 tiles of 16 outputs, 64 inputs in steps of 32
         assert tri._split(3, 64, 32, dev) == 2
         assert tri._split(64, 64, 32, dev) == 1

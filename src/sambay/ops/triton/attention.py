@@ -39,6 +39,9 @@ BLOCK_N = 64  # keys per prefill step
 BLOCK_N_DECODE = 64  # keys per decode step
 DECODE_ROWS = 16  # query rows per decode program, padded up to the smallest tl.dot tile (2 real rows here)
 TARGET_PROGRAMS = 2048  # decode grid target: ~16 programs per SM on the H200's 132, enough loads in flight
+MIN_BLOCKS_PER_SPLIT = 4  # decode: each split reads at least this many key blocks
+DECODE_WARPS = 4
+DECODE_STAGES = 3  # software-pipelined key blocks in flight per decode program
 
 
 @triton.jit
@@ -218,16 +221,17 @@ def _decode(
         else:
             m1, l1, a1a, a1b = _online_update(q1, k1, m1, l1, a1a, a1b, va, va, seen, scale, False, PREC)
     part = (b * n_kv_units + g) * NSPLIT + split  # partial-result slot of this program
-    ml = (part * GP + offs_g) * 2
-    tl.store(m_ptr + ml, m1)
-    tl.store(m_ptr + ml + 1, m2)
-    tl.store(l_ptr + ml, l1)
-    tl.store(l_ptr + ml + 1, l2)
+    ml = (part * GP + offs_g) * 2  # only the G real query rows are stored: `_combine` reads no padding
+    tl.store(m_ptr + ml, m1, mask=gmask)
+    tl.store(m_ptr + ml + 1, m2, mask=gmask)
+    tl.store(l_ptr + ml, l1, mask=gmask)
+    tl.store(l_ptr + ml + 1, l2, mask=gmask)
     acc = acc_ptr + ((part * GP + offs_g[:, None]) * 4) * HD + offs_d[None, :]
-    tl.store(acc, a1a)
-    tl.store(acc + HD, a1b)
-    tl.store(acc + 2 * HD, a2a)
-    tl.store(acc + 3 * HD, a2b)
+    rows = gmask[:, None]
+    tl.store(acc, a1a, mask=rows)
+    tl.store(acc + HD, a1b, mask=rows)
+    tl.store(acc + 2 * HD, a2a, mask=rows)
+    tl.store(acc + 3 * HD, a2b, mask=rows)
 
 
 @triton.jit
@@ -316,7 +320,8 @@ def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lambdas, lam_init, weight,
     n_kv_units = n_kv // 2 if diff else n_kv
     gp = max(DECODE_ROWS, triton.next_power_of_2(group))
     want = triton.cdiv(TARGET_PROGRAMS, b * n_kv_units)
-    nsplit = max(1, min(triton.next_power_of_2(want), triton.next_power_of_2(triton.cdiv(s, 4 * BLOCK_N_DECODE))))
+    nsplit = max(1, min(triton.next_power_of_2(want),
+                        triton.next_power_of_2(triton.cdiv(s, MIN_BLOCKS_PER_SPLIT * BLOCK_N_DECODE))))
     slots = b * n_kv_units * nsplit * gp
     m_buf = torch.empty(slots * 2, device=q.device)
     l_buf = torch.empty(slots * 2, device=q.device)
@@ -330,7 +335,7 @@ def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lambdas, lam_init, weight,
         k_pos.stride(0), table.stride(0),
         G=group, GP=gp, HD=hd, BN=BLOCK_N_DECODE, NSPLIT=nsplit, DIFF=diff, HAS_WINDOW=has_window,
         HAS_KVLEN=kv_len is not None, PAGED=paged, PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
     )
     _combine[(n_units, b)](
         m_buf, l_buf, acc, out, w, lam_t,
