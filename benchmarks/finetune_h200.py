@@ -154,6 +154,8 @@ class Run:
     lora_rank: int = 0
     compile: bool = False
     activation_checkpointing: bool = False
+    scan_kernel: str = "auto"  # TrainConfig's: the trainable Triton scan on GPUs
+    attention_kernel: str = "auto"  # TrainConfig's: FlexAttention on GPUs
 
 
 class Recorder:
@@ -191,13 +193,15 @@ def build(run: Run, device: torch.device):
     from sambay.config import PRESETS
     from sambay.lora import apply_lora
     from sambay.model.sambay import SambaY
+    from sambay.ops import for_training
     from sambay.train.config import TrainConfig
     from sambay.train.optim import build_optimizer
-    from sambay.train.setup import Runtime, parallelize
+    from sambay.train.setup import Runtime, parallelize, use_ops
 
     config = TrainConfig(model=run.preset, seq_len=run.seq_len, micro_batch_size=run.micro_batch, lr=1e-5,
                          lora_rank=run.lora_rank, compile=run.compile, device=device.type,
-                         activation_checkpointing=run.activation_checkpointing,
+                         activation_checkpointing=run.activation_checkpointing, scan_kernel=run.scan_kernel,
+                         attention_kernel=run.attention_kernel,
                          dtype="bfloat16" if device.type == "cuda" else "float32")
     with torch.device(device):  # on the GPU: a 3.85B fp32 init on the host would take minutes
         model = SambaY(PRESETS[run.preset], backend="reference").init_weights(torch.Generator(device).manual_seed(0))
@@ -205,6 +209,8 @@ def build(run: Run, device: torch.device):
         if config.dtype == "bfloat16":
             model.to_dtype(torch.bfloat16)
         apply_lora(model, config.lora_targets, rank=run.lora_rank, generator=torch.Generator(device).manual_seed(1))
+    if device.type == "cuda":  # the training op table, as `sambay.train.setup.build_model` installs it
+        use_ops(model, for_training(config.scan_kernel, config.attention_kernel))
     model = parallelize(model.train(), config, Runtime(0, 1, device))
     return model, build_optimizer(model, config), config
 
@@ -307,13 +313,15 @@ def train_worker(name: str):
     def worker(args) -> int:
         device, rec = torch.device(args.device), Recorder(args, name)
         if name.startswith("a"):
-            run = Run(args.preset_a, args.seq_len_a, args.micro_batch_a, compile=name == "a-compile")
+            run = Run(args.preset_a, args.seq_len_a, args.micro_batch_a, compile=name == "a-compile",
+                      scan_kernel=args.scan_kernel, attention_kernel=args.attention_kernel)
             eager = rec.file.with_name("part-a.json")
             if run.compile and eager.exists() and json.loads(eager.read_text()).get("activation_checkpointing"):
                 run = dataclasses.replace(run, activation_checkpointing=True)  # as the eager run had to
         else:
             run = Run(args.preset_b, args.seq_len_b, args.micro_batch_b, lora_rank=args.lora_rank_b if name == "b-lora"
-                      else 0, activation_checkpointing=args.ac_b)
+                      else 0, activation_checkpointing=args.ac_b, scan_kernel=args.scan_kernel,
+                      attention_kernel=args.attention_kernel)
         try:
             measure(run, args, rec, device, profiled=name == "a")
         except torch.OutOfMemoryError as e:
@@ -473,6 +481,10 @@ def parse_args():
     p.add_argument("--cap-a", type=float, default=80.0, help="seconds for part a (eager, then compile)")
     p.add_argument("--cap-b", type=float, default=100.0, help="seconds for part b (LoRA, then full; + what a left)")
     p.add_argument("--cap-c", type=float, default=70.0, help="seconds for part c (+ what a and b left)")
+    p.add_argument("--scan-kernel", default="auto", choices=("auto", "reference", "triton"),
+                   help="parts a and b: the training scan (TrainConfig.scan_kernel)")
+    p.add_argument("--attention-kernel", default="auto", choices=("auto", "reference", "flex"),
+                   help="parts a and b: the training attention (TrainConfig.attention_kernel)")
     p.add_argument("--preset-a", default="sambay-da-900m")
     p.add_argument("--seq-len-a", type=int, default=8192)
     p.add_argument("--micro-batch-a", type=int, default=1)

@@ -90,3 +90,12 @@ def test_triton_training_scan_follows_the_reference(corpus, tmp_path, monkeypatc
         assert tri[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="scan_kernel"):
         load_train_config(None, {"scan_kernel": "cuda"})
+
+
+def test_flex_attention_kernel_is_refused_on_the_cpu(corpus, tmp_path):
+    """FlexAttention has no CPU backward: asking for it there is a clear error before any step, not a crash
+    in the first backward; a bad name is refused by the config."""
+    with pytest.raises(ValueError, match="attention_kernel='flex' needs a CUDA device"):
+        train(tiny_run(corpus, tmp_path / "flex", max_steps=1, attention_kernel="flex", device="cpu"))
+    with pytest.raises(ValueError, match="attention_kernel"):
+        load_train_config(None, {"attention_kernel": "sdpa"})

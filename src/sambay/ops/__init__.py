@@ -182,25 +182,44 @@ def for_compile(ops: Ops) -> Ops:
     return Ops(name=f"{ops.name}+compile", **wrapped)
 
 
-def for_training(scan: str = "auto") -> Ops:
-    """The op table a training run uses: every op's reference (they have autograd), and the selective scan of
-    CUDA tensors from the trainable Triton scan (`sambay.ops.triton.selective_scan_train`: 24-34x faster than
-    autograd through the reference on the H200, and no (b, t, d, n) intermediate kept) when ``scan`` is
-    "triton", or "auto" with Triton and a GPU present. "reference": the reference scan everywhere. The other
-    Triton kernels are inference-only, so they never run in training."""
-    if scan not in ("auto", "reference", "triton"):
-        raise ValueError(f"unknown training scan {scan!r}; choose 'auto', 'reference' or 'triton'")
-    if scan == "reference":
-        return REFERENCE
-    try:
-        _triton_ops()  # the same checks: Triton installed, and a GPU or the interpreter
-    except RuntimeError as e:
-        if scan == "auto":
-            return REFERENCE
-        raise RuntimeError(f"the Triton training scan: {e}") from None
-    from sambay.ops.triton.selective_scan_train import selective_scan_trainable
+def for_training(scan: str = "auto", attention: str = "auto") -> Ops:
+    """The op table a training run uses: every op's reference (they have autograd), with two fast paths for
+    CUDA tensors.
 
-    # hidden from Dynamo (`--compile` compiles each block): the graph breaks at the scan, as for_compile's kernels
-    trainable = torch.compiler.disable(selective_scan_trainable, recursive=True)
-    fast = trainable if _interpreting() else _by_device(trainable, selective_scan_ref)
-    return dataclasses.replace(REFERENCE, name="train-triton-scan", selective_scan=fast)
+    ``scan``: the trainable Triton selective scan (`sambay.ops.triton.selective_scan_train`: 24-34x faster
+    than autograd through the reference on the H200, and no (b, t, d, n) intermediate kept) when "triton",
+    or "auto" with Triton and a GPU present; "reference": the reference scan everywhere.
+    ``attention``: differential and plain attention on FlexAttention (`sambay.ops.flex_attention`: a fused
+    kernel with a backward, where the reference materialises every score) when "flex", or "auto" with a GPU
+    present; "reference": the reference everywhere. The other Triton kernels are inference-only, so they
+    never run in training."""
+    for name, value in (("scan", scan), ("attention", attention)):
+        allowed = ("auto", "reference", "triton" if name == "scan" else "flex")
+        if value not in allowed:
+            raise ValueError(f"unknown training {name} kernel {value!r}; choose from {', '.join(map(repr, allowed))}")
+    ops, names = REFERENCE, []
+    if scan != "reference":
+        try:
+            _triton_ops()  # the same checks: Triton installed, and a GPU or the interpreter
+        except RuntimeError as e:
+            if scan == "triton":
+                raise RuntimeError(f"the Triton training scan: {e}") from None
+        else:
+            from sambay.ops.triton.selective_scan_train import selective_scan_trainable
+
+            # hidden from Dynamo (`--compile` compiles each block): the graph breaks at the scan, as for
+            # for_compile's kernels
+            trainable = torch.compiler.disable(selective_scan_trainable, recursive=True)
+            fast = trainable if _interpreting() else _by_device(trainable, selective_scan_ref)
+            ops, names = dataclasses.replace(ops, selective_scan=fast), ["triton-scan"]
+    if attention == "flex" or (attention == "auto" and torch.cuda.is_available()):
+        try:
+            from sambay.ops.flex_attention import attention_flex, diff_attention_flex
+        except ImportError as e:  # a PyTorch without torch.nn.attention.flex_attention
+            if attention == "flex":
+                raise RuntimeError(f"FlexAttention training attention: {e}") from None
+        else:
+            ops = dataclasses.replace(ops, diff_attention=_by_device(diff_attention_flex, diff_attention_ref),
+                                      attention=_by_device(attention_flex, attention_ref))
+            names.append("flex-attention")
+    return ops if not names else dataclasses.replace(ops, name="train-" + "+".join(names))

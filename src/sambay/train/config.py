@@ -67,6 +67,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in backward
     scan_kernel: str = "auto"  # training scan: "triton" (Triton, with a backward), "reference", "auto" (triton on GPUs)
+    attention_kernel: str = "auto"  # training attention: "flex" (FlexAttention, GPU), "reference", "auto" (flex on GPU)
     parallel: str = "ddp"  # with several processes: "ddp" or "fsdp"
     # evaluation, logging, checkpoints
     out_dir: str = "runs/default"  # run directory: log.jsonl, checkpoints/, data/, model/
@@ -87,7 +88,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {"schedule": ("cosine", "wsd", "constant"), "parallel": ("ddp", "fsdp"),
                    "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "bfloat16", "float32"),
-                   "save_dtype": ("bfloat16", "float32"), "scan_kernel": ("auto", "reference", "triton")}
+                   "save_dtype": ("bfloat16", "float32"), "scan_kernel": ("auto", "reference", "triton"),
+                   "attention_kernel": ("auto", "reference", "flex")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")

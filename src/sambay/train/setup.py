@@ -110,7 +110,8 @@ def build_model(config: TrainConfig, runtime: Runtime) -> SambaY:
     does); with ``lora_rank``, frozen and given adapters (`add_lora`): QLoRA when the base is quantised.
 
     The ops backend is "reference": the Triton kernels are inference-only (no backward), except the trainable
-    selective scan that ``scan_kernel="triton"`` installs (`sambay.ops.for_training`).
+    selective scan that ``scan_kernel="triton"`` installs and the FlexAttention attention of ``attention_kernel``
+    on a GPU (`sambay.ops.for_training`).
     """
     if config.init_from:
         model = load_model(config.init_from, dtype=torch.float32, backend="reference", progress=False)
@@ -131,8 +132,10 @@ def build_model(config: TrainConfig, runtime: Runtime) -> SambaY:
         raise ValueError(f"{config.init_from or config.model} is quantised: full fine-tuning needs the float "
                          "weights; train LoRA adapters on it (lora_rank > 0, QLoRA)")
     model = model.to(runtime.device).train()
-    if runtime.device.type == "cuda" or config.scan_kernel == "triton":  # "auto" on a CPU: the reference
-        use_ops(model, for_training(config.scan_kernel))
+    if runtime.device.type != "cuda" and config.attention_kernel == "flex":
+        raise ValueError("attention_kernel='flex' needs a CUDA device: FlexAttention has no backward on the CPU")
+    if runtime.device.type == "cuda" or config.scan_kernel == "triton":  # "auto" on a CPU: the references
+        use_ops(model, for_training(config.scan_kernel, config.attention_kernel))
     return model
 
 

@@ -1,0 +1,116 @@
+"""The FlexAttention training attention (`sambay.ops.flex_attention`) against the references.
+
+On the CPU FlexAttention runs forward only (unfused), in fp32: outputs must equal the reference's for
+every layout a training forward builds (fresh causal, a window, GQA, empty slots, cached keys before the
+chunk, keys out of order, a query that sees nothing). On a GPU: the compiled kernel in bf16, forward and
+gradients within 2x the reference's own bf16 error. The op-table wiring (`for_training`) is checked too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sambay.ops import attention_ref, diff_attention_ref, for_training
+from sambay.ops.flex_attention import attention_flex, diff_attention_flex
+from tests.tolerances import FP32, assert_close, assert_low_precision
+
+CASES = [  # b, n_heads, n_kv_heads, t, s_extra (cached keys before the chunk), head_dim, window
+    (1, 4, 2, 37, 0, 16, None),  # odd length, fresh causal
+    (2, 8, 2, 70, 0, 16, 9),  # a window, GQA 4:1
+    (2, 4, 4, 33, 11, 8, 5),  # keys cached before the chunk, no GQA
+    (1, 40, 20, 19, 0, 8, 512),  # the release's head counts, window longer than the sequence
+    (3, 4, 2, 130, 0, 16, 128),  # longer than one 128-token mask block
+]
+
+
+def _inputs(b, h, hk, t, s_extra, hd, seed=0, device="cpu", shuffle=True):
+    g = torch.Generator().manual_seed(seed)
+    s = s_extra + t
+    q, k, v = (torch.randn(b, n, x, hd, generator=g) for n, x in ((h, t), (hk, s), (hk, s)))
+    q_pos = torch.arange(s_extra, s).expand(b, t).clone()
+    k_pos = torch.arange(s).expand(b, s).clone()
+    if shuffle and s_extra:  # cached keys in ring order: any order before the chunk's own keys
+        k_pos[:, :s_extra] = k_pos[:, torch.randperm(s_extra, generator=g)]
+    if b > 1:
+        k_pos[1, : min(3, s)] = -1  # empty slots never seen
+    lambdas = [torch.randn(hd, generator=g) * 0.3 for _ in range(4)]
+    w = torch.randn(2 * hd, generator=g)
+    move = [x.to(device) for x in (q, k, v, q_pos, k_pos, *lambdas, w)]
+    return move[:5], move[5:9], move[9]
+
+
+@pytest.mark.parametrize("b,h,hk,t,s_extra,hd,window", CASES)
+def test_diff_attention_flex_equals_the_reference(b, h, hk, t, s_extra, hd, window):
+    (q, k, v, q_pos, k_pos), lambdas, w = _inputs(b, h, hk, t, s_extra, hd)
+    args = (q, k, v, q_pos, k_pos, window, *lambdas, 0.35, w, 1e-5)
+    assert_close(diff_attention_flex(*args), diff_attention_ref(*args), **FP32, what="diff attention")
+
+
+@pytest.mark.parametrize("b,h,hk,t,s_extra,hd,window", CASES)
+def test_plain_attention_flex_equals_the_reference(b, h, hk, t, s_extra, hd, window):
+    (q, k, v, q_pos, k_pos), _, _ = _inputs(b, h, hk, t, s_extra, hd, seed=1)
+    args = (q, k, v, q_pos, k_pos, window)
+    assert_close(attention_flex(*args), attention_ref(*args), **FP32, what="attention")
+
+
+def test_a_query_that_sees_no_key_gives_zeros():
+    (q, k, v, q_pos, k_pos), lambdas, w = _inputs(1, 4, 2, 6, 0, 8)
+    k_pos[0, :3] = -1  # queries 0-2 see no key (their own slots are empty)
+    out = attention_flex(q, k, v, q_pos, k_pos, None)
+    assert out[0, :3].abs().max() == 0
+    assert_close(out, attention_ref(q, k, v, q_pos, k_pos, None), **FP32)
+    args = (q, k, v, q_pos, k_pos, None, *lambdas, 0.35, w, 1e-5)
+    assert_close(diff_attention_flex(*args), diff_attention_ref(*args), **FP32)
+
+
+def test_calls_the_kernel_does_not_take_go_to_the_reference():
+    (q, k, v, q_pos, k_pos), lambdas, w = _inputs(2, 4, 2, 1, 9, 8)  # a decode step over 9 cached keys
+    kv_len = torch.tensor([10, 6])
+    for extra in ({}, {"kv_len": kv_len}):
+        args = (q, k, v, q_pos, k_pos, 4)
+        assert torch.equal(attention_flex(*args, **extra), attention_ref(*args, **extra))
+        args = (*args, *lambdas, 0.35, w, 1e-5)
+        assert torch.equal(diff_attention_flex(*args, **extra), diff_attention_ref(*args, **extra))
+
+
+def test_the_mask_is_rebuilt_for_new_positions():
+    """The block-mask cache must not hand one batch's mask to the next (same shapes, other positions)."""
+    (q, k, v, q_pos, k_pos), _, _ = _inputs(1, 4, 2, 20, 0, 8)
+    first = attention_flex(q, k, v, q_pos, k_pos, None)
+    packed = q_pos.clone()
+    packed[0, 10:] -= 10  # a second document starts at token 10: positions restart
+    assert_close(attention_flex(q, k, v, packed, packed, None), attention_ref(q, k, v, packed, packed, None), **FP32)
+    q_pos[0, 12:] = 3  # changed in place: a new version of the same tensor
+    assert_close(attention_flex(q, k, v, q_pos, k_pos, None), attention_ref(q, k, v, q_pos, k_pos, None), **FP32)
+    assert not torch.equal(first, attention_flex(q, k, v, q_pos, k_pos, None))
+
+
+def test_for_training_wires_flex_attention_for_cuda_tensors_only():
+    ops = for_training(scan="reference", attention="flex")
+    assert "flex-attention" in ops.name
+    (q, k, v, q_pos, k_pos), lambdas, w = _inputs(1, 4, 2, 9, 0, 8)
+    args = (q, k, v, q_pos, k_pos, 3, *lambdas, 0.35, w, 1e-5)
+    assert torch.equal(ops.diff_attention(*args), diff_attention_ref(*args))  # CPU tensors: the reference
+    assert for_training(scan="reference", attention="reference").name == "reference"
+    with pytest.raises(ValueError, match="attention kernel 'sdpa'"):
+        for_training(attention="sdpa")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernel needs a GPU")
+@pytest.mark.parametrize("b,h,hk,t,s_extra,hd,window", [(2, 8, 4, 300, 0, 64, 64), (1, 40, 20, 257, 0, 64, None)])
+def test_flex_attention_bf16_forward_and_gradients_on_gpu(b, h, hk, t, s_extra, hd, window):
+    (q, k, v, q_pos, k_pos), lambdas, w = _inputs(b, h, hk, t, s_extra, hd, device="cuda")
+    grad = torch.randn(b, t, h, hd, device="cuda")
+
+    def run(fn, dtype):
+        leaves = [x.to(dtype).detach().requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves, q_pos, k_pos, window, *lambdas, 0.35, w, 1e-5)
+        out.backward(grad.to(out.dtype))
+        return [out.detach(), *(x.grad for x in leaves)]
+
+    exact = run(diff_attention_ref, torch.float32)
+    low = run(diff_attention_ref, torch.bfloat16)
+    got = run(diff_attention_flex, torch.bfloat16)
+    for name, g_, l_, e_ in zip(("out", "dq", "dk", "dv"), got, low, exact, strict=True):
+        assert_low_precision(g_, l_, e_, what=name)
