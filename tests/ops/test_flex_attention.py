@@ -86,6 +86,20 @@ def test_the_mask_is_rebuilt_for_new_positions():
     assert not torch.equal(first, attention_flex(q, k, v, q_pos, k_pos, None))
 
 
+def test_a_training_forward_reuses_one_static_mask():
+    """Plain positions 0 .. t-1 (every training forward) take the cached static mask: the same mask function
+    each call, so the compiled kernel never recompiles from one step to the next."""
+    from sambay.ops import flex_attention as fa
+
+    (q, k, v, q_pos, k_pos), _, _ = _inputs(1, 4, 2, 21, 0, 8, seed=3)
+    before = fa._static_mask.cache_info()
+    for _ in range(2):  # new position tensors each time, as each forward makes them
+        out = attention_flex(q, k, v, q_pos.clone(), k_pos.clone(), 6)
+    after = fa._static_mask.cache_info()
+    assert after.hits >= before.hits + 1 and after.misses <= before.misses + 1
+    assert_close(out, attention_ref(q, k, v, q_pos, k_pos, 6), **FP32)
+
+
 def test_for_training_wires_flex_attention_for_cuda_tensors_only():
     ops = for_training(scan="reference", attention="flex")
     assert "flex-attention" in ops.name

@@ -219,7 +219,10 @@ def for_training(scan: str = "auto", attention: str = "auto") -> Ops:
             if attention == "flex":
                 raise RuntimeError(f"FlexAttention training attention: {e}") from None
         else:
-            ops = dataclasses.replace(ops, diff_attention=_by_device(diff_attention_flex, diff_attention_ref),
-                                      attention=_by_device(attention_flex, attention_ref))
+            def hidden(fn):  # compiled on its own (`sambay.ops.flex_attention`): Dynamo breaks its graph here
+                return torch.compiler.disable(fn, recursive=True)
+
+            ops = dataclasses.replace(ops, diff_attention=_by_device(hidden(diff_attention_flex), diff_attention_ref),
+                                      attention=_by_device(hidden(attention_flex), attention_ref))
             names.append("flex-attention")
     return ops if not names else dataclasses.replace(ops, name="train-" + "+".join(names))

@@ -17,7 +17,9 @@ statistics (as the release's flash-attn training did), so in bf16 the two maps a
 difference, where the reference subtracts in fp32; `tests/ops/test_flex_attention.py` bounds the gap.
 
 Calls the kernel does not fit (a decode step, ``kv_len``, a paged ``block_table``) go to the reference.
-On the CPU FlexAttention has no backward, so `sambay.ops.for_training` uses it for CUDA tensors only.
+On the CPU FlexAttention has no backward, so `sambay.ops.for_training` uses it for CUDA tensors only, and
+hides it from Dynamo (``--compile``): the kernel is compiled here, once per shape and mask, not traced
+into each block's graph.
 """
 
 from __future__ import annotations
@@ -38,18 +40,41 @@ def _compiled_flex():
 
 
 def _flex():
-    """The compiled kernel; inside a Dynamo trace (``--compile``), the op itself, which Dynamo compiles."""
+    """The kernel compiled (once per shape and mask function) on a GPU; the unfused op on the CPU."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if torch.compiler.is_compiling() or not torch.cuda.is_available():
-        return flex_attention
-    return _compiled_flex()
+    return _compiled_flex() if torch.cuda.is_available() else flex_attention
+
+
+def _plain_causal(q_pos: Tensor, k_pos: Tensor) -> bool:
+    """True when every row's queries and keys are positions 0 .. t-1 in order: a training forward (one
+    device-to-host read per call)."""
+    t = q_pos.shape[1]
+    if k_pos.shape[1] != t:
+        return False
+    index = torch.arange(t, device=q_pos.device)
+    return bool(((q_pos == index) & (k_pos == index)).all())
+
+
+@cache
+def _static_mask(t: int, window: int | None, device: torch.device):
+    """The block mask of a plain causal (or sliding-window) layout of t tokens, built once and reused: the same
+    mask function object every call, so the compiled kernel is not recompiled from one step to the next."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal(row, head, qi, kj):
+        return kj <= qi
+
+    def windowed(row, head, qi, kj):
+        return (kj <= qi) & (kj > qi - window)
+
+    return create_block_mask(causal if window is None else windowed, None, None, t, t, device=device)
 
 
 class _MaskCache:
-    """The last block mask built, reused while the same position tensors come back (every attention layer
-    of one forward shares them, and the backward needs no new one). Holding the tensors keeps their
-    identity meaningful: a new batch's positions are new tensors, or the same ones at a new version."""
+    """The last general block mask built, reused while the same position tensors come back. Holding the
+    tensors keeps their identity meaningful: a new batch's positions are new tensors, or the same ones at a
+    new version."""
 
     def __init__(self):
         self.key, self.mask = None, None
@@ -77,16 +102,18 @@ def _block_mask(q_pos: Tensor, k_pos: Tensor, window: int | None):
             seen = seen & (kp > qp - window)
         return seen
 
-    compile_mask = q_pos.is_cuda and not torch.compiler.is_compiling()
-    return create_block_mask(visible, b, None, t, s, device=q_pos.device, _compile=compile_mask)
+    return create_block_mask(visible, b, None, t, s, device=q_pos.device)
 
 
 _MASKS: dict[int | None, _MaskCache] = {}
 
 
 def _mask(q_pos: Tensor, k_pos: Tensor, window: int | None):
-    if torch.compiler.is_compiling():  # Dynamo traces the mask's construction into the graph instead
-        return _block_mask(q_pos, k_pos, window)
+    """The block mask of a call: the cached static one for a training forward's plain positions, else one built
+    from the positions (a new mask function, so the compiled kernel may recompile: packed or cached layouts
+    are not what training runs)."""
+    if _plain_causal(q_pos, k_pos):
+        return _static_mask(q_pos.shape[1], window, q_pos.device)
     return _MASKS.setdefault(window, _MaskCache()).get(q_pos, k_pos, window)
 
 
