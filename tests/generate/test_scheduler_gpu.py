@@ -70,3 +70,19 @@ def test_compiled_decode_step_gives_the_uncompiled_tokens():
     compiled = EngineCore(Engine(gpu), dataclasses.replace(config, compile=True))
     assert compiled.runner.compile and all(m.ops is gpu.ops for m in gpu.modules() if hasattr(m, "ops"))
     assert _run(compiled, requests, True) == plain
+
+
+def test_batch_one_decode_runs_the_gemv_kernel_in_its_graph():
+    """A bf16 model on a GPU: the runner switches its linears to `GemvLinear` (batch-1 projections on our GEMV
+    kernel), and a lone request's tokens from the bucket-1 CUDA graph equal those of eager steps (which run
+    the same kernel), so the kernel's split-K workspace is graph-safe."""
+    from sambay.model.gemv import GemvLinear
+
+    gpu = sambay.load_model(TINY_FIXTURE / "checkpoint", device="cuda", dtype=torch.bfloat16, progress=False)
+    prompt = torch.randint(0, 256, (23,), generator=torch.Generator().manual_seed(11)).tolist()
+    params = SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=())
+    config = SchedulerConfig(slots=4, max_length=96, block_size=16, prefill_chunk=16)
+    graphed = _run(EngineCore(Engine(gpu), config), [(prompt, params)], False)
+    assert any(isinstance(m, GemvLinear) for m in gpu.modules())
+    eager = _run(EngineCore(Engine(gpu), dataclasses.replace(config, cuda_graph=False)), [(prompt, params)], False)
+    assert graphed == eager and len(graphed[0]) == 24
