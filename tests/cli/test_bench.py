@@ -108,3 +108,22 @@ def test_a_group_size_that_does_not_fit_is_refused_before_any_run(monkeypatch, c
         cli.main(["bench", "--formats", "bf16", "int4", "--group-size", "96", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--group-size 96" in err and err.count("\n") == 1
+
+
+def test_prefill_profile_splits_a_prefill_into_families_and_renders():
+    """`prefill_profile` (the longest prefill of `sambay bench --formats`, on a GPU): here on the CPU with the
+    tiny model, the operators' self time; its families cover the whole time, and the table shows it."""
+    import torch
+
+    from sambay.bench.profile import kernel_family, prefill_profile
+    from sambay.config import TINY
+    from sambay.model.sambay import SambaY
+
+    model = SambaY(TINY, backend="reference").init_weights(torch.Generator().manual_seed(0)).eval()
+    prof = prefill_profile(model, 48)
+    assert prof["context"] == 48 and prof["kernels"] > 10 and prof["kernel_ms"] > 0
+    assert sum(prof["families"].values()) == pytest.approx(prof["kernel_ms"])
+    assert {"matmul", "attention"} <= set(prof["families"])  # the CPU scan is plain aten ops: "other" here
+    assert kernel_family("nvjet_sm90_tst_128x8") == "matmul" and kernel_family("_scan_chunk") == "scan"
+    table = report.table({**RESULT, "rows": [{"system": "sambay-bf16", "kind": "prefill-profile", **prof}]})
+    assert "Profile of one prefill (sambay-bf16, 48 tokens)" in table and "matmul" in table

@@ -53,3 +53,63 @@ def decode_profile(model: SambaY, batch: int, context: int, steps: int = 3, top:
         "kernel_ms_per_step": sum(t for t, _ in totals.values()) / steps,
         "top": [(name, t / steps, c / steps) for name, (t, c) in ranked[:top]],
     }
+
+
+@torch.inference_mode()
+def prefill_profile(model: SambaY, tokens: int, top: int = 25) -> dict:
+    """Where a batch-1 prefill of ``tokens`` tokens spends its time: {"context", "kernels", "kernel_ms",
+    "top": [(name, ms, calls)], "families": {family: ms}}, after one unprofiled warm-up prefill.
+
+    Kernel time on a GPU (device events), operator self time on the CPU. Families group the names by what they
+    do (matmul, attention, scan, conv, norm, elementwise/copy, other), so the 32K prefill's distance from
+    the matmul rate (issue 14) can be split into work and overhead."""
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=model.device)
+    cuda = model.device.type == "cuda"
+
+    def run():
+        model(ids, model.new_cache(batch_size=1, max_length=tokens))
+        if cuda:
+            torch.cuda.synchronize()
+
+    run()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        run()
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    if cuda:
+        gpu = torch.autograd.DeviceType.CUDA
+        events = [(e.name, e.device_time_total, 1) for e in prof.events() if e.device_type == gpu]
+    else:
+        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
+    for name, us, calls in events:
+        totals[name[:60]][0] += us / 1e3
+        totals[name[:60]][1] += calls
+    families: dict[str, float] = defaultdict(float)
+    for name, (ms, _) in totals.items():
+        families[kernel_family(name)] += ms
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    return {
+        "batch": 1,
+        "context": tokens,
+        "kernels": sum(c for _, c in totals.values()),
+        "kernel_ms": sum(t for t, _ in totals.values()),
+        "top": [(name, t, c) for name, (t, c) in ranked[:top]],
+        "families": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+    }
+
+
+_FAMILIES = (  # (family, substrings of a kernel or operator name); first match wins
+    ("attention", ("attention", "_prefill", "_decode", "_combine", "flash", "fmha", "sdpa", "softmax")),
+    ("scan", ("scan", "_state_update", "selective")),
+    ("conv", ("conv",)),
+    ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "sm90_xmma", "matmul", "aten::mm", "aten::addmm", "linear",
+                "splitk")),
+    ("norm", ("norm",)),
+    ("elementwise/copy", ("elementwise", "copy", "cat", "index", "fill", "memset", "memcpy", "triton_poi",
+                          "aten::add", "aten::mul", "aten::to", "swiglu", "silu")),
+)
+
+
+def kernel_family(name: str) -> str:
+    """The family of a kernel or operator name (`_FAMILIES`), "other" when none matches."""
+    low = name.lower()
+    return next((family for family, keys in _FAMILIES if any(k in low for k in keys)), "other")

@@ -43,6 +43,12 @@ def table(result: dict) -> str:
                 f"{r['kernels_per_step']:.0f} kernels, {r['kernel_ms_per_step']:.2f} ms of kernel time.", "",
                 "| kernel | ms/step | calls/step |", "|---|---|---|"]
         out += [f"| `{name}` | {ms:.3f} | {calls:.0f} |" for name, ms, calls in r["top"]]
+    for r in (r for r in rows if r.get("kind") == "prefill-profile"):
+        families = ", ".join(f"{name} {ms:.1f}" for name, ms in r["families"].items())
+        out += ["", f"Profile of one prefill ({r['system']}, {r['context']} tokens): {r['kernels']:.0f} kernels, "
+                f"{r['kernel_ms']:.1f} ms of kernel time; by family (ms): {families}.", "",
+                "| kernel | ms | calls |", "|---|---|---|"]
+        out += [f"| `{name}` | {ms:.2f} | {calls:.0f} |" for name, ms, calls in r["top"]]
     for r in (r for r in rows if r.get("kind") == "long-generation"):
         out += ["", f"Long generation ({r['system']}): batch {r['batch']}, {r['prompt']}-token prompt + "
                 f"{r['new_tokens']} new tokens: prefill {r['prefill_s']:.2f} s, decode {r['decode_s']:.1f} s, "

@@ -253,6 +253,11 @@ def run_formats(bench: FormatsConfig, checkpoint=None) -> dict:
                 rows.append({"system": system, "kind": "profile",
                              **decode_profile(model, 1, bench.contexts[0], top=80, compile=compiled)})
         rows.extend(_prefill_rows(system, model, bench.prefill_tokens, rate))
+        if graphs and fmt == bench.formats[0]:  # where the longest prefill goes (issue 14's prefill target)
+            from sambay.bench.profile import prefill_profile
+
+            rows.append({"system": system, "kind": "prefill-profile",
+                         **prefill_profile(model, bench.prefill_tokens[-1])})
         save()
         del model
         if graphs:
