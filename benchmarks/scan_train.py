@@ -7,7 +7,9 @@ Per size (batch × tokens): milliseconds of one forward + backward (median of ``
 the peak GPU memory above the inputs, and the largest gradient difference between the two relative to the
 reference gradient's largest magnitude. The reference is what `sambay train` runs by default; the Triton
 scan is ``--scan-kernel triton``. A watchdog (``--time-limit``) ends the run; results are printed and
-written as they come.
+written as they come. ``--sweep`` times the Triton scan alone over its launch settings (BLOCK channels per
+program, WARPS per program): at one row the default 16 x 4 gives the 900M preset's d_inner of 3072 only 192
+programs, each a 16K-step sequential walk, so the kernel is latency-bound and narrower blocks may pay.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import torch
 
 from sambay.ops import selective_scan_ref
+from sambay.ops.triton import selective_scan_train as tri
 from sambay.ops.triton.selective_scan_train import selective_scan_trainable
 
 D_INNER, D_STATE = 5120, 16
@@ -66,9 +69,13 @@ def main() -> int:
     p.add_argument("--sizes", default="1x2048,1x8192,4x2048", help="BATCHxTOKENS,...")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--time-limit", type=float, default=120.0)
+    p.add_argument("--sweep", action="store_true", help="time the Triton scan at every BLOCK x WARPS of SWEEP "
+                   "instead of against the reference (each checked against the default setting's gradients)")
     p.add_argument("--out")
     args = p.parse_args()
     faulthandler.dump_traceback_later(args.time_limit, exit=True)
+    if args.sweep:
+        return sweep(args)
     rows = []
     for size in args.sizes.split(","):
         b, t = (int(v) for v in size.split("x"))
@@ -92,6 +99,41 @@ def main() -> int:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
+    return 0
+
+
+SWEEP = {"BLOCK": (4, 8, 16, 32), "WARPS": (1, 2, 4, 8)}
+
+
+def sweep(args) -> int:
+    """Each size: the default setting, then every (BLOCK, WARPS); milliseconds of forward + backward and the
+    largest gradient difference from the default's, relative to its largest magnitude. Written as it goes."""
+    default = (tri.BLOCK, tri.WARPS)
+    rows = []
+    for size in args.sizes.split(","):
+        b, t = (int(v) for v in size.split("x"))
+        inputs = make(b, t)
+        gy = torch.randn(b, t, D_INNER, device="cuda").bfloat16()
+        want = None
+        for block, warps in [default, *((bl, w) for bl in SWEEP["BLOCK"] for w in SWEEP["WARPS"])]:
+            tri.BLOCK, tri.WARPS = block, warps
+            row = {"batch": b, "tokens": t, "BLOCK": block, "WARPS": warps}
+            try:
+                ms, gib, grads = timed(selective_scan_trainable, inputs, gy, args.reps)
+            except Exception as e:  # out of registers or shared memory: the setting is skipped
+                row["error"] = str(e)[:200]
+            else:
+                if want is None:
+                    want = grads
+                row.update(ms=round(ms, 3), peak_gib=round(gib, 2), grad_rel_err_vs_default=max(
+                    float((grads[k].float() - want[k].float()).abs().max()
+                          / want[k].float().abs().max().clamp_min(1e-30)) for k in NAMES))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(rows, f, indent=1)
+    tri.BLOCK, tri.WARPS = default
     return 0
 
 

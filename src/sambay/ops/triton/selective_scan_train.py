@@ -45,6 +45,7 @@ from sambay.ops.triton.selective_scan import _channels, _softplus
 
 CKPT = 64  # tokens between saved states: the backward's recompute window (its scratch holds CKPT states)
 BLOCK = 16  # channels per program: (16, d_state 16) fp32 state and adjoint in registers
+WARPS = 4  # warps per program of both kernels (benchmarks/scan_train.py --sweep times BLOCK x WARPS)
 
 
 @triton.jit
@@ -190,7 +191,7 @@ class _TrainableScan(torch.autograd.Function):
         grid = (b, triton.cdiv(d, BLOCK))
         _scan_forward[grid](u, delta, A32, B, C, D, u if z is None else z, delta_bias, final if h0 is None else h0,
                             lens, y, ckpt, final, t, d, n_ckpt, N=n, BLOCK=BLOCK, CKPT=CKPT, HAS_Z=z is not None,
-                            HAS_H0=h0 is not None)
+                            HAS_H0=h0 is not None, num_warps=WARPS)
         ctx.save_for_backward(u, delta, A32, B, C, D, z, delta_bias, lens, ckpt)
         ctx.meta = (A.dtype, initial_state is not None, None if initial_state is None else initial_state.dtype)
         return y, final
@@ -215,7 +216,8 @@ class _TrainableScan(torch.autograd.Function):
             u, delta, A32, B, C, D, u if z is None else z, delta_bias, lens, ckpt, g_y,
             dh0 if g_final is None else g_final.float().contiguous(),
             scratch, du, ddelta, du if dz is None else dz, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
-            t, d, n_ckpt, n_blocks, N=n, BLOCK=BLOCK, CKPT=CKPT, HAS_Z=z is not None, HAS_GFINAL=g_final is not None)
+            t, d, n_ckpt, n_blocks, N=n, BLOCK=BLOCK, CKPT=CKPT, HAS_Z=z is not None, HAS_GFINAL=g_final is not None,
+            num_warps=WARPS)
         dB = dB_part.sum(1).to(B.dtype)
         dC = dC_part.sum(1).to(C.dtype)
         dA = dA_part.sum(0).to(a_dtype)
