@@ -5,8 +5,8 @@ reference scan, at the release's d_inner 5120 and d_state 16, bf16 inputs.
 
 Per size (batch × tokens): milliseconds of one forward + backward (median of ``--reps`` after a warm-up),
 the peak GPU memory above the inputs, and the largest gradient difference between the two relative to the
-reference gradient's largest magnitude. The reference is what `sambay train` runs by default; the Triton
-scan is ``--scan-kernel triton``. A watchdog (``--time-limit``) ends the run; results are printed and
+reference gradient's largest magnitude. The reference is `sambay train --scan-kernel reference`; the Triton
+scan is the default on GPUs. A watchdog (``--time-limit``) ends the run; results are printed and
 written as they come. ``--sweep`` times the Triton scan alone over its launch settings (BLOCK channels per
 program, WARPS per program): at one row the default 16 x 4 gives the 900M preset's d_inner of 3072 only 192
 programs, each a 16K-step sequential walk, so the kernel is latency-bound and narrower blocks may pay.
