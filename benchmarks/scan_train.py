@@ -3,7 +3,8 @@ reference scan, at the release's d_inner 5120 and d_state 16, bf16 inputs.
 
     PYTHONPATH=src python3 benchmarks/scan_train.py --out results/scan-train.json
 
-Per size (batch × tokens): milliseconds of one forward + backward (median of ``--reps`` after a warm-up),
+Per size (batch × tokens): milliseconds of one forward + backward (median of ``--reps`` after a warm-up) of
+the sequential and the chunked algorithm (`sambay.ops.triton.selective_scan_train`) and of what "auto" picks,
 the peak GPU memory above the inputs, and the largest gradient difference between the two relative to the
 reference gradient's largest magnitude. The reference is `sambay train --scan-kernel reference`; the Triton
 scan is the default on GPUs. A watchdog (``--time-limit``) ends the run; results are printed and
@@ -81,7 +82,19 @@ def main() -> int:
         b, t = (int(v) for v in size.split("x"))
         inputs = make(b, t)
         gy = torch.randn(b, t, D_INNER, device="cuda").bfloat16()
-        row = {"batch": b, "tokens": t}
+        row = {"batch": b, "tokens": t, "auto": "chunked" if tri.chunked(b, D_INNER, gy.device) else "sequential"}
+        for algorithm in ("sequential", "chunked"):  # the two walks, the same inputs
+            tri.ALGORITHM = algorithm
+            ms_a, gib_a, grads_a = timed(selective_scan_trainable, inputs, gy, args.reps)
+            row.update({f"{algorithm}_ms": round(ms_a, 3), f"{algorithm}_peak_gib": round(gib_a, 2)})
+            if algorithm == "sequential":
+                first = grads_a
+            else:
+                row["chunked_vs_sequential_grad_rel_err"] = max(
+                    float((grads_a[k].float() - first[k].float()).abs().max()
+                          / first[k].float().abs().max().clamp_min(1e-30)) for k in NAMES)
+            del grads_a
+        tri.ALGORITHM = "auto"
         ms_t, gib_t, grads_t = timed(selective_scan_trainable, inputs, gy, args.reps)
         row.update(triton_ms=round(ms_t, 3), triton_peak_gib=round(gib_t, 2))
         try:
@@ -109,7 +122,7 @@ def sweep(args) -> int:
     """Each size: the default setting, then every (BLOCK, WARPS); milliseconds of forward + backward and the
     largest gradient difference from the default's, relative to its largest magnitude. Written as it goes."""
     default = (tri.BLOCK, tri.WARPS)
-    rows = []
+    rows = []  # each setting under the algorithm "auto" picks for the size
     for size in args.sizes.split(","):
         b, t = (int(v) for v in size.split("x"))
         inputs = make(b, t)

@@ -33,11 +33,14 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _small_blocks(monkeypatch):
+@pytest.fixture(autouse=True, params=["sequential", "chunked"])
+def algorithm(request, monkeypatch):
+    """Every test runs both algorithms (the module docstring's sequential and chunked walks)."""
+    monkeypatch.setattr(tri, "ALGORITHM", request.param)
     if not ON_GPU:
         monkeypatch.setattr(tri, "BLOCK", 4)
         monkeypatch.setattr(tri, "CKPT", 4)
+    return request.param
 
 
 def _inputs(b, t, d, n, dtype, gated, with_h0, seed=0):
@@ -119,3 +122,19 @@ def test_only_y_used_leaves_the_final_state_without_gradient():
     _, _, want = _run(selective_scan_ref, inputs, torch.float32, None, gy, None)
     for name in want:
         assert_close(grads[name], want[name], atol=1e-3, rtol=1e-3, what=f"d{name}")
+
+
+def test_the_algorithm_asked_for_is_the_one_that_runs(algorithm, monkeypatch):
+    """The fixture's algorithm really runs (so each test above covers both), and "auto" takes the chunked walk
+    only while the sequential grid is small (rows x channel blocks below CHUNKED_BELOW_PROGRAMS_PER_SM per SM)."""
+    calls = []
+    real = tri._forward_chunked
+    monkeypatch.setattr(tri, "_forward_chunked", lambda *a: calls.append(1) or real(*a))
+    inputs = _inputs(2, 9, 6, 4, torch.float32, True, False, seed=2)
+    gy = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    _run(tri.selective_scan_trainable, inputs, torch.float32, None, gy, None)
+    assert bool(calls) == (algorithm == "chunked")
+    monkeypatch.setattr(tri, "ALGORITHM", "auto")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if ON_GPU else 4
+    few = tri.CHUNKED_BELOW_PROGRAMS_PER_SM * sms * tri.BLOCK  # channels of exactly that many programs at one row
+    assert tri.chunked(1, few - tri.BLOCK, torch.device(DEVICE)) and not tri.chunked(1, few, torch.device(DEVICE))
