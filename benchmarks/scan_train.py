@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import itertools
 import json
 import statistics
 
@@ -119,18 +120,20 @@ SWEEP = {"BLOCK": (4, 8, 16, 32), "WARPS": (1, 2, 4, 8)}
 
 
 def sweep(args) -> int:
-    """Each size: the default setting, then every (BLOCK, WARPS); milliseconds of forward + backward and the
-    largest gradient difference from the default's, relative to its largest magnitude. Written as it goes."""
+    """Each size and algorithm: the default setting, then every (BLOCK, WARPS); milliseconds of forward +
+    backward and the largest gradient difference from the first setting's, relative to its largest magnitude.
+    Written as it goes."""
     default = (tri.BLOCK, tri.WARPS)
-    rows = []  # each setting under the algorithm "auto" picks for the size
+    rows = []
     for size in args.sizes.split(","):
         b, t = (int(v) for v in size.split("x"))
         inputs = make(b, t)
         gy = torch.randn(b, t, D_INNER, device="cuda").bfloat16()
         want = None
-        for block, warps in [default, *((bl, w) for bl in SWEEP["BLOCK"] for w in SWEEP["WARPS"])]:
-            tri.BLOCK, tri.WARPS = block, warps
-            row = {"batch": b, "tokens": t, "BLOCK": block, "WARPS": warps}
+        settings = [default, *((bl, w) for bl in SWEEP["BLOCK"] for w in SWEEP["WARPS"])]
+        for algorithm, (block, warps) in itertools.product(("sequential", "chunked"), settings):
+            tri.ALGORITHM, tri.BLOCK, tri.WARPS = algorithm, block, warps
+            row = {"batch": b, "tokens": t, "algorithm": algorithm, "BLOCK": block, "WARPS": warps}
             try:
                 ms, gib, grads = timed(selective_scan_trainable, inputs, gy, args.reps)
             except Exception as e:  # out of registers or shared memory: the setting is skipped
@@ -146,7 +149,7 @@ def sweep(args) -> int:
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(rows, f, indent=1)
-    tri.BLOCK, tri.WARPS = default
+    tri.BLOCK, tri.WARPS, tri.ALGORITHM = *default, "sequential"
     return 0
 
 
