@@ -98,6 +98,9 @@ def main() -> int:
         except Exception as e:  # a tile too large for shared memory, say: the setting is skipped
             row["error"] = str(e)[:200]
         rows.append(row)
+    if "error" in rows[0]:  # every comparison is against the default: without it there is no report
+        print(f"the default setting failed: {rows[0]['error']}")
+        return 1
     done = [r for r in rows if "error" not in r]
     result = {"cases": [f"{b}x{s}" for b, s in CASES], "default": defaults, "settings_timed": len(rows),
               "rows": rows, "best": {}}

@@ -18,8 +18,8 @@ from tests.tolerances import FP32, assert_close, assert_low_precision
 CASES = [  # b, n_heads, n_kv_heads, t, s_extra (cached keys before the chunk), head_dim, window
     (1, 4, 2, 37, 0, 16, None),  # odd length, fresh causal
     (2, 8, 2, 70, 0, 16, 9),  # a window, GQA 4:1
-    (2, 4, 4, 33, 11, 8, 5),  # keys cached before the chunk, no GQA
-    (1, 40, 20, 19, 0, 8, 512),  # the release's head counts, window longer than the sequence
+    (2, 4, 4, 33, 11, 16, 5),  # keys cached before the chunk, no GQA
+    (1, 40, 20, 19, 0, 16, 512),  # the release's head counts, window longer than the sequence
     (3, 4, 2, 130, 0, 16, 128),  # longer than one 128-token mask block
 ]
 
@@ -55,7 +55,7 @@ def test_plain_attention_flex_equals_the_reference(b, h, hk, t, s_extra, hd, win
 
 
 def test_a_query_that_sees_no_key_gives_zeros():
-    (q, k, v, q_pos, k_pos), lambdas, w = _inputs(1, 4, 2, 6, 0, 8)
+    (q, k, v, q_pos, k_pos), lambdas, w = _inputs(1, 4, 2, 6, 0, 16)
     k_pos[0, :3] = -1  # queries 0-2 see no key (their own slots are empty)
     out = attention_flex(q, k, v, q_pos, k_pos, None)
     assert out[0, :3].abs().max() == 0
@@ -65,25 +65,34 @@ def test_a_query_that_sees_no_key_gives_zeros():
 
 
 def test_calls_the_kernel_does_not_take_go_to_the_reference():
-    (q, k, v, q_pos, k_pos), lambdas, w = _inputs(2, 4, 2, 1, 9, 8)  # a decode step over 9 cached keys
+    """A decode step, a kv_len hint and a head size under FlexAttention's 16 run the reference itself."""
+    (q, k, v, q_pos, k_pos), lambdas, w = _inputs(2, 4, 2, 1, 9, 16)  # a decode step over 9 cached keys
     kv_len = torch.tensor([10, 6])
-    for extra in ({}, {"kv_len": kv_len}):
-        args = (q, k, v, q_pos, k_pos, 4)
-        assert torch.equal(attention_flex(*args, **extra), attention_ref(*args, **extra))
-        args = (*args, *lambdas, 0.35, w, 1e-5)
+    small = _inputs(1, 4, 2, 12, 0, 8)  # head size 8
+    calls = [((q, k, v, q_pos, k_pos, 4), lambdas, w, {}), ((q, k, v, q_pos, k_pos, 4), lambdas, w, {"kv_len": kv_len}),
+             (small[0] + [None], small[1], small[2], {})]
+    for plain, lam, weight, extra in calls:
+        assert torch.equal(attention_flex(*plain, **extra), attention_ref(*plain, **extra))
+        args = (*plain, *lam, 0.35, weight, 1e-5)
         assert torch.equal(diff_attention_flex(*args, **extra), diff_attention_ref(*args, **extra))
 
 
 def test_the_mask_is_rebuilt_for_new_positions():
-    """The block-mask cache must not hand one batch's mask to the next (same shapes, other positions)."""
-    (q, k, v, q_pos, k_pos), _, _ = _inputs(1, 4, 2, 20, 0, 8)
-    first = attention_flex(q, k, v, q_pos, k_pos, None)
+    """The block-mask cache must not hand one batch's mask to the next: other positions in a new tensor, the
+    same tensor changed in place, and inference-mode tensors (no version counter) all get their own mask."""
+    (q, k, v, q_pos, _), _, _ = _inputs(1, 4, 2, 20, 0, 16)
     packed = q_pos.clone()
     packed[0, 10:] -= 10  # a second document starts at token 10: positions restart
-    assert_close(attention_flex(q, k, v, packed, packed, None), attention_ref(q, k, v, packed, packed, None), **FP32)
-    q_pos[0, 12:] = 3  # changed in place: a new version of the same tensor
-    assert_close(attention_flex(q, k, v, q_pos, k_pos, None), attention_ref(q, k, v, q_pos, k_pos, None), **FP32)
-    assert not torch.equal(first, attention_flex(q, k, v, q_pos, k_pos, None))
+    first = attention_flex(q, k, v, packed, packed, None)
+    assert_close(first, attention_ref(q, k, v, packed, packed, None), **FP32)
+    packed[0, 15:] -= 5  # the same tensor changed in place: a third document from token 15
+    again = attention_flex(q, k, v, packed, packed, None)
+    assert_close(again, attention_ref(q, k, v, packed, packed, None), **FP32)
+    assert not torch.equal(first, again)
+    with torch.inference_mode():
+        fresh = packed.clone()
+        fresh[0, 5:] = 2  # an inference tensor: no version counter to key the cache on
+        assert_close(attention_flex(q, k, v, fresh, fresh, None), attention_ref(q, k, v, fresh, fresh, None), **FP32)
 
 
 def test_a_training_forward_reuses_one_static_mask():
@@ -91,7 +100,7 @@ def test_a_training_forward_reuses_one_static_mask():
     each call, so the compiled kernel never recompiles from one step to the next."""
     from sambay.ops import flex_attention as fa
 
-    (q, k, v, q_pos, k_pos), _, _ = _inputs(1, 4, 2, 21, 0, 8, seed=3)
+    (q, k, v, q_pos, k_pos), _, _ = _inputs(1, 4, 2, 21, 0, 16, seed=3)
     before = fa._static_mask.cache_info()
     for _ in range(2):  # new position tensors each time, as each forward makes them
         out = attention_flex(q, k, v, q_pos.clone(), k_pos.clone(), 6)
@@ -111,20 +120,23 @@ def test_for_training_wires_flex_attention_for_cuda_tensors_only():
         for_training(attention="sdpa")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernel needs a GPU")
+@pytest.mark.gpu
+@pytest.mark.parametrize("plain", [False, True])
 @pytest.mark.parametrize("b,h,hk,t,s_extra,hd,window", [(2, 8, 4, 300, 0, 64, 64), (1, 40, 20, 257, 0, 64, None)])
-def test_flex_attention_bf16_forward_and_gradients_on_gpu(b, h, hk, t, s_extra, hd, window):
+def test_flex_attention_bf16_forward_and_gradients_on_gpu(b, h, hk, t, s_extra, hd, window, plain):
     (q, k, v, q_pos, k_pos), lambdas, w = _inputs(b, h, hk, t, s_extra, hd, device="cuda")
     grad = torch.randn(b, t, h, hd, device="cuda")
+    ref, fast = (attention_ref, attention_flex) if plain else (diff_attention_ref, diff_attention_flex)
+    rest = () if plain else (*lambdas, 0.35, w, 1e-5)
 
     def run(fn, dtype):
         leaves = [x.to(dtype).detach().requires_grad_() for x in (q, k, v)]
-        out = fn(*leaves, q_pos, k_pos, window, *lambdas, 0.35, w, 1e-5)
+        out = fn(*leaves, q_pos, k_pos, window, *rest)
         out.backward(grad.to(out.dtype))
         return [out.detach(), *(x.grad for x in leaves)]
 
-    exact = run(diff_attention_ref, torch.float32)
-    low = run(diff_attention_ref, torch.bfloat16)
-    got = run(diff_attention_flex, torch.bfloat16)
+    exact = run(ref, torch.float32)
+    low = run(ref, torch.bfloat16)
+    got = run(fast, torch.bfloat16)
     for name, g_, l_, e_ in zip(("out", "dq", "dk", "dv"), got, low, exact, strict=True):
         assert_low_precision(g_, l_, e_, what=name)

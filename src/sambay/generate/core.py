@@ -73,7 +73,7 @@ def make_runner(model: SambaY, config: SchedulerConfig, cls: type[ModelRunner] =
     snapshots = min(snapshots, memory.kv_blocks)  # each snapshot needs a cached block of its own to be reachable
     return cls(model, slots=config.slots, max_length=max_length, block_size=config.block_size,
                kv_blocks=memory.kv_blocks or None, cuda_graph=config.cuda_graph, snapshots=snapshots,
-               compile=config.compile)
+               compile=config.compile, gemv=config.gemv)
 
 
 def sized_for_budget(config: SchedulerConfig, model: SambaY, budget_bytes: int) -> SchedulerConfig:

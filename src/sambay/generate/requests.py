@@ -46,6 +46,7 @@ class SchedulerConfig:
     max_waiting: int = 64  # requests queued for a slot before `submit` raises QueueFull
     cuda_graph: bool = True  # on a GPU, replay decode steps from CUDA graphs (one per batch bucket)
     compile: bool = False  # torch.compile the decode step before capturing it (`ModelRunner`'s ``compile``)
+    gemv: bool = True  # on a GPU, batch-1 projections on our GEMV kernel, not cuBLAS (`ModelRunner`'s ``gemv``)
     async_scheduling: bool = True  # plan and launch step n+1 before the host processes step n's tokens
     warm_up: bool | None = None  # compile the prefill kernels at start; None: on a GPU only
     prefix_cache_bytes: int = 0  # memory for prefix-cache state snapshots (`prefix_cache`); 0: no prefix cache

@@ -16,7 +16,8 @@ reference does them. Numerics: the attention itself runs in the inputs' dtype wi
 statistics (as the release's flash-attn training did), so in bf16 the two maps are rounded before their
 difference, where the reference subtracts in fp32; `tests/ops/test_flex_attention.py` bounds the gap.
 
-Calls the kernel does not fit (a decode step, ``kv_len``, a paged ``block_table``) go to the reference.
+Calls the kernel does not fit (a decode step, ``kv_len``, a paged ``block_table``, a head size under 16) go
+to the reference.
 On the CPU FlexAttention has no backward, so `sambay.ops.for_training` uses it for CUDA tensors only, and
 hides it from Dynamo (``--compile``): the kernel is compiled here, once per shape and mask, not traced
 into each block's graph.
@@ -31,19 +32,25 @@ from torch import Tensor
 
 from sambay.ops.attention import attention_ref, diff_attention_ref, lambda_value
 
+MIN_HEAD_DIM = 16  # FlexAttention's smallest head size; smaller heads (tiny test models) take the reference
+DENSE_MASK_LIMIT = 1 << 26  # query x key pairs above which a block mask is built compiled, not as a dense mask
+
 
 @cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    from sambay.generate.cuda_graphs import raise_recompile_limit
+
+    raise_recompile_limit()  # one compiled kernel per (shape, mask function, grad mode): more than Dynamo's 8
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex():
-    """The kernel compiled (once per shape and mask function) on a GPU; the unfused op on the CPU."""
+def _flex(q: Tensor):
+    """The kernel compiled (once per shape and mask function) for CUDA tensors; the unfused op on the CPU."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return _compiled_flex() if torch.cuda.is_available() else flex_attention
+    return _compiled_flex() if q.is_cuda else flex_attention
 
 
 def _plain_causal(q_pos: Tensor, k_pos: Tensor) -> bool:
@@ -68,7 +75,8 @@ def _static_mask(t: int, window: int | None, device: torch.device):
     def windowed(row, head, qi, kj):
         return (kj <= qi) & (kj > qi - window)
 
-    return create_block_mask(causal if window is None else windowed, None, None, t, t, device=device)
+    return create_block_mask(causal if window is None else windowed, None, None, t, t, device=device,
+                             _compile=device.type == "cuda" and t * t > DENSE_MASK_LIMIT)
 
 
 class _MaskCache:
@@ -102,7 +110,8 @@ def _block_mask(q_pos: Tensor, k_pos: Tensor, window: int | None):
             seen = seen & (kp > qp - window)
         return seen
 
-    return create_block_mask(visible, b, None, t, s, device=q_pos.device)
+    return create_block_mask(visible, b, None, t, s, device=q_pos.device,
+                             _compile=q_pos.is_cuda and b * t * s > DENSE_MASK_LIMIT)
 
 
 _MASKS: dict[int | None, _MaskCache] = {}
@@ -114,17 +123,19 @@ def _mask(q_pos: Tensor, k_pos: Tensor, window: int | None):
     are not what training runs)."""
     if _plain_causal(q_pos, k_pos):
         return _static_mask(q_pos.shape[1], window, q_pos.device)
+    if q_pos.is_inference() or k_pos.is_inference():  # no version counter to key a cache on: build it afresh
+        return _block_mask(q_pos, k_pos, window)
     return _MASKS.setdefault(window, _MaskCache()).get(q_pos, k_pos, window)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     """softmax(q kᵀ / sqrt(hd)) v over the mask's visible keys: (b, hq, t, dv) in q's dtype; no key → 0."""
-    return _flex()(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask, scale=q.shape[-1] ** -0.5,
+    return _flex(q)(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask, scale=q.shape[-1] ** -0.5,
                    enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _fits(q: Tensor, kv_len: Tensor | None, block_table: Tensor | None) -> bool:
-    return q.shape[2] > 1 and kv_len is None and block_table is None
+    return q.shape[2] > 1 and q.shape[-1] >= MIN_HEAD_DIM and kv_len is None and block_table is None
 
 
 def diff_attention_flex(
