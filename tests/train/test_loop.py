@@ -99,3 +99,15 @@ def test_flex_attention_kernel_is_refused_on_the_cpu(corpus, tmp_path):
         train(tiny_run(corpus, tmp_path / "flex", max_steps=1, attention_kernel="flex", device="cpu"))
     with pytest.raises(ValueError, match="attention_kernel"):
         load_train_config(None, {"attention_kernel": "sdpa"})
+
+
+def test_adamw_is_fused_on_cuda_parameters_only():
+    """The fused CUDA AdamW for plain CUDA parameters; the default path on the CPU (and for FSDP2 shards)."""
+    from torch import nn
+
+    from sambay.train.optim import build_optimizer
+
+    config = load_train_config(None, {})
+    assert not build_optimizer(nn.Linear(4, 3), config).defaults["fused"]
+    if torch.cuda.is_available():
+        assert build_optimizer(nn.Linear(4, 3).cuda(), config).defaults["fused"]

@@ -31,7 +31,19 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
+                             fused=_fusable(params) or None)
+
+
+def _fusable(params: list[nn.Parameter]) -> bool:
+    """Whether AdamW can take its fused CUDA kernel: every parameter a plain CUDA tensor (not an FSDP2 DTensor
+    shard, which stays on the default multi-tensor path). One kernel pass over parameters, gradients and both
+    moments instead of the multi-tensor path's several: the optimiser step was 6% of a 900M training step
+    on the H200 (docs/benchmarks.md, fine-tuning)."""
+    from torch.distributed.tensor import DTensor
+
+    return bool(params) and all(p.is_cuda and p.is_floating_point() and not isinstance(p.data, DTensor)
+                                for p in params)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
