@@ -37,6 +37,7 @@ from sambay.config import LayerKind, SambaYConfig
 from sambay.model.attention import DifferentialCore, FullAttention, SharedKV, SlidingWindowAttention
 from sambay.model.blocks import Block, build_mixer
 from sambay.model.init import init_weights
+from sambay.model.loss import head_nll
 from sambay.model.mamba import Mamba
 from sambay.model.span import Span
 from sambay.ops import Ops, resolve_backend
@@ -188,6 +189,7 @@ class SambaY(nn.Module):
         lengths: Tensor | None = None,
         last_only: bool | None = None,
         check_inputs: bool = True,
+        targets: Tensor | None = None,
     ) -> Tensor:
         """Logits for new tokens, continuing the sequences held in ``cache``.
 
@@ -202,10 +204,16 @@ class SambaY(nn.Module):
             check_inputs: validate ids, lengths and cache room (each check reads a value back to the
                 host). An engine that has already checked passes False, which makes a one-token decode
                 step free of host synchronisation and so capturable in a CUDA graph.
+            targets: (b, t) ids (training, no cache): return their per-token NLL instead of the logits,
+                computed without holding the whole logits tensor (`sambay.model.loss.head_nll`).
 
         Returns:
-            (b, t, vocab_size) logits, or (b, 1, vocab_size) when ``last_only``; model dtype.
+            (b, t, vocab_size) logits, or (b, 1, vocab_size) when ``last_only``; model dtype. With
+            ``targets``: (b, t) fp32 negative log-likelihoods.
         """
+        if targets is not None and (cache is not None or last_only or targets.shape != tokens.shape):
+            raise ValueError(f"targets {tuple(targets.shape)} need a fresh forward (no cache, not last_only) "
+                             f"over tokens of the same shape {tuple(tokens.shape)}")
         if check_inputs:
             span = self._span(tokens, cache, lengths)
         else:
@@ -221,8 +229,10 @@ class SambaY(nn.Module):
                 memory = memory.gather(1, idx.view(-1, 1, 1).expand(-1, 1, memory.shape[-1]))
         x = self.cross_decoder(x, span, memory, shared)
         _, h = self.ops.add_layer_norm(x, None, self.norm.weight, self.norm.bias, self.config.norm_eps)
-        logits = F.linear(h, self.embed.weight if self.lm_head is None else self.lm_head.weight)
-        return logits
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if targets is not None:
+            return head_nll(h, head, targets)
+        return F.linear(h, head)
 
     def _span(self, tokens: Tensor, cache: SambaYCache | None, lengths: Tensor | None) -> Span:
         """Validate the inputs of `forward` and place the new tokens."""

@@ -14,7 +14,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sambay.model.sambay import SambaY
@@ -23,10 +22,10 @@ from sambay.tokenizer import Tokenizer
 
 
 def token_nll(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
-    """Per-token negative log-likelihood in fp32: inputs, targets (b, t) -> (b, t)."""
-    logits = model(inputs)  # (b, t, vocab_size)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return nll.view_as(targets)
+    """Per-token negative log-likelihood in fp32: inputs, targets (b, t) -> (b, t). The model computes it from
+    its hidden states piece by piece (`sambay.model.loss.head_nll`): a long sequence's logits are never
+    held whole."""
+    return model(inputs, targets=targets)
 
 
 @torch.no_grad()
