@@ -45,6 +45,9 @@ Two algorithms (`ALGORITHM`, `chunked`):
   chunk at once, from the λ pass 2 gave it, on a persistent grid whose programs each own one chunk's
   scratch (so the scratch stays small, not the (b, t, d, n) state). About 1.4x the steps, CKPT times the
   programs; ∂A, ∂D and ∂bias partials are per (row, chunk), summed by torch in a fixed order.
+
+The module is over the 400-line target because the two algorithms share the chunk body (`_chunk_backward`):
+the sequential one is the measured default and the baseline benchmarks/scan_train.py times the other against.
 """
 
 from __future__ import annotations
