@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from sambay.model import loss
 from sambay.model.loss import head_nll
 from tests.conftest import random_model, small_config
+from tests.tolerances import FP32, assert_close
 
 
 def _case(n=37, d=12, vocab=53, seed=0):
@@ -40,7 +41,7 @@ def test_head_nll_equals_cross_entropy_over_all_logits(monkeypatch, limit):
     got, want = _grads(head_nll, h, w, targets), _grads(_dense, h, w, targets)
     assert got[0][0, 3] == 0
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert_close(a, b, **FP32)
 
 
 def test_the_piecewise_path_keeps_no_logits_for_the_backward(monkeypatch):
@@ -70,7 +71,7 @@ def test_model_forward_with_targets_equals_its_logits_nll():
     logits = model(tokens)
     want = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     assert nll.dtype == torch.float32 and nll.shape == targets.shape
-    torch.testing.assert_close(nll, want, atol=1e-5, rtol=1e-5)
+    assert_close(nll, want, **FP32)
     with pytest.raises(ValueError, match="targets"):
         model(tokens, targets=targets[:, :5])
     with pytest.raises(ValueError, match="targets"):
