@@ -159,6 +159,19 @@ def _differential(q: Tensor, k: Tensor, v_pairs: Tensor, seen: Tensor, lambda_fu
     return o1 - lambda_full * o2
 
 
+def value_pairs(v: Tensor) -> Tensor:
+    """(b, n_kv_heads, s, hd) values → (b, n_kv_heads/2, s, 2hd) [v1 | v2]: each group attends to both."""
+    return torch.cat([v[:, 0::2], v[:, 1::2]], dim=-1)
+
+
+def sub_norm_heads(o: Tensor, subln_weight: Tensor, eps: float, lambda_init: float, dtype: torch.dtype) -> Tensor:
+    """O1 - λ O2 (b, n_heads/2, t, 2hd) fp32 → RMSNorm · (1 - λ_init), pair j back into heads 2j, 2j+1:
+    (b, t, n_heads, hd) in ``dtype``."""
+    b, pairs, t, two_hd = o.shape
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * subln_weight.float() * (1.0 - lambda_init)
+    return o.transpose(1, 2).reshape(b, t, 2 * pairs, two_hd // 2).to(dtype)
+
+
 def diff_attention_ref(
     q: Tensor,
     k: Tensor,
@@ -200,14 +213,11 @@ def diff_attention_ref(
     Returns:
         (b, t, n_heads, head_dim) in ``q.dtype``.
     """
-    b, n_heads, t, hd = q.shape
     k, v, k_pos = used_keys(k, v, k_pos, kv_len, block_table)
-    v_pairs = torch.cat([v[:, 0::2], v[:, 1::2]], dim=-1)  # (b, n_kv/2, s, 2hd): [v1 | v2]
     lambda_full = lambda_value(lambda_q1, lambda_k1, lambda_q2, lambda_k2, lambda_init)
     attend = partial(_differential, lambda_full=lambda_full)
-    o = _blockwise(attend, q, k, v_pairs, q_pos, k_pos, window, kv_len)  # (b, n_heads/2, t, 2hd)
-    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * subln_weight.float() * (1.0 - lambda_init)
-    return o.transpose(1, 2).reshape(b, t, n_heads, hd).to(q.dtype)  # pair j -> heads 2j, 2j+1
+    o = _blockwise(attend, q, k, value_pairs(v), q_pos, k_pos, window, kv_len)  # (b, n_heads/2, t, 2hd)
+    return sub_norm_heads(o, subln_weight, eps, lambda_init, q.dtype)
 
 
 def attention_ref(

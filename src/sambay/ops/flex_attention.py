@@ -30,7 +30,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from sambay.ops.attention import attention_ref, diff_attention_ref, lambda_value
+from sambay.ops.attention import attention_ref, diff_attention_ref, lambda_value, sub_norm_heads, value_pairs
 
 MIN_HEAD_DIM = 16  # FlexAttention's smallest head size; smaller heads (tiny test models) take the reference
 DENSE_MASK_LIMIT = 1 << 26  # query x key pairs above which a block mask is built compiled, not as a dense mask
@@ -147,15 +147,12 @@ def diff_attention_flex(
     if not _fits(q, kv_len, block_table):
         return diff_attention_ref(q, k, v, q_pos, k_pos, window, lambda_q1, lambda_k1, lambda_q2, lambda_k2,
                                   lambda_init, subln_weight, eps, kv_len, block_table)
-    b, n_heads, t, hd = q.shape
     mask = _mask(q_pos, k_pos, window)
-    v_pairs = torch.cat([v[:, 0::2], v[:, 1::2]], dim=-1)  # (b, n_kv/2, s, 2hd): [v1 | v2]
+    v_pairs = value_pairs(v)
     o1 = _attend(q[:, 0::2], k[:, 0::2], v_pairs, mask)  # [A11 | A12]
     o2 = _attend(q[:, 1::2], k[:, 1::2], v_pairs, mask)  # [A21 | A22]
     lam = lambda_value(lambda_q1, lambda_k1, lambda_q2, lambda_k2, lambda_init)
-    o = o1.float() - lam * o2.float()  # (b, n_heads/2, t, 2hd)
-    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * subln_weight.float() * (1.0 - lambda_init)
-    return o.transpose(1, 2).reshape(b, t, n_heads, hd).to(q.dtype)
+    return sub_norm_heads(o1.float() - lam * o2.float(), subln_weight, eps, lambda_init, q.dtype)
 
 
 def attention_flex(

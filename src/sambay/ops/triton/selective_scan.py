@@ -388,13 +388,17 @@ def _launch_lookback(args: tuple, strides: tuple, has_z: bool) -> None:
     )
 
 
-def _launch_three_pass(args: tuple, strides: tuple, has_z: bool) -> None:
-    """`_chunk_state`, `_chunk_combine`, `_chunk_output` (module docstring); one chunk skips the first two."""
+def _launch_three_pass(args: tuple, strides: tuple, has_z: bool, chunk: int = CHUNK,
+                       keep_states: bool = False) -> tuple[Tensor, Tensor | None]:
+    """`_chunk_state`, `_chunk_combine`, `_chunk_output` (module docstring) over ``chunk``-token chunks; one chunk
+    skips the first two unless ``keep_states``. Returns (the chunk-start states (b, chunks, d, n), each chunk's
+    total decay, same shape) when they were computed: the trainable scan keeps them as its checkpoints."""
     u, delta, A, B, C, D, zz, delta_bias, lengths, h0, y, h_end = args
     (b, t, d), n = u.shape, A.shape[-1]
-    n_chunks = triton.cdiv(t, CHUNK)
+    n_chunks = max(triton.cdiv(t, chunk), 1)
     grid_d = triton.cdiv(d, BLOCK_D)
-    if n_chunks == 1:
+    decay = None
+    if n_chunks == 1 and not keep_states:
         h_start = h0
     else:
         h_loc = torch.empty(b, n_chunks, d, n, device=u.device)
@@ -403,7 +407,7 @@ def _launch_three_pass(args: tuple, strides: tuple, has_z: bool) -> None:
             u, delta, A, B, delta_bias, lengths, h_loc, decay,
             t, d, n_chunks,
             *strides[:6],
-            N=n, BLOCK=BLOCK_D, CHUNK_T=CHUNK, num_warps=2,
+            N=n, BLOCK=BLOCK_D, CHUNK_T=chunk, num_warps=2,
         )
         h_start = torch.empty_like(h_loc)
         _chunk_combine[(b, grid_d)](h_loc, decay, h0, h_start, d, n_chunks, N=n, BLOCK=BLOCK_D, num_warps=2)
@@ -411,8 +415,9 @@ def _launch_three_pass(args: tuple, strides: tuple, has_z: bool) -> None:
         u, delta, A, B, C, D, zz, delta_bias, lengths, h_start, y, h_end,
         t, d, n_chunks,
         *strides,
-        N=n, BLOCK=BLOCK_D, CHUNK_T=CHUNK, HAS_Z=has_z, num_warps=2,
+        N=n, BLOCK=BLOCK_D, CHUNK_T=chunk, HAS_Z=has_z, num_warps=2,
     )
+    return h_start, decay
 
 
 @triton.jit

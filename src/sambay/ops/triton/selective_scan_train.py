@@ -213,18 +213,14 @@ def _scan_backward(
 
 @triton.jit
 def _adjoint_local(
-    dt_ptr, A_ptr, c_ptr, z_ptr, bias_ptr, len_ptr, gy_ptr, out_ptr,
+    dt_ptr, A_ptr, c_ptr, D_ptr, z_ptr, bias_ptr, len_ptr, gy_ptr, out_ptr,
     T, D, n_ckpt,
     N: tl.constexpr, BLOCK: tl.constexpr, CKPT: tl.constexpr, HAS_Z: tl.constexpr,
 ):
     """The chunked algorithm, pass 1: chunk c's own contribution to the λ that leaves it through its first step,
     exp(Δ_{t0} A) λ_{t0} computed with nothing coming in from later chunks (λ is linear in what comes in)."""
     pid_b, pid_d, c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    offs_d = pid_d * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, N)
-    mask_d = offs_d < D
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None], other=0.0)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_d, offs_n, mask_d, A, bias, _ = _channels(A_ptr, D_ptr, bias_ptr, pid_d, D, N, BLOCK)
     n_valid = tl.load(len_ptr + pid_b)
     t0 = c * CKPT
     t1 = tl.minimum(t0 + CKPT, T)
@@ -318,24 +314,15 @@ def chunked(b: int, d: int, device: torch.device) -> bool:
     return b * triton.cdiv(d, BLOCK) < CHUNKED_BELOW_PROGRAMS_PER_SM * sms
 
 
-def _forward_chunked(u, delta, A32, B, C, D, z, delta_bias, lens, h0, y, final, n_ckpt) -> tuple[Tensor, Tensor]:
+def _forward_chunked(u, delta, A32, B, C, D, z, delta_bias, lens, h0, y, final) -> tuple[Tensor, Tensor]:
     """The inference scan's three passes (`sambay.ops.triton.selective_scan`) with CKPT-token chunks: their
     chunk-start states are the checkpoints; each chunk's total decay is kept for the backward's pass 2."""
     (b, t, d), n = u.shape, A32.shape[-1]
-    grid_d = triton.cdiv(d, scan.BLOCK_D)
-    h_loc = torch.empty(b, n_ckpt, d, n, dtype=torch.float32, device=u.device)
-    decay, ckpt = torch.empty_like(h_loc), torch.empty_like(h_loc)
-    strides = (t * d, d, t * d, d, t * n, n)
-    scan._chunk_state[(b, grid_d, n_ckpt)](u, delta, A32, B, delta_bias, lens, h_loc, decay, t, d, n_ckpt, *strides,
-                                           N=n, BLOCK=scan.BLOCK_D, CHUNK_T=CKPT, num_warps=2)
     h0 = torch.zeros(b, d, n, dtype=torch.float32, device=u.device) if h0 is None else h0
-    scan._chunk_combine[(b, grid_d)](h_loc, decay, h0, ckpt, d, n_ckpt, N=n, BLOCK=scan.BLOCK_D, num_warps=2)
-    del h_loc
     zz = u if z is None else z
-    scan._chunk_output[(b, grid_d, n_ckpt)](u, delta, A32, B, C, D, zz, delta_bias, lens, ckpt, y, final, t, d,
-                                            n_ckpt, *strides, t * n, n, t * d, d, t * d, d, N=n, BLOCK=scan.BLOCK_D,
-                                            CHUNK_T=CKPT, HAS_Z=z is not None, num_warps=2)
-    return ckpt, decay
+    args = (u, delta, A32, B, C, D, zz, delta_bias, lens, h0, y, final)
+    strides = (t * d, d, t * d, d, t * n, n, t * n, n, t * d, d, t * d, d)  # every tensor contiguous
+    return scan._launch_three_pass(args, strides, z is not None, chunk=CKPT, keep_states=True)
 
 
 class _TrainableScan(torch.autograd.Function):
@@ -354,7 +341,7 @@ class _TrainableScan(torch.autograd.Function):
         y = torch.empty_like(u)
         final = torch.empty(b, d, n, dtype=torch.float32, device=u.device)
         if chunked(b, d, u.device):
-            ckpt, decay = _forward_chunked(u, delta, A32, B, C, D, z, delta_bias, lens, h0, y, final, n_ckpt)
+            ckpt, decay = _forward_chunked(u, delta, A32, B, C, D, z, delta_bias, lens, h0, y, final)
         else:
             ckpt, decay = torch.empty(b, n_ckpt, d, n, dtype=torch.float32, device=u.device), None
             _scan_forward[(b, triton.cdiv(d, BLOCK))](
@@ -383,7 +370,7 @@ class _TrainableScan(torch.autograd.Function):
         dh0 = torch.empty(b, d, n, **f32)
         if decay is not None:  # the chunked algorithm: its three passes (module docstring)
             local, lam_in = torch.empty_like(ckpt), torch.empty_like(ckpt)
-            _adjoint_local[(b, n_blocks, n_ckpt)](delta, A32, C, zz, delta_bias, lens, g_y, local, t, d, n_ckpt,
+            _adjoint_local[(b, n_blocks, n_ckpt)](delta, A32, C, D, zz, delta_bias, lens, g_y, local, t, d, n_ckpt,
                                                   N=n, BLOCK=BLOCK, CKPT=CKPT, HAS_Z=z is not None, num_warps=WARPS)
             grid_c = triton.cdiv(d, scan.BLOCK_D)
             _adjoint_combine[(b, grid_c)](local, decay, dh0 if g_final is None else g_final, lam_in, dh0, d, n_ckpt,
