@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from sambay.bench.hardware import graphed_seconds
 from sambay.ops.triton import attention as tri
 
 LIMIT = 4.3e12
@@ -47,24 +48,6 @@ def case_inputs(b: int, s: int, dev: torch.device) -> tuple:
     lambdas = [torch.randn(HEAD_DIM, device=dev, generator=g) * 0.1 for _ in range(4)]
     w = torch.ones(2 * HEAD_DIM, device=dev, dtype=torch.bfloat16)
     return (q, k, v, q_pos, k_pos, None, *lambdas, 0.5, w, 1e-5, kv_len)
-
-
-def graphed_seconds(fn, calls: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / (5 * calls)
 
 
 def main() -> int:

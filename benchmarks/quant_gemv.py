@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from sambay.bench.hardware import graphed_seconds
 from sambay.config import PHI4_MINI_FLASH
 from sambay.model.sambay import SambaY
 from sambay.ops.quantized_matmul import quantize_rtn, quantized_matmul_ref
@@ -50,24 +51,6 @@ def shapes() -> dict[tuple[int, int], int]:
     with torch.device("meta"):
         model = SambaY(PHI4_MINI_FLASH, backend="reference")
     return dict(collections.Counter((lin.out_features, lin.in_features) for _, lin in projections(model)))
-
-
-def graphed_seconds(fn, calls: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / (5 * calls)
 
 
 def _call(x, weight, bits: int, group_size: int):

@@ -20,6 +20,26 @@ def _time_cuda(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graphed_seconds(fn, calls: int, replays: int = 5) -> float:
+    """Seconds of one call of ``fn``, as a CUDA graph of ``calls`` back-to-back calls replayed ``replays``
+    times (as a decode graph runs them: no launch latency between calls); warmed up and captured first."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (replays * calls)
+
+
 def copy_bandwidth(n_bytes: int = 4 * 2**30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     src = torch.randn(n_bytes // 4, device="cuda")
