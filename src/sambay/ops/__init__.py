@@ -165,6 +165,11 @@ def resolve_backend(name: str = "auto") -> Ops:
 TRACED_OPS = ("add_layer_norm", "swiglu")
 
 
+def _hidden(fn: Callable) -> Callable:
+    """``fn`` hidden from Dynamo: a compiled region breaks its graph at the call and runs ``fn`` as it is."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 def for_compile(ops: Ops) -> Ops:
     """The op table to trace with `torch.compile` (the compiled decode step, `GraphedDecoder(compile=True)`).
 
@@ -177,7 +182,7 @@ def for_compile(ops: Ops) -> Ops:
     kernels do, so the compiled step matches the eager one within bf16 rounding.
     """
     wrapped = {f.name: (getattr(REFERENCE, f.name) if f.name in TRACED_OPS
-                        else torch.compiler.disable(getattr(ops, f.name), recursive=True))
+                        else _hidden(getattr(ops, f.name)))
                for f in dataclasses.fields(Ops) if f.name != "name"}
     return Ops(name=f"{ops.name}+compile", **wrapped)
 
@@ -209,7 +214,7 @@ def for_training(scan: str = "auto", attention: str = "auto") -> Ops:
 
             # hidden from Dynamo (`--compile` compiles each block): the graph breaks at the scan, as for
             # for_compile's kernels
-            trainable = torch.compiler.disable(selective_scan_trainable, recursive=True)
+            trainable = _hidden(selective_scan_trainable)
             fast = trainable if _interpreting() else _by_device(trainable, selective_scan_ref)
             ops, names = dataclasses.replace(ops, selective_scan=fast), ["triton-scan"]
     if attention == "flex" or (attention == "auto" and torch.cuda.is_available()):
@@ -218,11 +223,8 @@ def for_training(scan: str = "auto", attention: str = "auto") -> Ops:
         except ImportError as e:  # a PyTorch without torch.nn.attention.flex_attention
             if attention == "flex":
                 raise RuntimeError(f"FlexAttention training attention: {e}") from None
-        else:
-            def hidden(fn):  # compiled on its own (`sambay.ops.flex_attention`): Dynamo breaks its graph here
-                return torch.compiler.disable(fn, recursive=True)
-
-            ops = dataclasses.replace(ops, diff_attention=_by_device(hidden(diff_attention_flex), diff_attention_ref),
-                                      attention=_by_device(hidden(attention_flex), attention_ref))
+        else:  # hidden from Dynamo: the kernel is compiled on its own (`sambay.ops.flex_attention`)
+            ops = dataclasses.replace(ops, diff_attention=_by_device(_hidden(diff_attention_flex), diff_attention_ref),
+                                      attention=_by_device(_hidden(attention_flex), attention_ref))
             names.append("flex-attention")
     return ops if not names else dataclasses.replace(ops, name="train-" + "+".join(names))
