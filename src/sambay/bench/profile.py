@@ -16,6 +16,21 @@ from sambay.generate.cuda_graphs import compiling
 from sambay.model.sambay import SambaY
 
 
+def _by_name(prof, cuda: bool) -> dict[str, list[float]]:
+    """{name (first 60 characters): [ms, calls]} of a profile: GPU kernels' device time, or on the CPU the
+    operators' self time."""
+    if cuda:
+        gpu = torch.autograd.DeviceType.CUDA
+        events = [(e.name, e.device_time_total, 1) for e in prof.events() if e.device_type == gpu]
+    else:
+        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for name, us, calls in events:
+        totals[name[:60]][0] += us / 1e3
+        totals[name[:60]][1] += calls
+    return totals
+
+
 @torch.inference_mode()
 def decode_profile(model: SambaY, batch: int, context: int, steps: int = 3, top: int = 10,
                    compile: bool = False) -> dict:
@@ -38,12 +53,7 @@ def decode_profile(model: SambaY, batch: int, context: int, steps: int = 3, top:
             for _ in range(steps):
                 step(tokens)
             torch.cuda.synchronize()
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            name = event.name[:60]
-            totals[name][0] += event.device_time_total / 1e3
-            totals[name][1] += 1
+    totals = _by_name(prof, cuda=True)
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
     return {
         "batch": batch,
@@ -74,15 +84,7 @@ def prefill_profile(model: SambaY, tokens: int, top: int = 25) -> dict:
     run()
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         run()
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    if cuda:
-        gpu = torch.autograd.DeviceType.CUDA
-        events = [(e.name, e.device_time_total, 1) for e in prof.events() if e.device_type == gpu]
-    else:
-        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
-    for name, us, calls in events:
-        totals[name[:60]][0] += us / 1e3
-        totals[name[:60]][1] += calls
+    totals = _by_name(prof, cuda)
     families: dict[str, float] = defaultdict(float)
     for name, (ms, _) in totals.items():
         families[kernel_family(name)] += ms

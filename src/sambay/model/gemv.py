@@ -1,12 +1,13 @@
 """Batch-1 decode projections on our Triton GEMV kernel instead of cuBLAS (`use_gemv`).
 
-At one row, cuBLAS runs a step's projections of the release at 78% of the H200's bandwidth limit (1.99 ms),
-partly in split-K GEMMs with a separate reduction kernel each; `sambay.ops.triton.quantized_matmul.gemv`
-does the same work at 86% (1.80 ms), its split-K reduction and the bias inside the kernel
-(benchmarks/quant_gemv.py, docs/benchmarks.md). `use_gemv` switches every float `nn.Linear` of a model to
-`GemvLinear`, which takes that kernel for exactly one row of half-precision CUDA activations without
-autograd, and is `nn.Linear` otherwise: prefill, batches, training and the CPU are unchanged, and so are the
-parameters and the state dict. `sambay bench --formats bf16-gemv` measures it end to end.
+At one row, cuBLAS streams a step's projections of the release (each weight from HBM) at 75% of the H200's
+bandwidth limit (2.07 ms), partly in split-K GEMMs with a separate reduction kernel each;
+`sambay.ops.triton.quantized_matmul.gemv` does the same work at 79% (1.95 ms), its split-K reduction and the
+bias inside the kernel (benchmarks/quant_gemv.py --cold, docs/benchmarks.md). `use_gemv` switches every
+float `nn.Linear` of a model to `GemvLinear`, which takes that kernel for exactly one row of half-precision
+CUDA activations without autograd, and is `nn.Linear` otherwise: prefill, batches, training and the CPU are
+unchanged, and so are the parameters and the state dict. The engine's runner applies it on CUDA by default
+(`ModelRunner(gemv=True)`): batch-1 steps 5% faster end to end (`sambay bench --formats bf16 bf16-gemv`).
 """
 
 from __future__ import annotations
