@@ -16,8 +16,8 @@ One int4 row (batch-1 decode: GEMV_ROWS, GEMV_FORMATS) whose scale group is a mu
 takes `_quantized_gemv` instead: no tl.dot (whose smallest tile would pad the row to 16), the weights converted
 to fp32 with the exponent trick (OR the integer into the mantissa of 2^23, subtract: integer and add units, no
 conversion instructions) and multiplied into a (BLOCK_N, step) accumulator summed once at the end. `gemv` runs the same
-kernel on a plain bf16 weight: on the H200 a step's projections take 1.80 ms with it against cuBLAS's
-1.99 (86% and 78% of the bandwidth limit; benchmarks/quant_gemv.py).
+kernel on a plain bf16 weight: on the H200 a step's projections, each weight streamed from HBM, take 1.95 ms
+with it against cuBLAS's 2.07 (79% and 75% of the bandwidth limit; benchmarks/quant_gemv.py --cold).
 
 Long prefills (at least DEQUANTIZE_ROWS rows) are compute-bound: there the weight is dequantised into a
 temporary copy in the activations' dtype (one elementwise kernel, `_dequantize`) and multiplied by cuBLAS,
