@@ -47,7 +47,8 @@ Two algorithms (`ALGORITHM`, `chunked`):
   programs; ∂A, ∂D and ∂bias partials are per (row, chunk), summed by torch in a fixed order.
 
 The module is over the 400-line target because the two algorithms share the chunk body (`_chunk_backward`):
-the sequential one is the measured default and the baseline benchmarks/scan_train.py times the other against.
+the sequential one is the baseline benchmarks/scan_train.py times the chunked one against, and what "auto" keeps for
+many rows.
 """
 
 from __future__ import annotations
@@ -64,15 +65,16 @@ from sambay.ops.triton.selective_scan import _channels, _softplus
 CKPT = 64  # tokens between saved states: the backward's recompute window (its scratch holds CKPT states)
 BLOCK = 16  # channels per program: (16, d_state 16) fp32 state and adjoint in registers
 WARPS = 4  # warps per program of both kernels (benchmarks/scan_train.py --sweep times BLOCK x WARPS)
-# "sequential", "chunked", or "auto": chunked below CHUNKED_BELOW_PROGRAMS_PER_SM (`chunked`). "sequential" stays
-# the default until benchmarks/scan_train.py has timed the chunked walk on the GPU (2026-12-02: written and
-# tested under the interpreter after the session's device time was spent).
-ALGORITHM = "sequential"
+# "sequential", "chunked", or "auto": chunked below CHUNKED_BELOW_PROGRAMS_PER_SM (`chunked`). Measured on the
+# H200 (benchmarks/scan_train.py, docs/results/scan-train-chunked-h200.json, forward + backward at d_inner
+# 5120): chunked 3.7 ms vs sequential 7.2 at 1 x 2K, 12.5 vs 27.7 at 1 x 8K, 12.1 vs 13.3 at 4 x 2K.
+ALGORITHM = "auto"
 # The sequential kernels give each (row, channel block) one program: at one row of the 900M preset (d_inner
 # 3072) that is 192 programs on 132 SMs, each a walk of every token, latency-bound. The chunked algorithm
-# multiplies the programs by the chunks for about 1.4x the work. Where the sequential grid has this many
-# programs per SM or more, it is kept (the inference scan's single-pass rule; not yet timed for training).
-CHUNKED_BELOW_PROGRAMS_PER_SM = 4
+# multiplies the programs by the chunks for about 1.4x the work, so with enough rows the sequential grid fills
+# the GPU and wins. Chunked still won at 9.7 sequential programs per SM (4 x 2K above); the crossing is
+# untimed, so the rule keeps chunked up to 12.
+CHUNKED_BELOW_PROGRAMS_PER_SM = 12
 PERSISTENT_PROGRAMS_PER_SM = 8  # the chunked backward's pass 3: programs per SM, each with one chunk's scratch
 
 
