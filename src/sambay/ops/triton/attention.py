@@ -36,12 +36,15 @@ from sambay.ops.attention import used_keys
 
 BLOCK_M = 64  # queries per prefill program
 BLOCK_N = 64  # keys per prefill step
+PREFILL_WARPS = 0  # warps per prefill program; 0: 8 at head_dim >= 64, else 4 (benchmarks/attn_prefill.py sweeps)
+PREFILL_STAGES = 3  # software-pipelined key blocks in flight per prefill program
 BLOCK_N_DECODE = 64  # keys per decode step
 DECODE_ROWS = 16  # query rows per decode program, padded up to the smallest tl.dot tile (2 real rows here)
 TARGET_PROGRAMS = 2048  # decode grid target: ~16 programs per SM on the H200's 132, enough loads in flight
 MIN_BLOCKS_PER_SPLIT = 4  # decode: each split reads at least this many key blocks
 DECODE_WARPS = 4
 DECODE_STAGES = 3  # software-pipelined key blocks in flight per decode program
+LOG2E = 1.4426950408889634  # the prefill's online softmax runs in base 2: exp2(s · log2 e) = exp(s)
 
 
 @triton.jit
@@ -90,6 +93,36 @@ def _finish_and_store(
 
 
 @triton.jit
+def _online_update_wide(q, k, v, m, denom, acc, seen, scale, PREC: tl.constexpr):
+    """One key block of an online softmax in base 2 (``scale`` includes log2 e): acc += p v over all of v's
+    columns at once (a differential pair's [V1 | V2]: one (BN, 2 HD) product instead of two)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m - m_safe)
+    denom = denom * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, denom, acc
+
+
+@triton.jit
+def _key_block(q1, q2, k_ptr, v_ptr, kidx, kmask, seen, v_cols, offs_d, b, kh1, s_kb, s_kh, s_ks, s_vb, s_vs,
+               m1, l1, acc1, m2, l2, acc2, scale, DIFF: tl.constexpr, PREC: tl.constexpr):
+    """One block of keys for a prefill program: K1 (and K2) and the [V1 | V2] tile loaded once, both halves'
+    online softmaxes updated."""
+    k_rows = k_ptr + b * s_kb + kidx[:, None] * s_ks + offs_d[None, :]
+    k1 = tl.load(k_rows + kh1 * s_kh, mask=kmask[:, None], other=0.0)
+    v = tl.load(v_ptr + b * s_vb + kidx[:, None] * s_vs + v_cols[None, :], mask=kmask[:, None], other=0.0)
+    m1, l1, acc1 = _online_update_wide(q1, k1, v, m1, l1, acc1, seen, scale, PREC)
+    if DIFF:
+        k2 = tl.load(k_rows + (kh1 + 1) * s_kh, mask=kmask[:, None], other=0.0)
+        m2, l2, acc2 = _online_update_wide(q2, k2, v, m2, l2, acc2, seen, scale, PREC)
+    return m1, l1, acc1, m2, l2, acc2
+
+
+@triton.jit
 def _prefill(
     q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, out_ptr, w_ptr, lam_ptr,  # pointers
     T, S, n_prefix, window, lam_init, eps, scale,  # dimensions and scalars
@@ -97,9 +130,11 @@ def _prefill(
     G: tl.constexpr, HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,  # meta-parameters
     DIFF: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
 ):
+    VD: tl.constexpr = 2 * HD if DIFF else HD  # value columns per program: a differential pair reads [V1 | V2]
     pid_m, unit, b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, HD)
+    offs_v = tl.arange(0, VD)
     mask_m = offs_m < T
     qpos = tl.load(qpos_ptr + b * s_qpb + offs_m, mask=mask_m, other=-1)
     if DIFF:  # unit = query pair (2u, 2u + 1); its kv pair is (2g, 2g + 1), g = u // G
@@ -108,6 +143,7 @@ def _prefill(
     else:
         h1 = unit
         kh1 = unit // G
+    v_cols = (kh1 + offs_v // HD) * s_vh + offs_v % HD  # [V1 | V2]: head kh1's columns, then kh1 + 1's
     q_rows = q_ptr + b * s_qb + offs_m[:, None] * s_qt + offs_d[None, :]
     q1 = tl.load(q_rows + h1 * s_qh, mask=mask_m[:, None], other=0.0)
     q2 = q1
@@ -117,43 +153,50 @@ def _prefill(
     m2 = tl.full((BM,), float("-inf"), tl.float32)
     l1 = tl.zeros((BM,), tl.float32)
     l2 = tl.zeros((BM,), tl.float32)
-    a1a = tl.zeros((BM, HD), tl.float32)
-    a1b = tl.zeros((BM, HD), tl.float32)
-    a2a = tl.zeros((BM, HD), tl.float32)
-    a2b = tl.zeros((BM, HD), tl.float32)
+    acc1 = tl.zeros((BM, VD), tl.float32)
+    acc2 = tl.zeros((BM, VD), tl.float32)
     m_lo = pid_m * BM
+    # The cached keys before the call's own: a block none of whose keys this query block can see (an empty
+    # ring, or a window that ends before it) is skipped whole, so a sliding-window prefill over a ring pays
+    # only for the ring slots its first queries reach.
+    for start in range(0, n_prefix, BN):
+        kidx = start + tl.arange(0, BN)
+        kpos = tl.load(kpos_ptr + b * s_kpb + kidx, mask=kidx < n_prefix, other=-1)
+        seen = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
+        if HAS_WINDOW:
+            seen = seen & (kpos[None, :] > qpos[:, None] - window)
+        if tl.max(seen.to(tl.int32)) > 0:
+            m1, l1, acc1, m2, l2, acc2 = _key_block(
+                q1, q2, k_ptr, v_ptr, kidx, kidx < n_prefix, seen, v_cols, offs_d, b, kh1, s_kb, s_kh, s_ks,
+                s_vb, s_vs, m1, l1, acc1, m2, l2, acc2, scale, DIFF, PREC)
+    # The call's own keys: only those the query block can see (causal, and the window).
     own_lo = n_prefix
     if HAS_WINDOW:
         own_lo = n_prefix + tl.maximum(m_lo - window + 1, 0)
     own_hi = n_prefix + tl.minimum(m_lo + BM, T)
-    n_prefix_blocks = tl.cdiv(n_prefix, BN)
-    n_own_blocks = tl.cdiv(own_hi - own_lo, BN)
-    for i in range(n_prefix_blocks + n_own_blocks):
-        in_prefix = i < n_prefix_blocks
-        start = tl.where(in_prefix, i * BN, own_lo + (i - n_prefix_blocks) * BN)
-        end = tl.where(in_prefix, n_prefix, own_hi)
+    for start in range(own_lo, own_hi, BN):
         kidx = start + tl.arange(0, BN)
-        kmask = kidx < end
+        kmask = kidx < own_hi
         kpos = tl.load(kpos_ptr + b * s_kpb + kidx, mask=kmask, other=-1)
         seen = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
         if HAS_WINDOW:
             seen = seen & (kpos[None, :] > qpos[:, None] - window)
-        k_rows = k_ptr + b * s_kb + kidx[:, None] * s_ks + offs_d[None, :]
-        v_rows = v_ptr + b * s_vb + kidx[:, None] * s_vs + offs_d[None, :]
-        k1 = tl.load(k_rows + kh1 * s_kh, mask=kmask[:, None], other=0.0)
-        va = tl.load(v_rows + kh1 * s_vh, mask=kmask[:, None], other=0.0)
-        if DIFF:
-            k2 = tl.load(k_rows + (kh1 + 1) * s_kh, mask=kmask[:, None], other=0.0)
-            vb = tl.load(v_rows + (kh1 + 1) * s_vh, mask=kmask[:, None], other=0.0)
-            m1, l1, a1a, a1b = _online_update(q1, k1, m1, l1, a1a, a1b, va, vb, seen, scale, True, PREC)
-            m2, l2, a2a, a2b = _online_update(q2, k2, m2, l2, a2a, a2b, va, vb, seen, scale, True, PREC)
-        else:
-            m1, l1, a1a, a1b = _online_update(q1, k1, m1, l1, a1a, a1b, va, va, seen, scale, False, PREC)
-    inv1 = tl.where(l1 > 0, 1.0 / tl.where(l1 > 0, l1, 1.0), 0.0)[:, None]  # rows that saw no key give 0
-    inv2 = tl.where(l2 > 0, 1.0 / tl.where(l2 > 0, l2, 1.0), 0.0)[:, None]
-    rows = b * s_ob + offs_m * s_ot
-    _finish_and_store(a1a * inv1, a1b * inv1, a2a * inv2, a2b * inv2, out_ptr, w_ptr, lam_ptr, lam_init, eps,
-                      rows, mask_m, s_oh, h1, HD, DIFF)
+        m1, l1, acc1, m2, l2, acc2 = _key_block(
+            q1, q2, k_ptr, v_ptr, kidx, kmask, seen, v_cols, offs_d, b, kh1, s_kb, s_kh, s_ks, s_vb, s_vs,
+            m1, l1, acc1, m2, l2, acc2, scale, DIFF, PREC)
+    o = acc1 * tl.where(l1 > 0, 1.0 / tl.where(l1 > 0, l1, 1.0), 0.0)[:, None]  # rows that saw no key give 0
+    if DIFF:  # RMSNorm(O1 - λ O2) · (1 - λ_init) over the pair's 2 HD columns, into heads h1, h1 + 1
+        lq1 = tl.load(lam_ptr + offs_d).to(tl.float32)
+        lk1 = tl.load(lam_ptr + HD + offs_d).to(tl.float32)
+        lq2 = tl.load(lam_ptr + 2 * HD + offs_d).to(tl.float32)
+        lk2 = tl.load(lam_ptr + 3 * HD + offs_d).to(tl.float32)
+        lam = tl.exp(tl.sum(lq1 * lk1, 0)) - tl.exp(tl.sum(lq2 * lk2, 0)) + lam_init
+        o = o - lam * acc2 * tl.where(l2 > 0, 1.0 / tl.where(l2 > 0, l2, 1.0), 0.0)[:, None]
+        r = tl.rsqrt(tl.sum(o * o, 1) / VD + eps)
+        o = o * (r[:, None] * (1.0 - lam_init)) * tl.load(w_ptr + offs_v).to(tl.float32)[None, :]
+    out_cols = (h1 + offs_v // HD) * s_oh + offs_v % HD
+    tl.store(out_ptr + (b * s_ob + offs_m * s_ot)[:, None] + out_cols[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None])
 
 
 @triton.jit
@@ -309,12 +352,12 @@ def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lambdas, lam_init, weight,
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         _prefill[(triton.cdiv(t, BLOCK_M), n_units, b)](
             q, k, v, q_pos, k_pos, out, w, lam_t,
-            t, s, s - t, window or 0, lam_init, eps, hd**-0.5,
+            t, s, s - t, window or 0, lam_init, eps, hd**-0.5 * LOG2E,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             q_pos.stride(0), k_pos.stride(0),
             G=group, HD=hd, BM=BLOCK_M, BN=BLOCK_N, DIFF=diff, HAS_WINDOW=has_window, PREC=prec,
-            num_warps=8 if hd >= 64 else 4,
+            num_warps=PREFILL_WARPS or (8 if hd >= 64 else 4), num_stages=PREFILL_STAGES,
         )
         return out
     n_kv_units = n_kv // 2 if diff else n_kv

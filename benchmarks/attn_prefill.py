@@ -1,0 +1,156 @@
+"""The attention prefill kernel at the release's shapes (issue 14's 32K-prefill target): a sweep of its launch
+knobs, against PyTorch's SDPA on plain causal attention of the same shape.
+
+    eval "$(bash benchmarks/device_setup.sh)"
+    python3 benchmarks/attn_prefill.py --out results/attn-prefill.json
+
+Why: the profile of a 1 x 32K prefill (`sambay bench --formats bf16`, 2026-12-02) puts 135.5 ms of its 370 ms
+of kernel time in `_prefill`, the attention prefill kernel, over 9 calls (8 sliding-window layers and the
+full-attention layer), while the full layer's causal FLOPs need about 10 ms at the bf16 matmul rate.
+
+Cases, as the model calls the kernel at batch 1 (40 query heads, 20 kv heads, head_dim 64, queries a transposed
+view of (b, t, heads, hd), keys and values contiguous (b, kv heads, keys, hd)):
+- ``full-T``: the full-attention layer, causal over T keys, no cache before them;
+- ``swa-T``: a sliding-window layer (window 512) of the first chunk: an empty 512-slot ring (positions -1)
+  before the call's own T keys.
+Every setting of the module's knobs (BLOCK_M, BLOCK_N, PREFILL_WARPS, PREFILL_STAGES) is checked against the
+first setting's output (the defaults) and timed (median of ``--reps`` calls after a warm-up); "useful" FLOPs
+count the visible (query, key) pairs only: per pair and differential unit, two q·k products of head_dim and
+two p·[V1 | V2] products of 2 head_dim, 2 FLOPs a multiply-add. The baseline of the same run: PyTorch's SDPA
+(whichever backend it picks; bf16, causal, ``enable_gqa``) on plain 40-head attention of the same T, in TFLOP/s
+(4 head_dim FLOPs per visible pair and head): what a mature kernel reaches on this shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sambay.ops.triton import attention as tri
+
+RATE = 790e12
+HEADS, KV_HEADS, HEAD_DIM, WINDOW, RING = 40, 20, 64, 512, 512
+GRID = {"BLOCK_M": (64, 128), "BLOCK_N": (32, 64, 128), "PREFILL_WARPS": (4, 8), "PREFILL_STAGES": (2, 3, 4)}
+CASES = (("full", 32768), ("swa", 32768), ("full", 2048), ("swa", 2048))
+
+
+def case_inputs(kind: str, t: int, dev: torch.device) -> tuple:
+    g = torch.Generator(device=dev).manual_seed(t + (kind == "swa"))
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=dev, generator=g).bfloat16()
+
+    q = rnd(1, t, HEADS, HEAD_DIM).transpose(1, 2)
+    ring = RING if kind == "swa" else 0
+    k, v = rnd(1, KV_HEADS, ring + t, HEAD_DIM), rnd(1, KV_HEADS, ring + t, HEAD_DIM)
+    q_pos = torch.arange(t, device=dev).view(1, t)
+    k_pos = torch.cat([torch.full((1, ring), -1, device=dev, dtype=torch.long), q_pos], dim=1)
+    lambdas = [torch.randn(HEAD_DIM, device=dev, generator=g) * 0.1 for _ in range(4)]
+    w = torch.ones(2 * HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    return (q, k, v, q_pos, k_pos, WINDOW if kind == "swa" else None, *lambdas, 0.5, w, 1e-5)
+
+
+def visible_pairs(kind: str, t: int) -> int:
+    if kind == "full":
+        return t * (t + 1) // 2
+    return sum(min(i + 1, WINDOW) for i in range(t))
+
+
+def useful_flops(kind: str, t: int) -> float:
+    units = HEADS // 2
+    return visible_pairs(kind, t) * units * (2 * 2 * HEAD_DIM + 2 * 2 * 2 * HEAD_DIM)
+
+
+def seconds(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def sdpa_baseline(t: int, reps: int, dev: torch.device) -> dict:
+    g = torch.Generator(device=dev).manual_seed(7)
+    q = torch.randn(1, HEADS, t, HEAD_DIM, device=dev, generator=g).bfloat16()
+    k, v = (torch.randn(1, KV_HEADS, t, HEAD_DIM, device=dev, generator=g).bfloat16() for _ in range(2))
+    s = seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps)
+    flops = t * (t + 1) // 2 * HEADS * 4 * HEAD_DIM
+    return {"t": t, "ms": s * 1e3, "tflops": flops / s / 1e12, "fraction_of_rate": flops / s / RATE}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--max-seconds", type=float, default=150.0)
+    p.add_argument("--out")
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    defaults = {name: getattr(tri, name) for name in GRID}
+    inputs = {c: case_inputs(*c, dev) for c in CASES}
+    want = {c: tri.diff_attention(*x).float() for c, x in inputs.items()}
+    baseline = [sdpa_baseline(t, args.reps, dev) for t in sorted({t for _, t in CASES})]
+    for row in baseline:
+        print(f"sdpa plain causal {row['t']}: {row['ms']:.2f} ms, {row['tflops']:.0f} TFLOP/s "
+              f"({row['fraction_of_rate']:.0%} of {RATE / 1e12:.0f})", flush=True)
+    settings = list(itertools.product(*GRID.values()))
+    random.Random(0).shuffle(settings)  # a cut-short sweep still samples the whole grid
+    settings.insert(0, tuple(defaults.values()))
+    rows, started = [], time.monotonic()
+    for values in settings:
+        if time.monotonic() - started > args.max_seconds:
+            break
+        setting = dict(zip(GRID, values, strict=True))
+        for name, value in setting.items():
+            setattr(tri, name, value)
+        row = {**setting, "ms": {}}
+        try:
+            for c, x in inputs.items():
+                err = float((tri.diff_attention(*x).float() - want[c]).abs().max())
+                if err > 0.05:
+                    raise AssertionError(f"{c}: max abs error {err:.3g} against the default setting")
+                row["ms"][f"{c[0]}-{c[1]}"] = seconds(lambda x=x: tri.diff_attention(*x), args.reps) * 1e3
+        except Exception as e:  # a tile too large for shared memory, say: the setting is skipped
+            row["error"] = str(e)[:200]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if "error" in rows[0]:
+        print(f"the default setting failed: {rows[0]['error']}")
+        return 1
+    done = [r for r in rows if "error" not in r]
+    result = {"cases": [f"{k}-{t}" for k, t in CASES], "default": defaults, "settings_timed": len(rows),
+              "sdpa_plain_causal": baseline, "rows": rows, "best": {}}
+    for kind, t in CASES:
+        key = f"{kind}-{t}"
+        best = min(done, key=lambda r: r["ms"][key])
+        flops = useful_flops(kind, t)
+        result["best"][key] = {"ms": best["ms"][key], "default_ms": done[0]["ms"][key],
+                               "useful_tflops": flops / best["ms"][key] / 1e9,
+                               "fraction_of_rate": flops / (best["ms"][key] / 1e3) / RATE,
+                               "setting": {n: best[n] for n in GRID}}
+        print(f"{key}: default {done[0]['ms'][key]:.2f} ms, best {best['ms'][key]:.2f} ms "
+              f"({result['best'][key]['fraction_of_rate']:.0%} of the rate) with {result['best'][key]['setting']}")
+    weight = {f"{k}-{t}": (1.0 if k == "full" else 8.0) for k, t in CASES}  # the model: 1 full, 8 SWA layers
+    overall = min(done, key=lambda r: sum(weight[k] * r["ms"][k] for k in weight if k.endswith("32768")))
+    result["overall_32k"] = {n: overall[n] for n in GRID} | {"ms": overall["ms"]}
+    print("best for a 32K prefill (1 full + 8 SWA calls):", result["overall_32k"])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
