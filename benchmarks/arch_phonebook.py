@@ -12,7 +12,8 @@ One run does everything:
 1. text: the ``.py`` files of the Python standard library on the machine (``sysconfig.get_paths()["stdlib"]``,
    site-packages left out; PyTorch's own .py files on an image without Python source), sorted, shuffled with
    ``--seed``, concatenated;
-2. phonebook documents: ``sambay eval phonebook --write-data`` (prompt then answer, lengths from an eighth of
+2. phonebook documents: ``sambay eval phonebook --write-data --queries N`` (prompt, answer, then N more lookups
+   of the same book, so each book trains many retrievals, not one; lengths from an eighth of
    the training length to just under it), ``--jobs`` processes with seeds of their own;
 3. document-aligned training data: every training sequence is one JSONL document of exactly ``--seq-len``
    tokens with its `<|endoftext|>` (`compose`): a phonebook document at a random offset inside Python text,
@@ -74,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--data-tokens", type=int, default=12_000_000, help="unique training tokens written (default: "
                    "12M; a longer run repeats them in a new order)")
+    p.add_argument("--queries", type=int, default=24, help="more lookups after each phonebook document's answer "
+                   "(`sambay eval phonebook --queries`): one book trains up to N + 3 retrievals (default: 24)")
     p.add_argument("--phonebook-windows", type=float, default=0.9, help="share of training sequences that hold a "
                    "phonebook document (default: 0.9, about half the tokens)")
     p.add_argument("--jobs", type=int, default=max((os.cpu_count() or 2) - 1, 1), help="phonebook writers at once")
@@ -130,7 +133,7 @@ def phonebook_lengths(seq_len: int) -> list[int]:
 
 
 def write_phonebook(work: Path, count: int, lengths: list[int], jobs: int, seed: int, tokenizer: Path,
-                    env: dict, log) -> list[str]:
+                    env: dict, log, queries: int = 0) -> list[str]:
     """``count`` documents from ``jobs`` concurrent `sambay eval phonebook --write-data` runs (seeds seed*1000+j)."""
     jobs = max(min(jobs, count), 1)
     procs = []
@@ -138,7 +141,7 @@ def write_phonebook(work: Path, count: int, lengths: list[int], jobs: int, seed:
         n = count // jobs + (j < count % jobs)
         cmd = [sys.executable, "-m", "sambay.cli", "eval", "phonebook", "--tokenizer", str(tokenizer),
                "--model", str(tokenizer), "--write-data", str(work / f"phonebook-{j}.jsonl"), "--count", str(n),
-               "--lengths", ",".join(map(str, lengths)), "--seed", str(seed * 1000 + j)]
+               "--lengths", ",".join(map(str, lengths)), "--seed", str(seed * 1000 + j), "--queries", str(queries)]
         procs.append((cmd, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                             text=True)))
     docs = []
@@ -365,7 +368,8 @@ def prepare(args: argparse.Namespace, work: Path, env: dict, log) -> tuple[Path,
     lengths = phonebook_lengths(args.seq_len)
     held_out = max(windows // 100, 4)  # sequences; composed after the training ones, so never among them
     n_docs = round((windows + held_out) * args.phonebook_windows)
-    docs = write_phonebook(work, n_docs, lengths, args.jobs, args.seed, tokenizer_dir, env, log) if n_docs else []
+    docs = (write_phonebook(work, n_docs, lengths, args.jobs, args.seed, tokenizer_dir, env, log, args.queries)
+            if n_docs else [])
     root, files = stdlib_files(args.seed)
     text_tokens = windows * args.seq_len * (1.0 - 0.5 * args.phonebook_windows) + 10 * args.seq_len
     text, used = text_stream(files, int(text_tokens * 1.3))  # ~1.14 characters per token on Python source
@@ -384,7 +388,8 @@ def prepare(args: argparse.Namespace, work: Path, env: dict, log) -> tuple[Path,
                  text_source=f"Python {sys.version.split()[0]} .py files under {root} "
                              f"(site-packages excluded), shuffled with seed {args.seed}: {used} of {len(files)} "
                              f"files, {len(text) / 1e6:.1f}M characters",
-                 phonebook_source="sambay eval phonebook --write-data (names from faker), seeds "
+                 phonebook_source=f"sambay eval phonebook --write-data --queries {args.queries} (names from faker), "
+                                  "seeds "
                                   f"{args.seed * 1000}..{args.seed * 1000 + max(args.jobs, 1) - 1}",
                  tokenizer="the embedded model's 384-id byte-level BPE (src/sambay/default_model)")
     stats["held_out_sequences"] = held_out

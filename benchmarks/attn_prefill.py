@@ -19,6 +19,11 @@ count the visible (query, key) pairs only: per pair and differential unit, two q
 two p·[V1 | V2] products of 2 head_dim, 2 FLOPs a multiply-add. The baseline of the same run: PyTorch's SDPA
 (whichever backend it picks; bf16, causal, ``enable_gqa``) on plain 40-head attention of the same T, in TFLOP/s
 (4 head_dim FLOPs per visible pair and head): what a mature kernel reaches on this shape.
+
+``--model`` times what a user sees instead: the release's configuration (random weights, bf16) prefilling
+1 x 2K and 1 x 32K tokens (`sambay bench`'s prefill rows, against the measured matmul rate), at the module's
+defaults and, as the same run's baseline, at the kernel's earlier launch setting (64 x 64, 8 warps, 3
+stages), each with the 32K prefill's profile by kernel family.
 """
 
 from __future__ import annotations
@@ -91,12 +96,49 @@ def sdpa_baseline(t: int, reps: int, dev: torch.device) -> dict:
     return {"t": t, "ms": s * 1e3, "tflops": flops / s / 1e12, "fraction_of_rate": flops / s / RATE}
 
 
+EARLIER = {"BLOCK_M": 64, "BLOCK_N": 64, "PREFILL_WARPS": 8, "PREFILL_STAGES": 3}
+
+
+def model_prefill(tokens: list[int]) -> dict:
+    """``--model``: the release-shaped model's prefill rows and 32K profile, at the defaults and at EARLIER."""
+    from sambay.bench import hardware
+    from sambay.bench.profile import prefill_profile
+    from sambay.bench.suite import _build, _prefill_rows
+    from sambay.config import PHI4_MINI_FLASH
+
+    rate = hardware.measure()["bf16_flops_per_s"]
+    model = _build(PHI4_MINI_FLASH, "auto")
+    defaults = {name: getattr(tri, name) for name in GRID}
+    result = {"bf16_flops_per_s": rate}
+    for label, setting in (("earlier", EARLIER), ("default", defaults)):
+        for name, value in setting.items():
+            setattr(tri, name, value)
+        rows = _prefill_rows(label, model, tokens, rate)
+        prof = prefill_profile(model, tokens[-1])
+        result[label] = {"setting": setting, "rows": rows, "profile": prof}
+        for r in rows:
+            print(f"{label}: prefill 1 x {r['context']}: {r['seconds'] * 1e3:.1f} ms, "
+                  f"{r['fraction_of_matmul_rate']:.1%} of the matmul rate", flush=True)
+        print(f"{label}: {tokens[-1]} profile by family (ms):",
+              {k: round(v, 1) for k, v in prof["families"].items()}, flush=True)
+    for name, value in defaults.items():
+        setattr(tri, name, value)
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=150.0)
+    p.add_argument("--model", action="store_true", help="time the release-shaped model's prefill instead")
     p.add_argument("--out")
     args = p.parse_args()
+    if args.model:
+        result = model_prefill([2048, 32768])
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     dev = torch.device("cuda")
     defaults = {name: getattr(tri, name) for name in GRID}
     inputs = {c: case_inputs(*c, dev) for c in CASES}

@@ -107,3 +107,17 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_training_documents_with_more_lookups(tokenizer):
+    """--queries: each added line is another line of the same book, the document keeps within its length, and
+    the stream is as deterministic as without."""
+    docs = training_documents("phonebook", tokenizer, [384, 512], count=4, seed=0, queries=6)
+    assert docs == training_documents("phonebook", tokenizer, [384, 512], count=4, seed=0, queries=6)
+    for doc, length in zip(docs, [384, 512, 384, 512], strict=True):
+        assert len(tokenizer.encode(doc)) <= length
+        book, rest = doc.split("\n\n", 1)
+        lookups = rest.split("\n\n", 1)[1].rstrip("\n").split("\n")[1:]  # after the question and its answer
+        assert 1 <= len(lookups) <= 6 and all(line in book.split("\n") for line in lookups)
+    with pytest.raises(ValueError, match="phonebook"):
+        training_documents("niah_single", tokenizer, [256], count=1, seed=0, queries=2)

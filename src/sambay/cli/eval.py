@@ -81,6 +81,9 @@ def _add_retrieval(p: argparse.ArgumentParser) -> None:
 
 def _add_phonebook(p: argparse.ArgumentParser) -> None:
     _add_retrieval(p)
+    p.add_argument("--queries", type=int, default=0, metavar="N", help="with --write-data: N more lookups after "
+                   "each document's answer, other lines of its book, so one book trains N + 3 retrievals "
+                   "(default: 0)")
 
 
 def _add_niah(p: argparse.ArgumentParser) -> None:
@@ -202,7 +205,8 @@ def _write_data(args: argparse.Namespace, tasks: list[str]) -> int:
     with open(args.write_data, "w", encoding="utf-8") as f:
         for i, task in enumerate(tasks):
             count = args.count // len(tasks) + (i < args.count % len(tasks))
-            for text in training_documents(task, tokenizer, lengths, count, args.seed, getattr(args, "keys", 4)):
+            for text in training_documents(task, tokenizer, lengths, count, args.seed, getattr(args, "keys", 4),
+                                           getattr(args, "queries", 0)):
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     print(json.dumps({"wrote": args.write_data, "documents": args.count, "tasks": tasks, "lengths": lengths}))
     return 0

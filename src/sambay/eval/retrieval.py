@@ -219,18 +219,37 @@ def accuracy_by_length(records: Sequence[dict]) -> dict[int, dict]:
 
 
 def training_documents(task: str, tokenizer: Tokenizer, lengths: Sequence[int], count: int, seed: int,
-                       keys: int = 4) -> list[str]:
+                       keys: int = 4, queries: int = 0) -> list[str]:
     """``count`` finished samples (prompt, then the answer) for training, lengths taken in turn, random depths.
 
     They come from a stream of their own ("train:" in the seed), so the same ``seed`` never reproduces an
     evaluation sample. The trainer packs documents back to back into windows of ``seq_len`` tokens, so a
     window edge cuts a document of L tokens apart with probability about L / seq_len, and then its question
     is trained without its book: keep the lengths well under ``seq_len``.
+
+    ``queries`` (phonebook): that many more lookups after the answer, each another line of the book (name and
+    number, in the evaluation's ``Name: number`` form), so one book trains several retrievals instead of the
+    question's one (and the examples' two); a document still holds at most its length's tokens (the book is
+    generated shorter to make room, down to half the length or 256 tokens, and lookups that would not fit are
+    dropped).
     """
+    if queries and task != "phonebook":
+        raise ValueError(f"queries: only the phonebook task has more lookups to add, not {task!r}")
     docs = []
     for i in range(count):
         length = lengths[i % len(lengths)]
         depth = random.Random(f"train-depth:{seed}:{i}").random()
-        s = make_sample(task, tokenizer, length, i, depth, f"train:{seed}", keys)
-        docs.append(s.prompt + " " + s.answer + ("\n" if task == "phonebook" else "."))
+        if not queries:
+            s = make_sample(task, tokenizer, length, i, depth, f"train:{seed}", keys)
+            docs.append(s.prompt + " " + s.answer + ("\n" if task == "phonebook" else "."))
+            continue
+        line = len(tokenizer.encode("Jonathan Richardson: 6123456789\n"))  # a long-ish book line
+        book_length = max(length - queries * line, length // 2, min(length, 256))  # lookups: at most half
+        s = make_sample(task, tokenizer, book_length, i, depth, f"train:{seed}", keys)
+        doc = s.prompt + " " + s.answer + "\n"
+        book = s.prompt.split("\n\n", 1)[0].split("\n")
+        picked = random.Random(f"train-queries:{seed}:{i}").sample(book, min(queries, len(book)))
+        while picked and len(tokenizer.encode(doc + "\n".join(picked) + "\n")) > length:
+            picked.pop()
+        docs.append(doc + "".join(f"{q}\n" for q in picked))
     return docs

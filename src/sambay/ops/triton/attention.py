@@ -36,8 +36,10 @@ from sambay.ops.attention import used_keys
 
 BLOCK_M = 64  # queries per prefill program
 BLOCK_N = 64  # keys per prefill step
-PREFILL_WARPS = 0  # warps per prefill program; 0: 8 at head_dim >= 64, else 4 (benchmarks/attn_prefill.py sweeps)
-PREFILL_STAGES = 3  # software-pipelined key blocks in flight per prefill program
+PREFILL_WARPS = 4  # warps per prefill program (0: 8 at head_dim >= 64, else 4)
+PREFILL_STAGES = 2  # software-pipelined key blocks in flight per prefill program
+# The prefill knobs are benchmarks/attn_prefill.py's best for a 1 x 32K prefill (1 full-attention and 8 sliding-window
+# calls; docs/results/attn-prefill-h200.json): 47.7 ms of attention against 81.0 at 64 x 64 with 8 warps and 3 stages.
 BLOCK_N_DECODE = 64  # keys per decode step
 DECODE_ROWS = 16  # query rows per decode program, padded up to the smallest tl.dot tile (2 real rows here)
 TARGET_PROGRAMS = 2048  # decode grid target: ~16 programs per SM on the H200's 132, enough loads in flight
