@@ -125,5 +125,6 @@ def test_prefill_profile_splits_a_prefill_into_families_and_renders():
     assert sum(prof["families"].values()) == pytest.approx(prof["kernel_ms"])
     assert {"matmul", "attention"} <= set(prof["families"])  # the CPU scan is plain aten ops: "other" here
     assert kernel_family("nvjet_sm90_tst_128x8") == "matmul" and kernel_family("_scan_chunk") == "scan"
+    assert kernel_family("_lookback") == kernel_family("_single_pass") == "scan"
     table = report.table({**RESULT, "rows": [{"system": "sambay-bf16", "kind": "prefill-profile", **prof}]})
     assert "Profile of one prefill (sambay-bf16, 48 tokens)" in table and "matmul" in table

@@ -101,7 +101,8 @@ def prefill_profile(model: SambaY, tokens: int, top: int = 25) -> dict:
 
 _FAMILIES = (  # (family, substrings of a kernel or operator name); first match wins
     ("attention", ("attention", "_prefill", "_decode", "_combine", "flash", "fmha", "sdpa", "softmax")),
-    ("scan", ("scan", "_state_update", "selective")),
+    ("scan", ("scan", "_state_update", "selective", "_lookback", "_single_pass", "_chunk_state", "_chunk_combine",
+              "_chunk_output")),
     ("conv", ("conv",)),
     ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "sm90_xmma", "matmul", "aten::mm", "aten::addmm", "linear",
                 "splitk")),
