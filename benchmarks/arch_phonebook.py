@@ -24,10 +24,11 @@ One run does everything:
 4. two models of the paper's family (`sambay.config.variant`: ``sambay-da`` NoPE with differential attention,
    GMU and a shared KV; ``transformer`` all full attention with RoPE θ = 10,000), same depth, width, seed and
    initialisation seed, written as released-format directories with the embedded model's 384-id byte-level
-   BPE tokenizer and trained from them (``--init-from``) with the same flags, at once on one device;
-   ``--minutes`` sizes the shared ``--max-steps`` from a short probe of both running together
-   (``--max-steps`` skips the probe); ``max_seq_len`` is set above the longest evaluated context;
-5. ``sambay eval phonebook`` on both (at once), ``--lengths`` from half the training length to 8x beyond it.
+   BPE tokenizer and trained from them (``--init-from``) with the same flags, one after the other with the
+   device to itself (``--together``: at once, sharing it); ``--minutes`` sizes the shared ``--max-steps``
+   from a short probe of each (``--max-steps`` skips the probe); ``max_seq_len`` is set above the longest
+   evaluated context; a run that would see its data more than once says so (the books get memorised);
+5. ``sambay eval phonebook`` on both, ``--lengths`` from half the training length to 8x beyond it.
 
 Writes to ``--out``: ``arch-phonebook.json`` (data source and mix, model sizes, token budget, per-arch
 tokens/s and losses, accuracy per length), ``arch-phonebook.png`` when matplotlib is there,
@@ -57,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="results directory (a few small files)")
     p.add_argument("--work", default="/tmp/arch-phonebook", help="data, checkpoints and models (default: %(default)s)")
-    p.add_argument("--minutes", type=float, default=3.5, help="training time of the two runs together (default: 3.5)")
+    p.add_argument("--minutes", type=float, default=3.5, help="training time of the two runs (default: 3.5)")
+    p.add_argument("--together", action="store_true", help="train (and probe) the two models at once, sharing the "
+                   "device, instead of one after the other with the whole device each")
     p.add_argument("--max-steps", type=int, help="optimiser steps of each run (skips the timing probe)")
     p.add_argument("--probe-steps", type=int, default=15, help="steps of the timing probe, timed from step 5 on "
                    "(default: 15)")
@@ -73,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--data-tokens", type=int, default=12_000_000, help="unique training tokens written (default: "
-                   "12M; a longer run repeats them in a new order)")
+    p.add_argument("--data-tokens", type=int, default=48_000_000, help="unique training tokens written (default: "
+                   "48M, about 2 minutes with 15 writers; a longer run repeats them in a new order)")
     p.add_argument("--queries", type=int, default=24, help="more lookups after each phonebook document's answer "
                    "(`sambay eval phonebook --queries`): one book trains up to N + 3 retrievals (default: 24)")
     p.add_argument("--phonebook-windows", type=float, default=0.9, help="share of training sequences that hold a "
@@ -256,7 +259,7 @@ def write_init(arch: str, args: argparse.Namespace, max_seq_len: int, tokenizer:
 
 
 def train_command(args: argparse.Namespace, init: Path, data_dir: Path, files: list[Path], run: Path, steps: int,
-                  *, probe: bool = False, guard: bool = False) -> list[str]:
+                  *, probe: bool = False, guard: float | None = None) -> list[str]:
     warmup = max(min(steps // 20, 100), 2)
     cmd = [sys.executable, "-m", "sambay.cli", "train", "--init-from", str(init), "--train-files", str(files[0]),
            "--eval-files", str(files[1]), "--data-dir", str(data_dir), "--out-dir", str(run),
@@ -266,9 +269,19 @@ def train_command(args: argparse.Namespace, init: Path, data_dir: Path, files: l
            "--schedule", "cosine", "--device", args.device, "--seed", str(args.seed), "--eval-every", "0",
            "--eval-batches", "4", "--checkpoint-every", "0", "--no-resume",
            "--log-every", "1" if probe else "10"]
-    if guard:  # only against a probe that misjudged: the steps were sized to fit; the JSON shows any cut
-        cmd += ["--max-minutes", f"{args.minutes * 1.3 + 0.5:.2f}"]
+    if guard:  # minutes, only against a probe that misjudged: the steps were sized to fit; the JSON shows any cut
+        cmd += ["--max-minutes", f"{guard:.2f}"]
     return cmd
+
+
+def run_all(commands: dict[str, list[str]], env: dict, log, cwd: Path, together: bool) -> dict[str, str]:
+    """`run_together` on all the commands, or on each in turn (the device to itself)."""
+    if together:
+        return run_together(commands, env, log, cwd)
+    outs: dict[str, str] = {}
+    for name, cmd in commands.items():
+        outs |= run_together({name: cmd}, env, log, cwd)
+    return outs
 
 
 def run_together(commands: dict[str, list[str]], env: dict, log, cwd: Path) -> dict[str, str]:
@@ -398,7 +411,10 @@ def prepare(args: argparse.Namespace, work: Path, env: dict, log) -> tuple[Path,
 
 def train_both(args: argparse.Namespace, work: Path, inits: dict, data_dir: Path, files: list[Path], env: dict,
                log) -> tuple[int, dict]:
-    """The probe (unless --max-steps), then both runs at once; (steps, per-arch summary)."""
+    """The probe (unless --max-steps), then both runs, at once (--together) or in turn; (steps, per-arch summary).
+
+    Both get the same steps: sized so that the two runs fit in ``--minutes`` (the slower run's time twice when
+    they share the device, their sum in turn)."""
     timing = {}
     steps = args.max_steps
     if steps is None:
@@ -406,8 +422,8 @@ def train_both(args: argparse.Namespace, work: Path, inits: dict, data_dir: Path
         runs = {arch: work / f"probe-{arch}" for arch in ARCHS}
         while True:  # out of memory: the same global batch in micro-batches half as large
             try:
-                run_together({a: train_command(args, inits[a], data_dir, files, runs[a], args.probe_steps,
-                                               probe=True) for a in ARCHS}, env, log, work)
+                run_all({a: train_command(args, inits[a], data_dir, files, runs[a], args.probe_steps, probe=True)
+                         for a in ARCHS}, env, log, work, args.together)
                 break
             except RuntimeError as e:
                 if "out of memory" not in str(e).lower() or args.micro_batch == 1:
@@ -415,15 +431,19 @@ def train_both(args: argparse.Namespace, work: Path, inits: dict, data_dir: Path
                 args.micro_batch, args.grad_accum = args.micro_batch // 2, args.grad_accum * 2
                 print(f"probe: out of memory; micro-batch {args.micro_batch} x {args.grad_accum}", flush=True)
         per_step = {a: seconds_per_step(read_train_log(runs[a] / "log.jsonl"), 5) for a in ARCHS}
-        steps = max(int(0.9 * args.minutes * 60 / max(per_step.values())), 10)
-        timing["probe"] = {"seconds": time.perf_counter() - t0, "seconds_per_step_together": per_step}
-        print(f"probe: {', '.join(f'{a} {t:.3f}' for a, t in per_step.items())} s/step together -> {steps} steps "
+        per_run = max(per_step.values()) if args.together else sum(per_step.values())
+        steps = max(int(0.9 * args.minutes * 60 / per_run), 10)
+        how = "together" if args.together else "alone"
+        timing["probe"] = {"seconds": time.perf_counter() - t0, f"seconds_per_step_{how}": per_step}
+        print(f"probe: {', '.join(f'{a} {t:.3f}' for a, t in per_step.items())} s/step {how} -> {steps} steps "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     t0 = time.perf_counter()
     runs = {arch: work / f"run-{arch}" for arch in ARCHS}
-    guard = args.max_steps is None
-    outs = run_together({a: train_command(args, inits[a], data_dir, files, runs[a], steps, guard=guard) for a in ARCHS},
-                        env, log, work)
+    guard = {a: None for a in ARCHS}
+    if args.max_steps is None:  # the sized time with room for a misjudged probe (the shared one was 1.7x off)
+        guard = {a: (args.minutes if args.together else steps * per_step[a] / 60) * 1.5 + 0.5 for a in ARCHS}
+    outs = run_all({a: train_command(args, inits[a], data_dir, files, runs[a], steps, guard=guard[a]) for a in ARCHS},
+                   env, log, work, args.together)
     timing["train_wall_s"] = time.perf_counter() - t0
     summary = {}
     for arch in ARCHS:
@@ -463,11 +483,16 @@ def main(argv: list[str] | None = None) -> int:
             inits[arch] = work / f"init-{arch}"
             params[arch] = write_init(arch, args, max_seq_len, default_model_dir(), inits[arch])
         steps, trained = train_both(args, work, inits, data_dir, [train_file, eval_file], env, log)
-        print(f"trained {steps} steps each ({trained['timing']['train_wall_s']:.0f} s together)", flush=True)
+        how = "together" if args.together else "one after the other"
+        print(f"trained {steps} steps each ({trained['timing']['train_wall_s']:.0f} s, {how})", flush=True)
+        epochs = steps * args.micro_batch * args.grad_accum / max(data["sequences"] - data["held_out_sequences"], 1)
+        if epochs > 1:  # the second run saw its books 3.9 times and memorised them instead of learning the lookup
+            print(f"note: {epochs:.1f} epochs of the written data; --data-tokens "
+                  f"{int(epochs * args.data_tokens) + 1} would show every sequence once", flush=True)
         t0 = time.perf_counter()
         records = {arch: work / f"{arch}.eval.jsonl" for arch in ARCHS}
-        outs = run_together({a: eval_command(args, Path(trained["runs"][a]["model_dir"]), records[a], lengths)
-                             for a in ARCHS}, env, log, work)
+        outs = run_all({a: eval_command(args, Path(trained["runs"][a]["model_dir"]), records[a], lengths)
+                        for a in ARCHS}, env, log, work, args.together)
         eval_s = time.perf_counter() - t0
     accuracy = {a: json.loads(outs[a].strip().splitlines()[-1])["phonebook"] for a in ARCHS}
     for arch in ARCHS:
@@ -482,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                    for a in ARCHS},
         "train": {"seq_len": args.seq_len, "batch": batch, "micro_batch": args.micro_batch,
                   "grad_accum": args.grad_accum, "steps": steps, "tokens": steps * batch * args.seq_len,
-                  "note": "both runs at once on one device: tokens/s are each run's own while sharing it",
+                  "note": ("both runs at once on one device: tokens/s are each run's own while sharing it"
+                           if args.together else "one run after the other, each with the device to itself"),
+                  "epochs": steps * batch / max(data["sequences"] - data["held_out_sequences"], 1),
                   "lr": args.lr, "schedule": "cosine, 5% warmup, min 0.1 lr", "seed": args.seed,
                   "minutes": args.minutes, **trained},
         "eval": {"lengths": lengths, "samples": args.samples, "seed": args.seed, "seconds": eval_s},

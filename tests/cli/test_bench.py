@@ -101,6 +101,28 @@ def test_formats_compare_weight_formats_against_their_own_limits(monkeypatch, ca
     assert "| weights" in out and "int4" in out
 
 
+def test_a_failed_decode_row_is_recorded_and_the_run_goes_on(monkeypatch, capsys, tmp_path):
+    """A measurement that raises (a failed CUDA graph capture on the H200, once) becomes an error row: the
+    other rows, the prefill and bench.json are still there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    real = suite.runs.decode_step_seconds
+
+    def flaky(model, batch, context, *args):
+        if batch == 1:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture\nmore")
+        return real(model, batch, context, *args)
+
+    monkeypatch.setattr(suite.runs, "decode_step_seconds", flaky)
+    assert cli.main(["bench", "--smoke", "--formats", "bf16", "--out", str(tmp_path)]) == 0
+    rows = __import__("json").loads((tmp_path / "bench.json").read_text())["rows"]
+    decode = [r for r in rows if r["kind"] == "decode"]
+    failed = [r for r in decode if "error" in r]
+    assert failed and all(r["batch"] == 1 for r in failed)
+    assert failed[0]["error"] == "RuntimeError: CUDA error: operation failed due to a previous error during capture"
+    assert any("tokens_per_s" in r for r in decode) and any(r["kind"] == "prefill" for r in rows)
+    assert "operation failed" in capsys.readouterr().out
+
+
 def test_a_group_size_that_does_not_fit_is_refused_before_any_run(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(suite, "run_formats", lambda *a, **k: pytest.fail("no run with a bad group size"))

@@ -92,6 +92,16 @@ def _nominal_params(module) -> int:
     return sum(p.numel() for p in module.parameters()) + quantized
 
 
+def _recover() -> None:
+    """After a failed measurement: drop what it allocated, so the next row starts from a clean device."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def _fits(model: SambaY, batch: int, context: int) -> bool:
     if not torch.cuda.is_available():
         return True
@@ -108,7 +118,14 @@ def _decode_rows(system: str, model: SambaY, bench, batches, contexts, bw, graph
             if not _fits(model, batch, context):
                 rows.append({**row, "error": "out of memory"})
                 continue
-            seconds = runs.decode_step_seconds(model, batch, context, bench.decode_steps, graphs, compile)
+            try:
+                seconds = runs.decode_step_seconds(model, batch, context, bench.decode_steps, graphs, compile)
+            except RuntimeError as e:  # a failed graph capture, say: the row says so and the run goes on
+                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                log.error("%s decode at batch %d, context %d failed: %s", system, batch, context, first)
+                rows.append({**row, "error": f"{type(e).__name__}: {first}"})
+                _recover()
+                continue
             moved = limits.decode_bytes(model.config, weights, batch, context)
             row.update(step_s=seconds, tokens_per_s=batch / seconds, bytes_per_step=moved)
             if bw:
