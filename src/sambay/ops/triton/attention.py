@@ -3,13 +3,15 @@
 Same signatures and semantics as `sambay.ops.attention` (masks come from positions; read its
 docstring for the differential-attention math and the layout contract).
 
-Prefill (`_prefill`, t > 1): flash-attention with an online softmax, one program per (query block,
-query unit, row). A differential unit is a head pair (2j, 2j+1): both halves are computed in the same
-program, each against its own keys (kv heads 2g and 2g+1) and the values of both, so one pass yields
-[A11 | A12] and [A21 | A22]; λ, the sub-layer RMSNorm and the head interleave are applied before the
-single store. Keys are visited in two ranges: every cached key before the call's own (masked by
-position), then only those of the call's own keys that the query block can see (causal, and the
-window), which is what makes a long sliding-window prefill linear in t.
+Prefill (`_prefill`, t > 1): flash-attention with an online softmax (base 2), one program per (query
+block, query unit, row). A differential unit is a head pair (2j, 2j+1): both halves are computed in the
+same program, each against its own keys (kv heads 2g and 2g+1) and the values of both, read once as one
+(BN, 2 head_dim) tile [V1 | V2], so each half's p·V is one product that yields [A11 | A12] (resp.
+[A21 | A22]); λ, the sub-layer RMSNorm and the head interleave are applied before the single store. Keys
+are visited in two ranges: the cached keys before the call's own (masked by position; a block that no
+query of the program can see, such as an empty ring slot or one the window has left, is skipped whole),
+then only those of the call's own keys that the query block can see (causal, and the window), which is
+what makes a long sliding-window prefill linear in t. The launch knobs are benchmarks/attn_prefill.py's.
 
 Decode (`_decode` + `_combine`, t = 1): split-K ("flash-decoding"). One program per (row, kv unit,
 split) reads each K and V block once and serves every query head that maps to it: for the
