@@ -410,7 +410,7 @@ def prepare(args: argparse.Namespace, work: Path, env: dict, log) -> tuple[Path,
 
 
 def train_both(args: argparse.Namespace, work: Path, inits: dict, data_dir: Path, files: list[Path], env: dict,
-               log) -> tuple[int, dict]:
+               log, sequences: int) -> tuple[int, dict]:
     """The probe (unless --max-steps), then both runs, at once (--together) or in turn; (steps, per-arch summary).
 
     Both get the same steps: sized so that the two runs fit in ``--minutes`` (the slower run's time twice when
@@ -437,6 +437,10 @@ def train_both(args: argparse.Namespace, work: Path, inits: dict, data_dir: Path
         timing["probe"] = {"seconds": time.perf_counter() - t0, f"seconds_per_step_{how}": per_step}
         print(f"probe: {', '.join(f'{a} {t:.3f}' for a, t in per_step.items())} s/step {how} -> {steps} steps "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    epochs = steps * args.micro_batch * args.grad_accum / max(sequences, 1)
+    if epochs > 1:  # the second run saw its books 3.9 times and memorised them instead of learning the lookup
+        print(f"note: {steps} steps are {epochs:.1f} epochs of the written data; --data-tokens "
+              f"{int(epochs * args.data_tokens) + 1} would show every sequence once", flush=True)
     t0 = time.perf_counter()
     runs = {arch: work / f"run-{arch}" for arch in ARCHS}
     guard = {a: None for a in ARCHS}
@@ -482,13 +486,10 @@ def main(argv: list[str] | None = None) -> int:
         for arch in ARCHS:
             inits[arch] = work / f"init-{arch}"
             params[arch] = write_init(arch, args, max_seq_len, default_model_dir(), inits[arch])
-        steps, trained = train_both(args, work, inits, data_dir, [train_file, eval_file], env, log)
+        steps, trained = train_both(args, work, inits, data_dir, [train_file, eval_file], env, log,
+                                    data["sequences"] - data["held_out_sequences"])
         how = "together" if args.together else "one after the other"
         print(f"trained {steps} steps each ({trained['timing']['train_wall_s']:.0f} s, {how})", flush=True)
-        epochs = steps * args.micro_batch * args.grad_accum / max(data["sequences"] - data["held_out_sequences"], 1)
-        if epochs > 1:  # the second run saw its books 3.9 times and memorised them instead of learning the lookup
-            print(f"note: {epochs:.1f} epochs of the written data; --data-tokens "
-                  f"{int(epochs * args.data_tokens) + 1} would show every sequence once", flush=True)
         t0 = time.perf_counter()
         records = {arch: work / f"{arch}.eval.jsonl" for arch in ARCHS}
         outs = run_all({a: eval_command(args, Path(trained["runs"][a]["model_dir"]), records[a], lengths)

@@ -121,3 +121,13 @@ def test_training_documents_with_more_lookups(tokenizer):
         assert 1 <= len(lookups) <= 6 and all(line in book.split("\n") for line in lookups)
     with pytest.raises(ValueError, match="phonebook"):
         training_documents("niah_single", tokenizer, [256], count=1, seed=0, queries=2)
+    with pytest.raises(ValueError, match="queries must be >= 0"):
+        training_documents("phonebook", tokenizer, [384], count=1, seed=0, queries=-1)
+
+
+def test_cli_refuses_negative_queries(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sambay_main(["eval", "phonebook", "--write-data", str(tmp_path / "d.jsonl"), "--lengths", "384",
+                     "--queries", "-1"])
+    assert exit_info.value.code == 2 and "--queries" in capsys.readouterr().err
+    assert not (tmp_path / "d.jsonl").exists()

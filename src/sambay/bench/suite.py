@@ -98,8 +98,11 @@ def _recover() -> None:
 
     gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except RuntimeError as e:  # a sticky device error: the next rows will fail and say so, as this one did
+            log.error("the device did not recover: %s", next(iter(str(e).splitlines()), type(e).__name__))
 
 
 def _fits(model: SambaY, batch: int, context: int) -> bool:

@@ -81,9 +81,9 @@ def _add_retrieval(p: argparse.ArgumentParser) -> None:
 
 def _add_phonebook(p: argparse.ArgumentParser) -> None:
     _add_retrieval(p)
-    p.add_argument("--queries", type=int, default=0, metavar="N", help="with --write-data: N more lookups after "
-                   "each document's answer, other lines of its book, so one book trains N + 3 retrievals "
-                   "(default: 0)")
+    p.add_argument("--queries", type=_non_negative, default=0, metavar="N",
+                   help="with --write-data: N more lookups after each document's answer, other lines of its book, "
+                   "so one book trains N + 3 retrievals (default: 0)")
 
 
 def _add_niah(p: argparse.ArgumentParser) -> None:
@@ -245,6 +245,12 @@ def _batch_size(args: argparse.Namespace, engine, *, gpu: int, cpu: int) -> int:
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return int(text)
 
 

@@ -229,10 +229,12 @@ def training_documents(task: str, tokenizer: Tokenizer, lengths: Sequence[int], 
 
     ``queries`` (phonebook): that many more lookups after the answer, each another line of the book (name and
     number, in the evaluation's ``Name: number`` form), so one book trains several retrievals instead of the
-    question's one (and the examples' two); a document still holds at most its length's tokens (the book is
-    generated shorter to make room, down to half the length or 256 tokens, and lookups that would not fit are
-    dropped).
+    question's one (and the examples' two). The book is generated shorter to make room (down to half the length
+    or 256 tokens), and a lookup is added only while the document stays within its length; the question and
+    its answer alone may pass it by a few tokens, as without lookups.
     """
+    if queries < 0:
+        raise ValueError(f"queries must be >= 0, got {queries}")
     if queries and task != "phonebook":
         raise ValueError(f"queries: only the phonebook task has more lookups to add, not {task!r}")
     docs = []

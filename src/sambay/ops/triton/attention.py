@@ -361,7 +361,10 @@ def _run(q, k, v, q_pos, k_pos, window, kv_len, diff, lambdas, lam_init, weight,
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             q_pos.stride(0), k_pos.stride(0),
             G=group, HD=hd, BM=BLOCK_M, BN=BLOCK_N, DIFF=diff, HAS_WINDOW=has_window, PREC=prec,
-            num_warps=PREFILL_WARPS or (8 if hd >= 64 else 4), num_stages=PREFILL_STAGES,
+            # the knobs were swept at head_dim 64; at 128 a differential pair's two (BM, 256) fp32 accumulators
+            # need 8 warps' registers
+            num_warps=max(PREFILL_WARPS, 8) if hd > 64 else (PREFILL_WARPS or (8 if hd >= 64 else 4)),
+            num_stages=PREFILL_STAGES,
         )
         return out
     n_kv_units = n_kv // 2 if diff else n_kv
