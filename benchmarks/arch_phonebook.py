@@ -74,7 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # data and batch
     p.add_argument("--seq-len", type=int, default=2048, help="training length in tokens (default: 2048)")
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1: the lookup appears "
+                   "after a plateau counted in optimiser steps, so steps matter more than tokens per step; "
+                   "benchmarks/copy_phase.py)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--data-tokens", type=int, default=48_000_000, help="unique training tokens written (default: "
                    "48M, about 2 minutes with 15 writers; a longer run repeats them in a new order)")

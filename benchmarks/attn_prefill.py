@@ -12,7 +12,11 @@ Cases, as the model calls the kernel at batch 1 (40 query heads, 20 kv heads, he
 view of (b, t, heads, hd), keys and values contiguous (b, kv heads, keys, hd)):
 - ``full-T``: the full-attention layer, causal over T keys, no cache before them;
 - ``swa-T``: a sliding-window layer (window 512) of the first chunk: an empty 512-slot ring (positions -1)
-  before the call's own T keys.
+  before the call's own T keys;
+- ``full-512-after-1536`` and ``swa-512-after-1536``: the last 512-token chunk of a served 2K prompt, after
+  the 1,536 cached keys (full layer) or a full ring (windowed layers).
+For each whole prefill call (32K, 2K, the served chunk: 1 full + 8 windowed calls) the report names the
+setting with the least time, next to the default's.
 Every setting of the module's knobs (BLOCK_M, BLOCK_N, PREFILL_WARPS, PREFILL_STAGES) is checked against the
 first setting's output (the defaults) and timed (median of ``--reps`` calls after a warm-up); "useful" FLOPs
 count the visible (query, key) pairs only: per pair and differential unit, two q·k products of head_dim and
@@ -43,34 +47,42 @@ from sambay.ops.triton import attention as tri
 RATE = 790e12
 HEADS, KV_HEADS, HEAD_DIM, WINDOW, RING = 40, 20, 64, 512, 512
 GRID = {"BLOCK_M": (64, 128), "BLOCK_N": (32, 64, 128), "PREFILL_WARPS": (4, 8), "PREFILL_STAGES": (2, 3, 4)}
-CASES = (("full", 32768), ("swa", 32768), ("full", 2048), ("swa", 2048))
+# (kind, t, start): t queries at positions start .. start + t - 1. start 0: a prompt's first chunk (an empty
+# ring before a windowed layer's keys); start > 0: a later chunk of a served prompt, its cached keys first
+CASES = (("full", 32768, 0), ("swa", 32768, 0), ("full", 2048, 0), ("swa", 2048, 0), ("full", 512, 1536),
+         ("swa", 512, 1536))
+# what a whole prefill call of the model runs: 1 full-attention and 8 sliding-window layers
+PREFILLS = {"32k": (32768, 0), "2k": (2048, 0), "chunk_512_after_1536": (512, 1536)}
 
 
-def case_inputs(kind: str, t: int, dev: torch.device) -> tuple:
-    g = torch.Generator(device=dev).manual_seed(t + (kind == "swa"))
+def case_name(kind: str, t: int, start: int) -> str:
+    return f"{kind}-{t}" + (f"-after-{start}" if start else "")
+
+
+def case_inputs(kind: str, t: int, start: int, dev: torch.device) -> tuple:
+    g = torch.Generator(device=dev).manual_seed(t + start + (kind == "swa"))
 
     def rnd(*shape):
         return torch.randn(*shape, device=dev, generator=g).bfloat16()
 
     q = rnd(1, t, HEADS, HEAD_DIM).transpose(1, 2)
-    ring = RING if kind == "swa" else 0
-    k, v = rnd(1, KV_HEADS, ring + t, HEAD_DIM), rnd(1, KV_HEADS, ring + t, HEAD_DIM)
-    q_pos = torch.arange(t, device=dev).view(1, t)
-    k_pos = torch.cat([torch.full((1, ring), -1, device=dev, dtype=torch.long), q_pos], dim=1)
+    before = RING if kind == "swa" else start  # a windowed layer keeps a ring; the full layer every cached key
+    k, v = rnd(1, KV_HEADS, before + t, HEAD_DIM), rnd(1, KV_HEADS, before + t, HEAD_DIM)
+    q_pos = torch.arange(start, start + t, device=dev).view(1, t)
+    cached = torch.arange(start - before, start, device=dev).view(1, before)
+    k_pos = torch.cat([torch.where(cached >= 0, cached, -1), q_pos], dim=1)
     lambdas = [torch.randn(HEAD_DIM, device=dev, generator=g) * 0.1 for _ in range(4)]
     w = torch.ones(2 * HEAD_DIM, device=dev, dtype=torch.bfloat16)
     return (q, k, v, q_pos, k_pos, WINDOW if kind == "swa" else None, *lambdas, 0.5, w, 1e-5)
 
 
-def visible_pairs(kind: str, t: int) -> int:
-    if kind == "full":
-        return t * (t + 1) // 2
-    return sum(min(i + 1, WINDOW) for i in range(t))
+def visible_pairs(kind: str, t: int, start: int) -> int:
+    return sum(p + 1 if kind == "full" else min(p + 1, WINDOW) for p in range(start, start + t))
 
 
-def useful_flops(kind: str, t: int) -> float:
+def useful_flops(kind: str, t: int, start: int) -> float:
     units = HEADS // 2
-    return visible_pairs(kind, t) * units * (2 * 2 * HEAD_DIM + 2 * 2 * 2 * HEAD_DIM)
+    return visible_pairs(kind, t, start) * units * (2 * 2 * HEAD_DIM + 2 * 2 * 2 * HEAD_DIM)
 
 
 def seconds(fn, reps: int) -> float:
@@ -143,7 +155,7 @@ def main() -> int:
     defaults = {name: getattr(tri, name) for name in GRID}
     inputs = {c: case_inputs(*c, dev) for c in CASES}
     want = {c: tri.diff_attention(*x).float() for c, x in inputs.items()}
-    baseline = [sdpa_baseline(t, args.reps, dev) for t in sorted({t for _, t in CASES})]
+    baseline = [sdpa_baseline(t, args.reps, dev) for t in sorted({t for _, t, start in CASES if not start})]
     for row in baseline:
         print(f"sdpa plain causal {row['t']}: {row['ms']:.2f} ms, {row['tflops']:.0f} TFLOP/s "
               f"({row['fraction_of_rate']:.0%} of {RATE / 1e12:.0f})", flush=True)
@@ -163,7 +175,7 @@ def main() -> int:
                 err = float((tri.diff_attention(*x).float() - want[c]).abs().max())
                 if err > 0.05:
                     raise AssertionError(f"{c}: max abs error {err:.3g} against the default setting")
-                row["ms"][f"{c[0]}-{c[1]}"] = seconds(lambda x=x: tri.diff_attention(*x), args.reps) * 1e3
+                row["ms"][case_name(*c)] = seconds(lambda x=x: tri.diff_attention(*x), args.reps) * 1e3
         except Exception as e:  # a tile too large for shared memory, say: the setting is skipped
             row["error"] = str(e)[:200]
         rows.append(row)
@@ -172,22 +184,27 @@ def main() -> int:
         print(f"the default setting failed: {rows[0]['error']}")
         return 1
     done = [r for r in rows if "error" not in r]
-    result = {"cases": [f"{k}-{t}" for k, t in CASES], "default": defaults, "settings_timed": len(rows),
+    result = {"cases": [case_name(*c) for c in CASES], "default": defaults, "settings_timed": len(rows),
               "sdpa_plain_causal": baseline, "rows": rows, "best": {}}
-    for kind, t in CASES:
-        key = f"{kind}-{t}"
+    for kind, t, start in CASES:
+        key = case_name(kind, t, start)
         best = min(done, key=lambda r: r["ms"][key])
-        flops = useful_flops(kind, t)
+        flops = useful_flops(kind, t, start)
         result["best"][key] = {"ms": best["ms"][key], "default_ms": done[0]["ms"][key],
                                "useful_tflops": flops / best["ms"][key] / 1e9,
                                "fraction_of_rate": flops / (best["ms"][key] / 1e3) / RATE,
                                "setting": {n: best[n] for n in GRID}}
         print(f"{key}: default {done[0]['ms'][key]:.2f} ms, best {best['ms'][key]:.2f} ms "
               f"({result['best'][key]['fraction_of_rate']:.0%} of the rate) with {result['best'][key]['setting']}")
-    weight = {f"{k}-{t}": (1.0 if k == "full" else 8.0) for k, t in CASES}  # the model: 1 full, 8 SWA layers
-    overall = min(done, key=lambda r: sum(weight[k] * r["ms"][k] for k in weight if k.endswith("32768")))
-    result["overall_32k"] = {n: overall[n] for n in GRID} | {"ms": overall["ms"]}
-    print("best for a 32K prefill (1 full + 8 SWA calls):", result["overall_32k"])
+    for label, (t, start) in PREFILLS.items():  # the model's call: 1 full-attention + 8 sliding-window layers
+
+        def model_ms(r, t=t, start=start):
+            return r["ms"][case_name("full", t, start)] + 8 * r["ms"][case_name("swa", t, start)]
+
+        overall = min(done, key=model_ms)
+        result[f"overall_{label}"] = {n: overall[n] for n in GRID} | {"ms": model_ms(overall),
+                                                                      "default_ms": model_ms(done[0])}
+        print(f"best for the {label} prefill (1 full + 8 SWA calls): {result[f'overall_{label}']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
