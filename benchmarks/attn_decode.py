@@ -18,14 +18,13 @@ time summed over the cases relative to each case's best, with the K/V bandwidth 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import random
-import time
+from functools import partial
 
 import torch
 
 from sambay.bench.hardware import graphed_seconds
+from sambay.bench.sweep import sweep_knobs
 from sambay.ops.triton import attention as tri
 
 LIMIT = 4.3e12
@@ -58,29 +57,9 @@ def main() -> int:
     args = p.parse_args()
     dev = torch.device("cuda")
     defaults = {name: getattr(tri, name) for name in GRID}
-    inputs = {c: case_inputs(*c, dev) for c in CASES}
-    want = {c: tri.diff_attention(*x).float() for c, x in inputs.items()}
+    cases = {f"{b}x{s}": partial(tri.diff_attention, *case_inputs(b, s, dev)) for b, s in CASES}
     kv_bytes = {(b, s): 2 * b * KV_HEADS * s * HEAD_DIM * 2 for b, s in CASES}
-    settings = list(itertools.product(*GRID.values()))
-    random.Random(0).shuffle(settings)  # a cut-short sweep still samples the whole grid
-    settings.insert(0, tuple(defaults.values()))
-    rows, started = [], time.monotonic()
-    for values in settings:
-        if time.monotonic() - started > args.max_seconds:
-            break
-        setting = dict(zip(GRID, values, strict=True))
-        for name, value in setting.items():
-            setattr(tri, name, value)
-        row = {**setting, "us": {}}
-        try:
-            for c, x in inputs.items():
-                err = float((tri.diff_attention(*x).float() - want[c]).abs().max())
-                if err > 0.05:
-                    raise AssertionError(f"{c}: max abs error {err:.3g} against the default setting")
-                row["us"][f"{c[0]}x{c[1]}"] = graphed_seconds(lambda x=x: tri.diff_attention(*x), args.calls) * 1e6
-        except Exception as e:  # a tile too large for shared memory, say: the setting is skipped
-            row["error"] = str(e)[:200]
-        rows.append(row)
+    rows = sweep_knobs(tri, GRID, cases, lambda fn: graphed_seconds(fn, args.calls) * 1e6, "us", args.max_seconds)
     if "error" in rows[0]:  # every comparison is against the default: without it there is no report
         print(f"the default setting failed: {rows[0]['error']}")
         return 1

@@ -33,15 +33,14 @@ stages), each with the 32K prefill's profile by kernel family.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import random
-import statistics
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from sambay.bench.hardware import median_seconds
+from sambay.bench.sweep import sweep_knobs
 from sambay.ops.triton import attention as tri
 
 RATE = 790e12
@@ -85,25 +84,11 @@ def useful_flops(kind: str, t: int, start: int) -> float:
     return visible_pairs(kind, t, start) * units * (2 * 2 * HEAD_DIM + 2 * 2 * 2 * HEAD_DIM)
 
 
-def seconds(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
 def sdpa_baseline(t: int, reps: int, dev: torch.device) -> dict:
     g = torch.Generator(device=dev).manual_seed(7)
     q = torch.randn(1, HEADS, t, HEAD_DIM, device=dev, generator=g).bfloat16()
     k, v = (torch.randn(1, KV_HEADS, t, HEAD_DIM, device=dev, generator=g).bfloat16() for _ in range(2))
-    s = seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps)
+    s = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps)
     flops = t * (t + 1) // 2 * HEADS * 4 * HEAD_DIM
     return {"t": t, "ms": s * 1e3, "tflops": flops / s / 1e12, "fraction_of_rate": flops / s / RATE}
 
@@ -153,33 +138,13 @@ def main() -> int:
         return 0
     dev = torch.device("cuda")
     defaults = {name: getattr(tri, name) for name in GRID}
-    inputs = {c: case_inputs(*c, dev) for c in CASES}
-    want = {c: tri.diff_attention(*x).float() for c, x in inputs.items()}
+    cases = {case_name(*c): partial(tri.diff_attention, *case_inputs(*c, dev)) for c in CASES}
     baseline = [sdpa_baseline(t, args.reps, dev) for t in sorted({t for _, t, start in CASES if not start})]
     for row in baseline:
         print(f"sdpa plain causal {row['t']}: {row['ms']:.2f} ms, {row['tflops']:.0f} TFLOP/s "
               f"({row['fraction_of_rate']:.0%} of {RATE / 1e12:.0f})", flush=True)
-    settings = list(itertools.product(*GRID.values()))
-    random.Random(0).shuffle(settings)  # a cut-short sweep still samples the whole grid
-    settings.insert(0, tuple(defaults.values()))
-    rows, started = [], time.monotonic()
-    for values in settings:
-        if time.monotonic() - started > args.max_seconds:
-            break
-        setting = dict(zip(GRID, values, strict=True))
-        for name, value in setting.items():
-            setattr(tri, name, value)
-        row = {**setting, "ms": {}}
-        try:
-            for c, x in inputs.items():
-                err = float((tri.diff_attention(*x).float() - want[c]).abs().max())
-                if err > 0.05:
-                    raise AssertionError(f"{c}: max abs error {err:.3g} against the default setting")
-                row["ms"][case_name(*c)] = seconds(lambda x=x: tri.diff_attention(*x), args.reps) * 1e3
-        except Exception as e:  # a tile too large for shared memory, say: the setting is skipped
-            row["error"] = str(e)[:200]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    rows = sweep_knobs(tri, GRID, cases, lambda fn: median_seconds(fn, args.reps) * 1e3, "ms", args.max_seconds,
+                       on_row=lambda row: print(json.dumps(row), flush=True))
     if "error" in rows[0]:
         print(f"the default setting failed: {rows[0]['error']}")
         return 1

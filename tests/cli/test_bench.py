@@ -150,3 +150,33 @@ def test_prefill_profile_splits_a_prefill_into_families_and_renders():
     assert kernel_family("_lookback") == kernel_family("_single_pass") == "scan"
     table = report.table({**RESULT, "rows": [{"system": "sambay-bf16", "kind": "prefill-profile", **prof}]})
     assert "Profile of one prefill (sambay-bf16, 48 tokens)" in table and "matmul" in table
+
+
+def test_sweep_knobs_checks_each_setting_against_the_current_one():
+    """The module's current setting is timed first; a setting whose output differs is an error row, a failing
+    one too, and the sweep goes on; the knobs end at the last setting tried."""
+    from types import SimpleNamespace
+
+    from sambay.bench.sweep import sweep_knobs
+
+    knobs = SimpleNamespace(BLOCK=2, WARPS=4)
+
+    def case():
+        if knobs.WARPS == 8:
+            raise RuntimeError("out of shared memory")
+        return torch.full((3,), 1.0 + (knobs.BLOCK == 3))  # BLOCK 3 computes something else
+
+    seen = []
+    rows = sweep_knobs(knobs, {"BLOCK": (1, 2, 3), "WARPS": (4, 8)}, {"c": case}, lambda fn: 10.0 * knobs.BLOCK,
+                       "ms", max_seconds=60, on_row=seen.append)
+    assert seen == rows and len(rows) == 7 and rows[0] == {"BLOCK": 2, "WARPS": 4, "ms": {"c": 20.0}}
+    for row in rows[1:]:
+        if row["WARPS"] == 8:
+            assert row["error"] == "out of shared memory"
+        elif row["BLOCK"] == 3:
+            assert "max abs error 1 against the default setting" in row["error"]
+        else:
+            assert row["ms"] == {"c": 10.0 * row["BLOCK"]} and "error" not in row
+    assert (rows[-1]["BLOCK"], rows[-1]["WARPS"]) == (knobs.BLOCK, knobs.WARPS)
+    knobs.BLOCK, knobs.WARPS = 2, 4
+    assert sweep_knobs(knobs, {"BLOCK": (1, 2), "WARPS": (4,)}, {"c": case}, lambda fn: 1.0, "ms", -1) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def _time_cuda(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
     """Median seconds of ``fn`` over ``repeats`` runs, timed with CUDA events after a warm-up."""
     fn()
     torch.cuda.synchronize()
@@ -44,7 +44,7 @@ def copy_bandwidth(n_bytes: int = 4 * 2**30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     src = torch.randn(n_bytes // 4, device="cuda")
     dst = torch.empty_like(src)
-    seconds = _time_cuda(lambda: dst.copy_(src), repeats=10)
+    seconds = median_seconds(lambda: dst.copy_(src), repeats=10)
     return 2 * n_bytes / seconds
 
 
@@ -52,7 +52,7 @@ def matmul_rate(n: int = 8192) -> float:
     """bf16 matrix-product rate in FLOP/s on random data (an n × n × n product)."""
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    seconds = _time_cuda(lambda: a @ b, repeats=10)
+    seconds = median_seconds(lambda: a @ b, repeats=10)
     return 2 * n**3 / seconds
 
 
