@@ -99,6 +99,10 @@ def run(arch: str, args: argparse.Namespace, result: dict) -> dict:
                   flush=True)
         if step == args.steps:
             break
+        if args.max_seconds and time.perf_counter() - started > args.max_seconds and step % args.every == 0:
+            mine["stopped_by_time_at_step"] = step
+            print(f"{arch}: --max-seconds {args.max_seconds:g} reached at step {step}", flush=True)
+            break
         x = batch(train_gen, args.rows, args.n, args.max_gap).to(args.device)
         loss = model(x[:, :-1], targets=x[:, 1:]).mean()  # per-token NLL, every position
         opt.zero_grad(set_to_none=True)
@@ -124,6 +128,8 @@ def main() -> int:
                    "shortest distance between the copies, so only the full-attention layer can reach back)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, help="stop each run at the first evaluation after this many "
+                   "seconds (the JSON records the step)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--out")
