@@ -57,6 +57,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="results directory (a few small files)")
+    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS), help="the models to train "
+                   "(default: both; one per call when a call's time limit cannot hold two runs: then "
+                   "--max-steps for the second, and --combine)")
+    p.add_argument("--reuse-data", action="store_true", help="keep --work's prepared data when it was written "
+                   "with the same data flags (a second call on the same machine skips ~2 minutes)")
+    p.add_argument("--prepare-only", action="store_true", help="write the data into --work and stop (then "
+                   "--reuse-data: the GPU is free for other work while the CPUs write)")
+    p.add_argument("--combine", nargs="+", metavar="JSON", help="only merge arch-phonebook.json files of runs "
+                   "with the same data and steps (one arch each) into --out: JSON, table and plot")
     p.add_argument("--work", default="/tmp/arch-phonebook", help="data, checkpoints and models (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=3.5, help="training time of the two runs (default: 3.5)")
     p.add_argument("--together", action="store_true", help="train (and probe) the two models at once, sharing the "
@@ -336,6 +345,8 @@ def markdown_table(result: dict) -> str:
                                               for n in lengths) + " |"
     rows = [head, "|" + "---|" * (len(lengths) + 2)]
     for arch, label in ARCHS.items():
+        if arch not in result["accuracy"]:
+            continue
         acc = result["accuracy"][arch]
         cells = [f"{acc[str(n)]['accuracy']:.0%}" if str(n) in acc else "-" for n in lengths]
         rows.append(f"| {label} | {result['models'][arch]['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
@@ -357,6 +368,8 @@ def plot(result: dict, path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for arch, label in ARCHS.items():
+        if arch not in result["accuracy"]:
+            continue
         rows = sorted((int(n), row["accuracy"]) for n, row in result["accuracy"][arch].items())
         ax.plot([n for n, _ in rows], [a for _, a in rows], marker="o", label=label)
     ax.axvline(result["train"]["seq_len"], color="grey", linestyle="--", linewidth=1, label="training length")
@@ -421,18 +434,18 @@ def train_both(args: argparse.Namespace, work: Path, inits: dict, data_dir: Path
     steps = args.max_steps
     if steps is None:
         t0 = time.perf_counter()
-        runs = {arch: work / f"probe-{arch}" for arch in ARCHS}
+        runs = {arch: work / f"probe-{arch}" for arch in args.archs}
         while True:  # out of memory: the same global batch in micro-batches half as large
             try:
                 run_all({a: train_command(args, inits[a], data_dir, files, runs[a], args.probe_steps, probe=True)
-                         for a in ARCHS}, env, log, work, args.together)
+                         for a in args.archs}, env, log, work, args.together)
                 break
             except RuntimeError as e:
                 if "out of memory" not in str(e).lower() or args.micro_batch == 1:
                     raise
                 args.micro_batch, args.grad_accum = args.micro_batch // 2, args.grad_accum * 2
                 print(f"probe: out of memory; micro-batch {args.micro_batch} x {args.grad_accum}", flush=True)
-        per_step = {a: seconds_per_step(read_train_log(runs[a] / "log.jsonl"), 5) for a in ARCHS}
+        per_step = {a: seconds_per_step(read_train_log(runs[a] / "log.jsonl"), 5) for a in args.archs}
         per_run = max(per_step.values()) if args.together else sum(per_step.values())
         steps = max(int(0.9 * args.minutes * 60 / per_run), 10)
         how = "together" if args.together else "alone"
@@ -444,15 +457,15 @@ def train_both(args: argparse.Namespace, work: Path, inits: dict, data_dir: Path
         print(f"note: {steps} steps are {epochs:.1f} epochs of the written data; --data-tokens "
               f"{int(epochs * args.data_tokens) + 1} would show every sequence once", flush=True)
     t0 = time.perf_counter()
-    runs = {arch: work / f"run-{arch}" for arch in ARCHS}
-    guard = {a: None for a in ARCHS}
+    runs = {arch: work / f"run-{arch}" for arch in args.archs}
+    guard = {a: None for a in args.archs}
     if args.max_steps is None:  # the sized time with room for a misjudged probe (the shared one was 1.7x off)
-        guard = {a: (args.minutes if args.together else steps * per_step[a] / 60) * 1.5 + 0.5 for a in ARCHS}
-    outs = run_all({a: train_command(args, inits[a], data_dir, files, runs[a], steps, guard=guard[a]) for a in ARCHS},
-                   env, log, work, args.together)
+        guard = {a: (args.minutes if args.together else steps * per_step[a] / 60) * 1.5 + 0.5 for a in args.archs}
+    outs = run_all({a: train_command(args, inits[a], data_dir, files, runs[a], steps, guard=guard[a])
+                    for a in args.archs}, env, log, work, args.together)
     timing["train_wall_s"] = time.perf_counter() - t0
     summary = {}
-    for arch in ARCHS:
+    for arch in args.archs:
         final = json.loads(outs[arch].strip().splitlines()[-1])
         shutil.copyfile(runs[arch] / "log.jsonl", Path(args.out) / f"{arch}.train.jsonl")
         summary[arch] = {k: final.get(k) for k in ("steps", "tokens", "train_s", "tokens_per_s", "params",
@@ -468,8 +481,16 @@ def main(argv: list[str] | None = None) -> int:
     require_faker()  # the phonebook names: fail before any work, not minutes in
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if args.combine:
+        return report(combine([json.loads(Path(f).read_text()) for f in args.combine]), out)
+    prepared = work / "prepared.json"
+    reuse = args.reuse_data and prepared.exists() and json.loads(prepared.read_text())["flags"] == data_flags(args)
+    if not reuse:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    for arch in args.archs:  # a reused --work may hold an earlier call's runs
+        for old in (f"init-{arch}", f"probe-{arch}", f"run-{arch}"):
+            shutil.rmtree(work / old, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(SRC)]))}
     if args.device == "cpu":  # two trainers at once: one thread each rather than two pools fighting over the cores
         env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 2) // 2, 1)))
@@ -478,14 +499,24 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with open(out / "arch-phonebook.log", "w", encoding="utf-8") as log:
         t0 = time.perf_counter()
-        train_file, eval_file, data_dir, data = prepare(args, work, env, log)
-        data["seconds"] = time.perf_counter() - t0
+        if reuse:
+            saved = json.loads(prepared.read_text())
+            train_file, eval_file, data_dir, data = (Path(saved["train_file"]), Path(saved["eval_file"]),
+                                                     Path(saved["data_dir"]), saved["data"])
+            print(f"data: reusing {work} (written with the same data flags)", flush=True)
+        else:
+            train_file, eval_file, data_dir, data = prepare(args, work, env, log)
+            data["seconds"] = time.perf_counter() - t0
+            prepared.write_text(json.dumps({"flags": data_flags(args), "train_file": str(train_file),
+                                            "eval_file": str(eval_file), "data_dir": str(data_dir), "data": data}))
         print(f"data: {data['sequences']} sequences of {args.seq_len} tokens, phonebook share "
               f"{data['phonebook_token_share']:.0%}, aligned {data['aligned']} ({data['seconds']:.0f} s)", flush=True)
+        if args.prepare_only:
+            return 0
         from sambay.default_model import default_model_dir
 
         inits, params = {}, {}
-        for arch in ARCHS:
+        for arch in args.archs:
             inits[arch] = work / f"init-{arch}"
             params[arch] = write_init(arch, args, max_seq_len, default_model_dir(), inits[arch])
         steps, trained = train_both(args, work, inits, data_dir, [train_file, eval_file], env, log,
@@ -493,12 +524,12 @@ def main(argv: list[str] | None = None) -> int:
         how = "together" if args.together else "one after the other"
         print(f"trained {steps} steps each ({trained['timing']['train_wall_s']:.0f} s, {how})", flush=True)
         t0 = time.perf_counter()
-        records = {arch: work / f"{arch}.eval.jsonl" for arch in ARCHS}
+        records = {arch: work / f"{arch}.eval.jsonl" for arch in args.archs}
         outs = run_all({a: eval_command(args, Path(trained["runs"][a]["model_dir"]), records[a], lengths)
-                        for a in ARCHS}, env, log, work, args.together)
+                        for a in args.archs}, env, log, work, args.together)
         eval_s = time.perf_counter() - t0
-    accuracy = {a: json.loads(outs[a].strip().splitlines()[-1])["phonebook"] for a in ARCHS}
-    for arch in ARCHS:
+    accuracy = {a: json.loads(outs[a].strip().splitlines()[-1])["phonebook"] for a in args.archs}
+    for arch in args.archs:
         shutil.copyfile(records[arch], out / f"{arch}.eval.jsonl")
     batch = args.micro_batch * args.grad_accum
     result = {
@@ -507,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": _device_name(args.device), "torch": _torch_version(),
         "data": data,
         "models": {a: {"config": _config_dict(model_config(a, args, max_seq_len)), "params": params[a]}
-                   for a in ARCHS},
+                   for a in args.archs},
         "train": {"seq_len": args.seq_len, "batch": batch, "micro_batch": args.micro_batch,
                   "grad_accum": args.grad_accum, "steps": steps, "tokens": steps * batch * args.seq_len,
                   "note": ("both runs at once on one device: tokens/s are each run's own while sharing it"
@@ -519,16 +550,53 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy": accuracy,
         "total_s": time.perf_counter() - started,
     }
+    return report(result, out)
+
+
+def report(result: dict, out: Path) -> int:
+    """Writes ``arch-phonebook.json`` and the plot into ``out``; prints the table and each run's figures."""
     (out / "arch-phonebook.json").write_text(json.dumps(result, indent=2) + "\n")
     plotted = plot(result, out / "arch-phonebook.png")
     print(markdown_table(result))
-    for arch, label in ARCHS.items():
-        r = trained["runs"][arch]
-        print(f"{label}: {r['steps']} steps, {r['tokens_per_s']:,.0f} tokens/s, train loss {r['train_loss']:.3f}, "
-              f"held-out loss {r['loss']:.3f}")
+    for arch, r in result["train"]["runs"].items():
+        print(f"{ARCHS[arch]}: {r['steps']} steps, {r['tokens_per_s']:,.0f} tokens/s, train loss "
+              f"{r['train_loss']:.3f}, held-out loss {r['loss']:.3f}")
     print(f"wrote {out / 'arch-phonebook.json'}" + (" and arch-phonebook.png" if plotted else " (no matplotlib)")
           + f" in {result['total_s']:.0f} s")
     return 0
+
+
+def data_flags(args: argparse.Namespace) -> dict:
+    """The flags that decide the prepared data: equal flags, equal files (every writer is seeded)."""
+    return {k: getattr(args, k) for k in ("seed", "seq_len", "data_tokens", "queries", "phonebook_windows", "jobs")}
+
+
+def combine(results: list[dict]) -> dict:
+    """One result from runs of different architectures on the same data and steps (one call each).
+
+    Raises ValueError when the runs differ in anything but the architecture: data, steps, batch, learning rate,
+    evaluated lengths, or when one architecture appears twice."""
+    first = results[0]
+    merged = json.loads(json.dumps(first))
+    same = {"data": lambda r: {k: v for k, v in r["data"].items() if k != "seconds"},
+            "steps": lambda r: r["train"]["steps"], "batch": lambda r: r["train"]["batch"],
+            "seq_len": lambda r: r["train"]["seq_len"], "lr": lambda r: r["train"]["lr"],
+            "lengths": lambda r: r["eval"]["lengths"], "samples": lambda r: r["eval"]["samples"]}
+    for r in results[1:]:
+        for what, get in same.items():
+            if get(r) != get(first):
+                raise ValueError(f"cannot combine runs that differ in {what}: {get(first)!r} vs {get(r)!r}")
+        for arch in r["accuracy"]:
+            if arch in merged["accuracy"]:
+                raise ValueError(f"{arch} appears in more than one result")
+        merged["accuracy"] |= r["accuracy"]
+        merged["models"] |= r["models"]
+        merged["train"]["runs"] |= r["train"]["runs"]
+        merged["total_s"] += r["total_s"]
+    merged["train"]["timing"] = {",".join(r["accuracy"]): r["train"]["timing"] for r in results}
+    merged["commands"] = [r["command"] for r in results]
+    merged["train"]["note"] = "one run after the other, each with the device to itself (one call each)"
+    return merged
 
 
 def _config_dict(config) -> dict:

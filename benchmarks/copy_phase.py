@@ -13,7 +13,8 @@ Task: each sequence is ``n`` random token ids, then a random number (0 to ``--ma
 then the same ``n`` ids again, with random ids before the first copy to keep the length fixed; a fresh batch
 every step. The varying gap means that no fixed offset reaches the first copy: only content-based lookup
 lowers the loss on the second copy. Both models come from `sambay.config.variant` at the same depth, width
-and heads (`--layers`, `--d-model`, `--heads`), are built in float32 and trained with AdamW at a constant
+and heads (`--layers`, `--d-model`, `--heads`), are built in float32
+(bf16 autocast on a GPU, as `sambay train`) and trained with AdamW at a constant
 learning rate (no warm-up, no decay, so the step of the change is not an artefact of a schedule). Every
 ``--every`` steps: the mean next-token loss on the second copy's tokens, from its second token on (the
 first has no cue), over ``--eval-batches`` held-out batches. Chance is ln(vocab) ≈ 6.2 nats; a copying
@@ -55,9 +56,15 @@ def batch(gen: torch.Generator, rows: int, n: int, max_gap: int) -> torch.Tensor
     return torch.cat([noise[:, :lead], span, noise[:, lead:], span], dim=1)
 
 
+def autocast(device: str):
+    """bf16 autocast on a GPU, as `sambay train` runs there (FlexAttention has no fp32 kernel for every head
+    size); nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+
+
 def second_copy_loss(model: SambaY, x: torch.Tensor, n: int) -> float:
     """Mean loss on the second copy's tokens 2..n (each predicted from the one before it)."""
-    with torch.no_grad():
+    with torch.no_grad(), autocast(str(x.device.type)):
         logits = model(x[:, :-1]).float()
     pred, want = logits[:, -(n - 1):], x[:, -(n - 1):]
     return float(F.cross_entropy(pred.reshape(-1, VOCAB), want.reshape(-1)))
@@ -104,7 +111,8 @@ def run(arch: str, args: argparse.Namespace, result: dict) -> dict:
             print(f"{arch}: --max-seconds {args.max_seconds:g} reached at step {step}", flush=True)
             break
         x = batch(train_gen, args.rows, args.n, args.max_gap).to(args.device)
-        loss = model(x[:, :-1], targets=x[:, 1:]).mean()  # per-token NLL, every position
+        with autocast(args.device):
+            loss = model(x[:, :-1], targets=x[:, 1:]).mean()  # per-token NLL, every position
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

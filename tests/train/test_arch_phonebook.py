@@ -85,16 +85,45 @@ def test_markdown_table_marks_lengths_beyond_training():
     assert "| 1K | 2K | 4K* |" in table and "| SambaY-DA | 31.7M | 100% | 50% | - |" in table
 
 
+def test_combine_merges_one_arch_runs_and_refuses_different_ones():
+    ap = _script()
+
+    def one(arch, steps=100):
+        return {"command": f"arch_phonebook.py --archs {arch}", "data": {"sequences": 10, "seconds": 3.0},
+                "train": {"steps": steps, "batch": 8, "seq_len": 2048, "lr": 1e-3, "timing": {"train_wall_s": 1.0},
+                          "runs": {arch: {"steps": steps}}},
+                "eval": {"lengths": [1024], "samples": 2}, "models": {arch: {"params": 1}},
+                "accuracy": {arch: {"1024": {"accuracy": 0.5}}}, "total_s": 2.0}
+
+    merged = ap.combine([one("sambay-da"), one("transformer")])
+    assert set(merged["accuracy"]) == set(merged["models"]) == set(merged["train"]["runs"]) == set(ap.ARCHS)
+    assert set(merged["train"]["timing"]) == set(ap.ARCHS) and merged["total_s"] == 4.0
+    with pytest.raises(ValueError, match="differ in steps"):
+        ap.combine([one("sambay-da"), one("transformer", steps=99)])
+    with pytest.raises(ValueError, match="more than one"):
+        ap.combine([one("sambay-da"), one("sambay-da")])
+
+
 @pytest.mark.slow
 def test_script_runs_end_to_end_on_cpu(tmp_path):
-    out = tmp_path / "out"
-    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--work", str(tmp_path / "work"), "--device", "cpu",
-           "--d-model", "64", "--layers", "4", "--heads", "4", "--seq-len", "384", "--micro-batch", "2",
-           "--grad-accum", "1", "--max-steps", "3", "--data-tokens", "20000", "--lengths", "256,512",
-           "--samples", "1", "--jobs", "2"]
-    subprocess.run(cmd, check=True, timeout=600)
+    """One architecture per call, the second reusing the first's data, then --combine (the device recipe)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    base = [sys.executable, str(SCRIPT), "--work", str(work), "--device", "cpu",
+            "--d-model", "64", "--layers", "4", "--heads", "4", "--seq-len", "384", "--micro-batch", "2",
+            "--grad-accum", "1", "--max-steps", "3", "--data-tokens", "20000", "--lengths", "256,512",
+            "--samples", "1", "--jobs", "2"]
+    for arch in ap_archs():
+        run = subprocess.run([*base, "--out", str(out / arch), "--archs", arch, "--reuse-data"], check=True,
+                             timeout=600, capture_output=True, text=True)
+        assert ("reusing" in run.stdout) == (arch == "transformer"), run.stdout
+    subprocess.run([*base, "--out", str(out), "--combine", *(str(out / a / "arch-phonebook.json")
+                                                            for a in ap_archs())], check=True, timeout=60)
     result = json.loads((out / "arch-phonebook.json").read_text())
     assert result["data"]["aligned"] and result["train"]["steps"] == 3
     assert set(result["accuracy"]) == {"sambay-da", "transformer"}
     assert all(set(acc) == {"256", "512"} for acc in result["accuracy"].values())
     assert np.isfinite([r["loss"] for r in result["train"]["runs"].values()]).all()
+
+
+def ap_archs() -> list[str]:
+    return ["sambay-da", "transformer"]
