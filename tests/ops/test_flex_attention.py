@@ -120,9 +120,29 @@ def test_for_training_wires_flex_attention_for_cuda_tensors_only():
         for_training(attention="sdpa")
 
 
+def test_short_calls_are_forced_onto_the_main_kernel(monkeypatch):
+    """Under 128 queries FlexAttention would take its decoding kernel, which failed to compile on the H200
+    (`_kernel_options`); longer calls keep FlexAttention's own choice."""
+    import sambay.ops.flex_attention as fa
+
+    seen = []
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[2], kw["kernel_options"]))
+        return torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype)
+
+    monkeypatch.setattr(fa, "_flex", lambda q: spy)
+    for t in (79, 127, 128, 300):
+        (q, k, v, q_pos, k_pos), _, _ = _inputs(1, 4, 2, t, 0, 16)
+        attention_flex(q, k, v, q_pos, k_pos, None)
+    assert seen == [(79, {"FORCE_USE_FLEX_ATTENTION": True}), (127, {"FORCE_USE_FLEX_ATTENTION": True}),
+                    (128, None), (300, None)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("plain", [False, True])
-@pytest.mark.parametrize("b,h,hk,t,s_extra,hd,window", [(2, 8, 4, 300, 0, 64, 64), (1, 40, 20, 257, 0, 64, None)])
+@pytest.mark.parametrize("b,h,hk,t,s_extra,hd,window", [(2, 8, 4, 300, 0, 64, 64), (1, 40, 20, 257, 0, 64, None),
+                                                        (3, 4, 2, 79, 0, 32, 16)])
 def test_flex_attention_bf16_forward_and_gradients_on_gpu(b, h, hk, t, s_extra, hd, window, plain):
     (q, k, v, q_pos, k_pos), lambdas, w = _inputs(b, h, hk, t, s_extra, hd, device="cuda")
     grad = torch.randn(b, t, h, hd, device="cuda")

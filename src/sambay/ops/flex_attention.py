@@ -33,6 +33,7 @@ from torch import Tensor
 from sambay.ops.attention import attention_ref, diff_attention_ref, lambda_value, sub_norm_heads, value_pairs
 
 MIN_HEAD_DIM = 16  # FlexAttention's smallest head size; smaller heads (tiny test models) take the reference
+SHORT_QUERIES = 128  # fewer queries than this are forced onto the main kernel (`_kernel_options`)
 DENSE_MASK_LIMIT = 1 << 26  # query x key pairs above which a block mask is built compiled, not as a dense mask
 
 
@@ -128,10 +129,18 @@ def _mask(q_pos: Tensor, k_pos: Tensor, window: int | None):
     return _MASKS.setdefault(window, _MaskCache()).get(q_pos, k_pos, window)
 
 
+def _kernel_options(t: int) -> dict | None:
+    """FlexAttention's kernel options for ``t`` queries: under `SHORT_QUERIES` it would pick its decoding
+    kernel, which on the H200 with torch 2.11 and Triton 3.6 found no valid configuration at any head size
+    and failed to compile (``NoValidChoicesError``, forward and backward, t = 79 at head sizes 32 and 64;
+    2026-12-02); forced onto the main kernel, the same calls compile and run."""
+    return {"FORCE_USE_FLEX_ATTENTION": True} if t < SHORT_QUERIES else None
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     """softmax(q kᵀ / sqrt(hd)) v over the mask's visible keys: (b, hq, t, dv) in q's dtype; no key → 0."""
     return _flex(q)(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask, scale=q.shape[-1] ** -0.5,
-                   enable_gqa=q.shape[1] != k.shape[1])
+                   enable_gqa=q.shape[1] != k.shape[1], kernel_options=_kernel_options(q.shape[2]))
 
 
 def _fits(q: Tensor, kv_len: Tensor | None, block_table: Tensor | None) -> bool:
