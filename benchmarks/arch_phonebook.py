@@ -2,7 +2,14 @@
 Transformer++, two small models trained by `sambay train` on the same data and token budget.
 
     eval "$(bash benchmarks/device_setup.sh)"
-    python3 benchmarks/arch_phonebook.py --out $OUT --minutes 3.5
+    python3 benchmarks/arch_phonebook.py --out $OUT --minutes 3.5          # both models in one call
+
+    # the third run (docs/benchmarks.md): one model per call, each call under the device's 10-minute limit
+    python3 benchmarks/arch_phonebook.py --prepare-only --work /tmp/ap --out $OUT/prep
+    python3 benchmarks/arch_phonebook.py --archs sambay-da --reuse-data --work /tmp/ap --out $OUT/a --minutes 4.6
+    python3 benchmarks/arch_phonebook.py --archs transformer --reuse-data --work /tmp/ap --out $OUT/b \
+        --max-steps 4583                                                  # the steps the first call chose
+    python3 benchmarks/arch_phonebook.py --out DIR --combine a/arch-phonebook.json b/arch-phonebook.json
 
     PYTHONPATH=src python benchmarks/arch_phonebook.py --out /tmp/ap --work /tmp/ap-work --device cpu \\
         --d-model 64 --layers 4 --heads 4 --seq-len 384 --micro-batch 2 --grad-accum 1 --max-steps 6 \\
@@ -28,7 +35,9 @@ One run does everything:
    device to itself (``--together``: at once, sharing it); ``--minutes`` sizes the shared ``--max-steps``
    from a short probe of each (``--max-steps`` skips the probe); ``max_seq_len`` is set above the longest
    evaluated context; a run that would see its data more than once says so (the books get memorised);
-5. ``sambay eval phonebook`` on both, ``--lengths`` from half the training length to 8x beyond it.
+5. ``sambay eval phonebook`` on both, ``--lengths`` from half the training length to 8x beyond it: exact
+   answers, and the mean count of leading digits right (`leading_digits`: partial retrieval beyond the
+   training length, which the exact score hides).
 
 Writes to ``--out``: ``arch-phonebook.json`` (data source and mix, model sizes, token budget, per-arch
 tokens/s and losses, accuracy per length), ``arch-phonebook.png`` when matplotlib is there,
@@ -340,6 +349,7 @@ def eval_command(args: argparse.Namespace, model: Path, records: Path, lengths: 
 
 
 def markdown_table(result: dict) -> str:
+    """Exact-answer accuracy per length, then (when the result has it) the mean leading digits right."""
     lengths = result["eval"]["lengths"]
     head = "| model | params | " + " | ".join(_k(n) + ("*" if n > result["train"]["seq_len"] else "")
                                               for n in lengths) + " |"
@@ -350,7 +360,28 @@ def markdown_table(result: dict) -> str:
         acc = result["accuracy"][arch]
         cells = [f"{acc[str(n)]['accuracy']:.0%}" if str(n) in acc else "-" for n in lengths]
         rows.append(f"| {label} | {result['models'][arch]['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+    for arch, label in ARCHS.items():
+        digits = result.get("leading_digits", {}).get(arch)
+        if digits:
+            cells = [f"{digits[str(n)]:.1f}" if str(n) in digits else "-" for n in lengths]
+            rows.append(f"| {label}: leading digits right | | " + " | ".join(cells) + " |")
     return "\n".join(rows) + f"\n\n(* beyond the training length of {result['train']['seq_len']} tokens)"
+
+
+def leading_digits(records: Path) -> dict[str, float]:
+    """Per context length: the mean count of the answer's characters the output gets right from the first one
+    on (a phone number has 10). Partial credit the exact score hides: a model that finds the entry but stops
+    early, or goes astray after a few digits, scores between 0 and 10; one that never finds it near 0 (a first
+    digit right by chance: 0.1-0.3 in the third run)."""
+    per: dict[str, list[int]] = {}
+    for line in records.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if "answer" not in row:
+            continue  # the header
+        said, want = (row.get("output") or "").strip(), row["answer"]
+        right = next((i for i, (a, b) in enumerate(zip(said, want, strict=False)) if a != b), min(len(said), len(want)))
+        per.setdefault(str(row["length"]), []).append(right)
+    return {n: sum(v) / len(v) for n, v in sorted(per.items(), key=lambda kv: int(kv[0]))}
 
 
 def _k(n: int) -> str:
@@ -482,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     if args.combine:
-        return report(combine([json.loads(Path(f).read_text()) for f in args.combine]), out)
+        return report(combine([_with_digits(Path(f)) for f in args.combine]), out)
     prepared = work / "prepared.json"
     reuse = args.reuse_data and prepared.exists() and json.loads(prepared.read_text())["flags"] == data_flags(args)
     if not reuse:
@@ -548,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                   "minutes": args.minutes, **trained},
         "eval": {"lengths": lengths, "samples": args.samples, "seed": args.seed, "seconds": eval_s},
         "accuracy": accuracy,
+        "leading_digits": {a: leading_digits(out / f"{a}.eval.jsonl") for a in args.archs},
         "total_s": time.perf_counter() - started,
     }
     return report(result, out)
@@ -564,6 +596,16 @@ def report(result: dict, out: Path) -> int:
     print(f"wrote {out / 'arch-phonebook.json'}" + (" and arch-phonebook.png" if plotted else " (no matplotlib)")
           + f" in {result['total_s']:.0f} s")
     return 0
+
+
+def _with_digits(path: Path) -> dict:
+    """A result JSON, its leading-digit scores computed from the eval records beside it when it predates them."""
+    result = json.loads(path.read_text())
+    for arch in result["accuracy"]:
+        records = path.parent / f"{arch}.eval.jsonl"
+        if arch not in result.get("leading_digits", {}) and records.exists():
+            result.setdefault("leading_digits", {})[arch] = leading_digits(records)
+    return result
 
 
 def data_flags(args: argparse.Namespace) -> dict:
@@ -590,6 +632,7 @@ def combine(results: list[dict]) -> dict:
             if arch in merged["accuracy"]:
                 raise ValueError(f"{arch} appears in more than one result")
         merged["accuracy"] |= r["accuracy"]
+        merged.setdefault("leading_digits", {}).update(r.get("leading_digits", {}))
         merged["models"] |= r["models"]
         merged["train"]["runs"] |= r["train"]["runs"]
         merged["total_s"] += r["total_s"]

@@ -104,6 +104,19 @@ def test_combine_merges_one_arch_runs_and_refuses_different_ones():
         ap.combine([one("sambay-da"), one("sambay-da")])
 
 
+def test_leading_digits_counts_the_right_prefix(tmp_path):
+    ap = _script()
+    rows = [{"header": {}},
+            {"length": 1024, "answer": "9145237358", "output": " 9145237358"},  # 10
+            {"length": 1024, "answer": "9145237358", "output": " 91452"},  # stopped early: 5
+            {"length": 4096, "answer": "7164132091", "output": " 716413209"},  # 9
+            {"length": 4096, "answer": "7164132091", "output": " 8111111111"},  # 0
+            {"length": 4096, "answer": "7164132091", "output": None}]  # nothing generated: 0
+    path = tmp_path / "x.eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ap.leading_digits(path) == {"1024": 7.5, "4096": 3.0}
+
+
 @pytest.mark.slow
 def test_script_runs_end_to_end_on_cpu(tmp_path):
     """One architecture per call, the second reusing the first's data, then --combine (the device recipe)."""
@@ -122,6 +135,8 @@ def test_script_runs_end_to_end_on_cpu(tmp_path):
     assert result["data"]["aligned"] and result["train"]["steps"] == 3
     assert set(result["accuracy"]) == {"sambay-da", "transformer"}
     assert all(set(acc) == {"256", "512"} for acc in result["accuracy"].values())
+    assert all(set(d) == {"256", "512"} and all(0 <= x <= 10 for x in d.values())
+               for d in result["leading_digits"].values()) and set(result["leading_digits"]) == set(ap_archs())
     assert np.isfinite([r["loss"] for r in result["train"]["runs"].values()]).all()
 
 
