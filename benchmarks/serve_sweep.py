@@ -72,7 +72,8 @@ def start_server(directory: Path, args, log) -> tuple[subprocess.Popen, float]:
     """The server, and the seconds until /health answered (load, graph capture, warm-up)."""
     command = [sys.executable, "-m", "sambay.cli", "serve", "--model", str(directory), "--device", "cuda",
                "--dtype", "bfloat16", "--slots", str(args.slots), "--max-length", str(args.max_length),
-               "--cache-memory-gb", str(args.cache_memory_gb), "--port", str(args.port), "--max-waiting", "1024"]
+               "--cache-memory-gb", str(args.cache_memory_gb), "--port", str(args.port), "--max-waiting", "1024",
+               "--prefix-cache-gb", str(args.prefix_cache_gb)]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     while time.perf_counter() - started < 600:
@@ -124,6 +125,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--slots", type=int, default=256)
     p.add_argument("--cache-memory-gb", type=float, default=100.0)
+    p.add_argument("--prefix-cache-gb", type=float, default=2.0, help="the server's prefix-cache snapshot memory "
+                   "(default: 2, the server's own default; 0 turns prefix caching off)")
     p.add_argument("--port", type=int, default=8011)
     p.add_argument("--no-offline", action="store_true", help="skip the offline fixed-context baseline")
     p.add_argument("--json-schema", type=Path, help="send this JSON Schema with every request (response_format)")
@@ -146,7 +149,8 @@ def main() -> int:
             context = report.get("bandwidth_limit", {}).get("mean_context", args.prompt_tokens + args.max_tokens // 2)
             report["offline_step"] = offline_step(model, report["concurrency"], context)
     result = {"arch": args.arch, "gpu": torch.cuda.get_device_name(), "bandwidth_bytes_per_s": args.bandwidth,
-              "slots": args.slots, "cache_memory_gb": args.cache_memory_gb, "prompt_tokens": args.prompt_tokens,
+              "slots": args.slots, "cache_memory_gb": args.cache_memory_gb,
+              "prefix_cache_gb": args.prefix_cache_gb, "prompt_tokens": args.prompt_tokens,
               "max_tokens": args.max_tokens, "server_ready_s": round(ready_s, 1), "runs": reports,
               "json_schema": args.schema, "torch": torch.__version__}
     (args.out / f"sweep-{name}.json").write_text(json.dumps(result, indent=1))
