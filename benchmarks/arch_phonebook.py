@@ -509,13 +509,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from sambay.eval.retrieval import require_faker
 
-    require_faker()  # the phonebook names: fail before any work, not minutes in
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    if args.combine:
+    if args.combine:  # reads finished results only: no data, no faker
         return report(combine([_with_digits(Path(f)) for f in args.combine]), out)
+    require_faker()  # the phonebook names: fail before any work, not minutes in
     prepared = work / "prepared.json"
-    reuse = args.reuse_data and prepared.exists() and json.loads(prepared.read_text())["flags"] == data_flags(args)
+    saved = json.loads(prepared.read_text()) if args.reuse_data and prepared.exists() else None
+    reuse = saved is not None and saved["flags"] == data_flags(args)
     if not reuse:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -531,7 +532,6 @@ def main(argv: list[str] | None = None) -> int:
     with open(out / "arch-phonebook.log", "w", encoding="utf-8") as log:
         t0 = time.perf_counter()
         if reuse:
-            saved = json.loads(prepared.read_text())
             train_file, eval_file, data_dir, data = (Path(saved["train_file"]), Path(saved["eval_file"]),
                                                      Path(saved["data_dir"]), saved["data"])
             print(f"data: reusing {work} (written with the same data flags)", flush=True)

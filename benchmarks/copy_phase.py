@@ -64,7 +64,7 @@ def autocast(device: str):
 
 def second_copy_loss(model: SambaY, x: torch.Tensor, n: int) -> float:
     """Mean loss on the second copy's tokens 2..n (each predicted from the one before it)."""
-    with torch.no_grad(), autocast(str(x.device.type)):
+    with torch.no_grad(), autocast(x.device.type):
         logits = model(x[:, :-1]).float()
     pred, want = logits[:, -(n - 1):], x[:, -(n - 1):]
     return float(F.cross_entropy(pred.reshape(-1, VOCAB), want.reshape(-1)))

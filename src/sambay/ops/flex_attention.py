@@ -131,8 +131,8 @@ def _mask(q_pos: Tensor, k_pos: Tensor, window: int | None):
 
 def _kernel_options(t: int) -> dict | None:
     """FlexAttention's kernel options for ``t`` queries: under `SHORT_QUERIES` it would pick its decoding
-    kernel, which on the H200 with torch 2.11 and Triton 3.6 found no valid configuration at any head size
-    and failed to compile (``NoValidChoicesError``, forward and backward, t = 79 at head sizes 32 and 64;
+    kernel, which on the H200 with torch 2.11 and Triton 3.6 found no valid configuration and failed to
+    compile (``NoValidChoicesError``, forward and backward, t = 79 at head sizes 32 and 64;
     2026-12-02); forced onto the main kernel, the same calls compile and run."""
     return {"FORCE_USE_FLEX_ATTENTION": True} if t < SHORT_QUERIES else None
 
